@@ -1,0 +1,105 @@
+"""Plain-torch references of every attention kernel. They define the functions the Triton kernels compute,
+serve the CPU (torch backend), and are what the kernel tests compare against.
+
+Shared conventions (T query tokens packed over B sequences):
+  kv_cache      [num_blocks, block_size, kv_lora_rank + rope_dim]: per token [c_kv | k_pe]
+  block_tables  [B, max_blocks] int32, cache block ids of each sequence in position order
+  cu_seqlens_q  [B + 1] int32, query rows of sequence b are cu_seqlens_q[b]:cu_seqlens_q[b + 1]
+  seq_lens      [B] int32, tokens of sequence b in the cache after this step (its cached prefix + its queries)
+The queries of a sequence are its last q_len tokens: query i sits at position seq_len - q_len + i and
+attends to cache positions 0 .. that position (causal among the new tokens).
+"""
+import torch
+
+# Bounds on the temporaries of one attention call, so that a long prompt never builds an L x L score matrix.
+SCORE_ELEMENTS = 1 << 24  # absorbed: query rows x heads x keys per chunk
+KV_CHUNK = 1024  # expanded: cached tokens expanded through kv_b_proj at a time
+Q_CHUNK = 1024  # expanded: query tokens scored at a time against one KV chunk
+
+
+def write_latent(kv_cache, slot_mapping, c_kv, k_pe):
+    """Scatter new tokens' [c_kv | k_pe] into the paged cache: token t goes to flat slot slot_mapping[t]."""
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    flat[slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
+
+
+def gather_latent(kv_cache, block_table, seq_len: int):
+    """The first seq_len cached rows of one sequence, [seq_len, width], in position order."""
+    block_size = kv_cache.shape[1]
+    n = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:n].long()
+    if n == 0 or bool((blocks[1:] - blocks[:-1] == 1).all()):  # consecutive blocks: a view, no copy
+        start = int(blocks[0]) if n else 0
+        return kv_cache.view(-1, kv_cache.shape[-1])[start * block_size:start * block_size + seq_len]
+    return kv_cache[blocks].view(-1, kv_cache.shape[-1])[:seq_len]
+
+
+def _causal_mask(q_pos0: int, nq: int, k_pos0: int, nk: int, device):
+    """True where key position > query position (masked out)."""
+    qp = torch.arange(q_pos0, q_pos0 + nq, device=device)[:, None]
+    kp = torch.arange(k_pos0, k_pos0 + nk, device=device)[None, :]
+    return kp > qp
+
+
+def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale):
+    """Absorbed MLA: all heads attend to the one shared latent row of every cached token.
+    q_lat [T, H, kv_lora_rank] (q_nope through W_UK), q_pe [T, H, rope_dim] -> o_lat [T, H, kv_lora_rank]."""
+    T, H, R = q_lat.shape
+    out = torch.empty_like(q_lat)
+    q = torch.cat((q_lat, q_pe), dim=-1)  # [T, H, R + rope_dim]: one dot with the cached [c_kv | k_pe]
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for b, L in enumerate(lens):
+        q0, q1 = cu[b], cu[b + 1]
+        if q1 == q0:
+            continue
+        lat = gather_latent(kv_cache, block_tables[b], L).to(q.dtype)  # [L, 576]
+        start = L - (q1 - q0)
+        step = max(1, SCORE_ELEMENTS // max(1, H * L))
+        for i in range(q0, q1, step):
+            j = min(q1, i + step)
+            s = (q[i:j] @ lat.T).float() * softmax_scale  # [t, H, L]
+            if start + (i - q0) < L - 1:  # some query of the chunk precedes the last key
+                s.masked_fill_(_causal_mask(start + i - q0, j - i, 0, L, s.device)[:, None, :], float("-inf"))
+            p = torch.softmax(s, dim=-1).to(lat.dtype)
+            out[i:j] = p @ lat[:, :R]
+    return out
+
+
+def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale):
+    """Expanded MLA: decompress the cached latent through kv_b_proj into per-head K_nope and V, chunk by chunk,
+    and run causal flash attention (online softmax) with the shared k_pe.
+    q_nope [T, H, nope], q_pe [T, H, rope], w_kv_b [H * (nope + v), kv_lora_rank] -> o [T, H, v]."""
+    T, H, dn = q_nope.shape
+    R = w_kv_b.shape[1]
+    dv = w_kv_b.shape[0] // H - dn
+    out = q_nope.new_empty(T, H, dv)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for b, L in enumerate(lens):
+        q0, q1 = cu[b], cu[b + 1]
+        t = q1 - q0
+        if t == 0:
+            continue
+        lat = gather_latent(kv_cache, block_tables[b], L).to(q_nope.dtype)
+        start = L - t  # position of the first query
+        qn, qp = q_nope[q0:q1].transpose(0, 1), q_pe[q0:q1].transpose(0, 1)  # [H, t, d]
+        m = torch.full((H, t, 1), float("-inf"), device=q_nope.device)
+        l = torch.zeros(H, t, 1, device=q_nope.device)
+        acc = torch.zeros(H, t, dv, device=q_nope.device)
+        for k0 in range(0, L, KV_CHUNK):
+            k1 = min(L, k0 + KV_CHUNK)
+            kv = (lat[k0:k1, :R] @ w_kv_b.T).view(k1 - k0, H, dn + dv).transpose(0, 1)  # [H, c, nope + v]
+            k_nope, v = kv[..., :dn], kv[..., dn:]
+            k_pe = lat[k0:k1, R:]  # [c, rope]: one row shared by all heads
+            for i in range(max(0, k0 - start), t, Q_CHUNK):  # queries before k0 see none of this chunk
+                j = min(t, i + Q_CHUNK)
+                s = (qn[:, i:j] @ k_nope.transpose(1, 2) + qp[:, i:j] @ k_pe.T).float() * softmax_scale
+                if start + i < k1 - 1:  # the chunk reaches past some query: mask the future
+                    s.masked_fill_(_causal_mask(start + i, j - i, k0, k1 - k0, s.device), float("-inf"))
+                m_new = torch.maximum(m[:, i:j], s.amax(-1, keepdim=True))
+                p = torch.exp(s - m_new)
+                alpha = torch.exp(m[:, i:j] - m_new)
+                l[:, i:j] = l[:, i:j] * alpha + p.sum(-1, keepdim=True)
+                acc[:, i:j] = acc[:, i:j] * alpha + (p.to(v.dtype) @ v).float()
+                m[:, i:j] = m_new
+        out[q0:q1] = (acc / l).transpose(0, 1).to(out.dtype)
+    return out

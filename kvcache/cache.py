@@ -1,0 +1,33 @@
+"""The paged latent cache: per layer one tensor [num_blocks, block_size, kv_lora_rank + rope_dim]. Nothing else
+is cached: no expanded K or V, no per-head copies."""
+import torch
+
+CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class LatentCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, width: int, dtype: torch.dtype, device):
+        self.num_blocks, self.block_size, self.width, self.dtype = num_blocks, block_size, width, dtype
+        # Unwritten slots are never read (attention stops at each sequence's length), so no zero fill.
+        self.layers = [torch.empty(num_blocks, block_size, width, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, width: int, dtype: torch.dtype) -> int:
+        return num_layers * width * torch.empty(0, dtype=dtype).element_size()
+
+    @classmethod
+    def from_budget(cls, budget_bytes: int, max_tokens: int, num_layers: int, block_size: int, width: int, dtype, device):
+        """As many blocks as the budget allows, but no more than max_tokens ever need."""
+        per_block = cls.bytes_per_token(num_layers, width, dtype) * block_size
+        num_blocks = min(budget_bytes // per_block, -(-max_tokens // block_size))
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block of {per_block} bytes")
+        return cls(num_layers, int(num_blocks), block_size, width, dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.layers)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size

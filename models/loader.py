@@ -1,0 +1,108 @@
+"""safetensors checkpoint -> DeepseekModel: memory-mapped, tensor by tensor, every tensor checked by name and shape."""
+import json
+import os
+import re
+import sys
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .deepseek import DeepseekModel
+from .errors import ModelError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX = "model.safetensors.index.json"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors shards of a checkpoint folder, checked to exist."""
+    index = os.path.join(path, INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ModelError(f"{index}: not a valid safetensors index ({e.__class__.__name__}: {e})") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.exists(os.path.join(path, name)):
+                raise ModelError(f"{os.path.join(path, name)}: shard named in {INDEX} is missing")
+        return [os.path.join(path, name) for name in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        return [os.path.join(path, f) for f in files]
+    pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelError(f"{os.path.join(path, pickles[0])}: pickle checkpoints are refused because loading them can run "
+                         "arbitrary code; convert the checkpoint to safetensors")
+    raise ModelError(f"{path}: no weights found (expected model.safetensors or {INDEX} with shards)")
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated or garbage files
+        raise ModelError(f"{file}: not a valid safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "torch",
+               progress: bool = True) -> DeepseekModel:
+    if not os.path.isdir(path):
+        raise ModelError(f"{path}: no such model folder")
+    cfg = ModelConfig.from_hf(path)
+    files = checkpoint_files(path)
+    model = DeepseekModel(cfg, dtype=dtype, device=device, backend=backend)
+    expected = model.weights()
+
+    # Pass 1, headers only: every expected tensor present once with its shape, nothing unknown.
+    where, problems = {}, []
+    skipped = 0
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                m = _LAYER.match(name)
+                if m and int(m.group(1)) >= cfg.num_hidden_layers:
+                    skipped += 1  # multi-token-prediction layers (V3): not used for generation
+                    continue
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    skipped += 1
+                    continue
+                if name not in expected:
+                    problems.append(("unexpected", name))
+                    continue
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected[name].shape):
+                    problems.append(("misshapen", f"{name} {list(shape)} (expected {list(expected[name].shape)})"))
+                where[name] = file
+    missing = [n for n in expected if n not in where]
+    if missing or problems:
+        parts = [f"missing tensors: {_listing(missing)}"] if missing else []
+        for kind in ("misshapen", "unexpected"):
+            names = [n for k, n in problems if k == kind]
+            if names:
+                parts.append(f"{kind} tensors: {_listing(names)}")
+        raise ModelError(f"{path}: checkpoint does not match config.json: " + "; ".join(parts))
+
+    # Pass 2: copy tensor by tensor from the memory-mapped shards into the model's dtype and device.
+    by_file = {}
+    for name, file in where.items():
+        by_file.setdefault(file, []).append(name)
+    bar = tqdm(files, desc="Loading shards", unit="shard", disable=not progress, file=sys.stderr, leave=False)
+    for file in bar:
+        with _open(file) as f:
+            for name in by_file.get(file, []):
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise ModelError(f"{file}: cannot read tensor {name} ({e})") from None
+                expected[name].copy_(tensor)
+    model.after_load()
+    return model

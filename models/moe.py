@@ -1,0 +1,80 @@
+"""DeepSeek MoE: router (greedy, group-limited greedy, noaux_tc), routed experts grouped by expert, shared experts."""
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import silu_mlp
+
+
+class MoE:
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        e = dict(dtype=dtype, device=device)
+        self.cfg = cfg
+        self.gate = torch.empty(E, D, **e)
+        self.e_score_correction_bias = torch.zeros(E, dtype=torch.float32, device=device)
+        self.w13 = torch.empty(E, 2 * I, D, **e)  # per expert [gate_proj; up_proj]
+        self.w2 = torch.empty(E, D, I, **e)  # per expert down_proj
+        Is = I * cfg.n_shared_experts
+        self.shared_w13 = torch.empty(2 * Is, D, **e) if Is else None
+        self.shared_w2 = torch.empty(D, Is, **e) if Is else None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        cfg, I = self.cfg, self.cfg.moe_intermediate_size
+        w = {"gate.weight": self.gate}
+        if cfg.topk_method == "noaux_tc":
+            w["gate.e_score_correction_bias"] = self.e_score_correction_bias
+        for e in range(cfg.n_routed_experts):
+            w[f"experts.{e}.gate_proj.weight"] = self.w13[e, :I]
+            w[f"experts.{e}.up_proj.weight"] = self.w13[e, I:]
+            w[f"experts.{e}.down_proj.weight"] = self.w2[e]
+        if self.shared_w13 is not None:
+            Is = self.shared_w2.shape[1]
+            w["shared_experts.gate_proj.weight"] = self.shared_w13[:Is]
+            w["shared_experts.up_proj.weight"] = self.shared_w13[Is:]
+            w["shared_experts.down_proj.weight"] = self.shared_w2
+        return w
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids [T, k] and their weights [T, k] (float32), as DeepSeek's gate computes them."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.gate.float())  # [T, E]
+        scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        choice = scores + self.e_score_correction_bias if cfg.topk_method == "noaux_tc" else scores
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            grouped = choice.view(x.shape[0], cfg.n_group, -1)
+            # V2 ranks groups by their best expert, V3 (noaux_tc) by the sum of its best two
+            group_score = grouped.amax(-1) if cfg.topk_method == "group_limited_greedy" else grouped.topk(2, -1)[0].sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(cfg.topk_group, -1)[1], True)
+            choice = choice.masked_fill(~keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice), float("-inf"))
+        ids = choice.topk(cfg.num_experts_per_tok, -1)[1]
+        weights = scores.gather(1, ids)
+        if cfg.arch == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # V2: normalised weights are not rescaled
+        else:
+            if cfg.norm_topk_prob:
+                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+            weights = weights * cfg.routed_scaling_factor
+        return ids, weights
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        T, k = x.shape[0], self.cfg.num_experts_per_tok
+        ids, weights = self.route(x)
+        # Group the (token, expert) pairs by expert: one GEMM pair per expert that has tokens, no loop over tokens.
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.cfg.n_routed_experts).tolist()
+        xs = x[token]  # [T * k, D], sorted by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start:start + n] = silu_mlp(xs[start:start + n], self.w13[e], self.w2[e])
+                start += n
+        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, ys)
+        if self.shared_w13 is not None:
+            out = out + silu_mlp(x, self.shared_w13, self.shared_w2)
+        return out

@@ -1,0 +1,64 @@
+"""RoPE with DeepSeek's YaRN scaling, applied to q_pe and the shared k_pe."""
+import math
+
+import torch
+
+from .config import ModelConfig, yarn_mscale
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1.0 / pos_freqs
+    if cfg.rope_factor <= 1.0:
+        return extrapolation
+    interpolation = 1.0 / (cfg.rope_factor * pos_freqs)
+
+    def correction_dim(num_rotations):
+        return dim * math.log(cfg.rope_original_max_position / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1 where the frequency is extrapolated (high frequencies), 0 where interpolated
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+class RotaryEmbedding:
+    """cos/sin tables for all positions, computed once in float32 and grown on demand."""
+
+    def __init__(self, cfg: ModelConfig, device):
+        self.interleave = cfg.rope_interleave
+        self.inv_freq = yarn_inv_freq(cfg).to(device)
+        # YaRN scales cos/sin by mscale / mscale_all_dim (1.0 for the published checkpoints)
+        self.attention_factor = 1.0
+        if cfg.rope_factor > 1.0:
+            if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+                self.attention_factor = yarn_mscale(cfg.rope_factor, cfg.rope_mscale) / yarn_mscale(
+                    cfg.rope_factor, cfg.rope_mscale_all_dim)
+            else:
+                self.attention_factor = yarn_mscale(cfg.rope_factor)
+        self.cos = self.sin = torch.empty(0, device=device)
+
+    def _grow(self, n: int):
+        n = max(n, 2 * self.cos.shape[0], 4096)
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
+        self.cos = torch.cos(freqs) * self.attention_factor  # [n, rope_dim / 2]
+        self.sin = torch.sin(freqs) * self.attention_factor
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, ..., rope_dim] by the angles of positions [T]."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._grow(int(positions.max()) + 1)
+        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+        cos, sin = self.cos[positions].view(shape), self.sin[positions].view(shape)
+        xf = x.float()
+        if self.interleave:  # DeepSeek layout: pairs (x0, x1), (x2, x3), ... share one frequency
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:  # rotate-half layout
+            x1, x2 = xf.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)
