@@ -131,6 +131,8 @@ class LLM:
         for seq, n in batch:
             if seq.in_prefill and seq.params.prompt_logprobs is not None:
                 self._prompt_logprobs(seq, hidden[row:row + n])
+            if seq.in_prefill and seq.prompt_logits is not None:
+                seq.prompt_logits.append(self.model.logits(hidden[row:row + n]))
             seq.num_cached_tokens += n
             row += n
             if seq.num_cached_tokens == len(seq):  # the whole sequence is cached: time for its next token
@@ -211,6 +213,14 @@ class LLM:
         while not self.scheduler.idle:
             self.step()
         return [s.output() for s in seqs]
+
+    def prompt_logits(self, prompt_token_ids: list[int]) -> torch.Tensor:
+        """Logits [L, V] (float32) at every position of one prompt: row i predicts token i + 1."""
+        seq = self.add_request(prompt_token_ids, SamplingParams(max_tokens=1, temperature=0))
+        seq.prompt_logits = []
+        while not seq.finished:
+            self.step()
+        return torch.cat(seq.prompt_logits)
 
     def stream(self, prompt_token_ids: list[int], sampling_params: SamplingParams | None = None,
                prompt: str | None = None) -> Iterator[str]:

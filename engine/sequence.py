@@ -48,6 +48,7 @@ class Sequence:
     # incremental detokenisation offsets (see engine.detokenize)
     prefix_offset: int = 0
     read_offset: int = 0
+    prompt_logits: list | None = None  # set to [] to keep the logits of every prompt position (LLM.prompt_logits)
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)
