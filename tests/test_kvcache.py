@@ -1,0 +1,77 @@
+"""The paged latent cache: only 576 values per token per layer, block bookkeeping."""
+import json
+import os
+
+import pytest
+import torch
+
+from engine import LLM
+from kvcache import BlockManager, LatentCache
+from models.config import ModelConfig
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "configs")
+
+
+def lite_config():
+    path = os.path.join(SHARED, "deepseek-v2-lite.json")
+    assert os.path.exists(path), f"{path}: the project's shared/ folder must sit beside the checkout"
+    return ModelConfig.from_hf(path)
+
+
+def test_bytes_per_token_is_latent_only_for_v2_lite():
+    cfg = lite_config()
+    assert cfg.kv_cache_width == 576
+    cache = LatentCache(cfg.num_hidden_layers, num_blocks=3, block_size=64, width=cfg.kv_cache_width,
+                        dtype=torch.bfloat16, device="cpu")
+    measured = cache.nbytes / cache.num_tokens  # from the allocated tensors
+    assert measured == 27 * 576 * 2 == LatentCache.bytes_per_token(27, 576, torch.bfloat16)
+    assert all(t.shape == (3, 64, 576) for t in cache.layers)
+
+
+def test_engine_cache_holds_nothing_but_the_latent(checkpoints):
+    llm = LLM(checkpoints["v2_lite"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
+    cfg = llm.config
+    assert all(t.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 576 for t in llm.cache.layers)
+    assert llm.cache.nbytes == llm.cache.num_tokens * cfg.num_hidden_layers * 576 * 4
+    assert llm.cache.nbytes <= 0.01 * 2**30
+
+
+def test_cache_budget_caps_blocks():
+    c = LatentCache.from_budget(10 * 2 * 64 * 576 * 2, max_tokens=10**9, num_layers=2, block_size=64, width=576,
+                                dtype=torch.bfloat16, device="cpu")
+    assert c.num_blocks == 10
+    c = LatentCache.from_budget(10**12, max_tokens=130, num_layers=2, block_size=64, width=576,
+                                dtype=torch.bfloat16, device="cpu")
+    assert c.num_blocks == 3  # never more than the sequences can use
+
+
+def test_block_manager_allocate_append_free():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    assert bm.allocate(1, 6) == [0, 1]
+    assert bm.allocate(1, 9) == [0, 1, 2]  # grows
+    assert bm.slot(1, 9) == 2 * 4 + 1
+    assert not bm.can_allocate(2, 9) and bm.can_allocate(2, 8)
+    with pytest.raises(RuntimeError):
+        bm.allocate(2, 13)
+    bm.free(1)
+    assert bm.can_allocate(2, 20)
+    assert sorted(bm.allocate(2, 20)) == [0, 1, 2, 3, 4]
+
+
+def test_request_that_can_never_fit_is_an_error(checkpoints):
+    llm = LLM(checkpoints["v2_qlora"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=1e-4)
+    from engine import SamplingParams
+    with pytest.raises(ValueError, match="KV cache"):
+        llm.generate(prompt_token_ids=[[5] * 10], sampling_params=SamplingParams(max_tokens=400))
+
+
+def test_many_requests_wait_for_blocks_and_all_finish(checkpoints):
+    """A cache with room for about two sequences at a time still serves ten (they wait, none overflows)."""
+    from engine import SamplingParams
+    small = LLM(checkpoints["v2_qlora"], device="cpu", dtype="float32", progress=False, block_size=4,
+                kv_cache_memory_gib=2 * 40 * 3 * 40 * 4 / 2**30)
+    prompts = [[5 + i] * (3 + i) for i in range(10)]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = small.generate(prompt_token_ids=prompts, sampling_params=sp)
+    assert all(len(o.token_ids) == 8 for o in outs)
+    assert len(small.blocks.free_blocks) == small.blocks.num_blocks
