@@ -66,7 +66,35 @@ def build_parser():
     add_sampling_args(g)
     g.add_argument("--prompt", "-p", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    b = sub.add_parser("bench", help="prompt-processing and generation throughput, llama-bench style")
+    add_engine_args(b)
+    b.add_argument("--config", default=None, help="a published config.json: random weights of the real shapes")
+    b.add_argument("--layers", type=_int_at_least(1), default=None, help="keep only the first N layers (--config)")
+    b.add_argument("--experts", type=_int_at_least(1), default=None, help="keep only N routed experts (--config)")
+    b.add_argument("-p", "--n-prompt", type=_int_list(0), default=[512], help="PP tests, e.g. 512,2048")
+    b.add_argument("-n", "--n-gen", type=_int_list(0), default=[128], help="TG tests, e.g. 128")
+    b.add_argument("-d", "--depth", type=_int_list(0), default=[0], help="tokens already cached, e.g. 0,4096")
+    b.add_argument("-b", "--batch", type=_int_list(1), default=[1], help="TG batch sizes, e.g. 1,8,64")
+    b.add_argument("-r", "--repetitions", type=_int_at_least(1), default=3)
+    b.add_argument("--baseline", choices=["none", "transformers"], default="none")
+    b.add_argument("--output", choices=["md", "json", "csv"], default="md")
+    t = sub.add_parser("tune", help="measure the absorbed/expanded crossover on this device")
+    add_engine_args(t)
+    t.add_argument("--config", default=None)
+    t.add_argument("--layers", type=_int_at_least(1), default=None)
+    t.add_argument("--experts", type=_int_at_least(1), default=None)
+    t.add_argument("-q", "--q-lens", type=_int_list(1), default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    t.add_argument("-d", "--depth", type=_int_list(0), default=[0, 1024, 4096])
+    t.add_argument("-r", "--repetitions", type=_int_at_least(1), default=3)
     return parser
+
+
+def _int_list(lo):
+    one = _int_at_least(lo)
+
+    def parse(s):
+        return [one(x) for x in s.split(",") if x.strip()] or one("")
+    return parse
 
 
 def make_llm(args):
@@ -103,11 +131,94 @@ def cmd_generate(args):
           f"PP {pp:.1f} tok/s, TG {tg:.1f} tok/s", file=sys.stderr)
 
 
+def _bench_model(args, tmp):
+    """--model as given, or a random-weight checkpoint of --config's shapes written to tmp."""
+    if args.config:
+        from engine.bench import random_checkpoint
+        return random_checkpoint(args.config, tmp, layers=args.layers, experts=args.experts,
+                                 need_copies=2 if getattr(args, "baseline", "none") == "transformers" else 1)
+    if args.layers or args.experts:
+        raise ValueError("--layers/--experts apply to --config models only")
+    return args.model
+
+
+def cmd_bench(args):
+    import json
+    import tempfile
+
+    import torch
+    from engine import bench
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model = _bench_model(args, tmp)
+        llm = make_llm(args)
+        ours = bench.EngineRunner(llm)
+        base = bench.TransformersRunner(args.model, llm.device, llm.dtype) if args.baseline == "transformers" else None
+        tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
+        tests += [("tg", n, d, b) for n in args.n_gen if n for d in args.depth for b in args.batch]
+        cfg = llm.config
+        info = dict(model=os.path.basename(os.path.normpath(args.config or args.model)) +
+                    (f" ({cfg.num_hidden_layers}L, {cfg.n_routed_experts or 0}E)" if args.config else ""),
+                    params=bench.fmt_params(bench.param_count(cfg)),
+                    device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
+                    dtype=str(llm.dtype).removeprefix("torch."), cache=str(llm.cache.dtype).removeprefix("torch."),
+                    mode=llm.attn_mode)
+        rows = []
+        for kind, n, d, b in bench.tqdm(tests, desc="bench", file=sys.stderr, leave=False):
+            name = f"{kind}{n}" + (f" @ d{d}" if d else "") + (f" x{b}" if b > 1 else "")
+            if kind == "pp":
+                mean, std = bench.measure(lambda: ours.pp(n, d, seed=len(rows)), args.repetitions)
+                ref = bench.measure(lambda: base.pp(n, d, seed=len(rows)), args.repetitions) if base else None
+            else:
+                mean, std = bench.measure(lambda: ours.tg(n, d, b, seed=len(rows)), args.repetitions)
+                ref = bench.measure(lambda: base.tg(n, d, b, seed=len(rows)), args.repetitions) if base else None
+            row = dict(info, test=name, tps=mean, tps_std=std)
+            if ref:
+                row.update(baseline_tps=ref[0], baseline_std=ref[1], ratio=mean / ref[0] if ref[0] == ref[0] else float("nan"))
+            rows.append(row)
+    if args.output == "json":
+        print(json.dumps(rows, indent=1))
+    elif args.output == "csv":
+        keys = list(rows[0])
+        print(",".join(keys))
+        for r in rows:
+            print(",".join(str(r[k]) for k in keys))
+    else:
+        head = ["model", "params", "device", "dtype", "cache", "mode", "test", "t/s"]
+        if base:
+            head += ["transformers t/s", "ratio"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            cells = [r[k] for k in ("model", "params", "device", "dtype", "cache", "mode", "test")]
+            cells.append(f"{r['tps']:.2f} ± {r['tps_std']:.2f}")
+            if base:
+                cells += [f"{bench.nan_safe(r['baseline_tps'])} ± {bench.nan_safe(r['baseline_std'])}",
+                          bench.nan_safe(r["ratio"])]
+            print("| " + " | ".join(cells) + " |")
+
+
+def cmd_tune(args):
+    import tempfile
+
+    from engine import bench
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model = _bench_model(args, tmp)
+        args.attn_mode = "auto"
+        llm = make_llm(args)
+        rows = bench.tune(llm, args.depth, args.q_lens, reps=args.repetitions)
+    print("| depth | q tokens | absorbed ms | expanded ms | expanded / absorbed |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['depth']} | {r['q']} | {r['absorbed'] * 1e3:.2f} | {r['expanded'] * 1e3:.2f} | "
+              f"{r['expanded'] / r['absorbed']:.2f} |")
+    print(f"crossover: expanded from {bench.crossover(rows)} query tokens on {llm.device.type}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from models.errors import ModelError
     try:
-        {"generate": cmd_generate}[args.command](args)
+        {"generate": cmd_generate, "bench": cmd_bench, "tune": cmd_tune}[args.command](args)
     except (ModelError, ValueError) as e:
         print(f"mla {args.command}: error: {e}", file=sys.stderr)
         return 1

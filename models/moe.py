@@ -73,8 +73,10 @@ class MoE:
             if n:
                 ys[start:start + n] = silu_mlp(xs[start:start + n], self.w13[e], self.w2[e])
                 start += n
-        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, ys)
+        # Undo the sort (each token owns exactly k rows) and take the router-weighted sum per token.
+        unsorted = torch.empty_like(ys)
+        unsorted[order] = ys
+        out = torch.bmm(weights.to(ys.dtype).unsqueeze(1), unsorted.view(T, k, -1)).squeeze(1)  # [T, D]
         if self.shared_w13 is not None:
             out = out + silu_mlp(x, self.shared_w13, self.shared_w2)
         return out

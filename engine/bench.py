@@ -1,0 +1,216 @@
+"""Throughput measurement in llama-bench's style (pp = prompt processing, tg = token generation), optionally
+side by side with transformers on the same weights, and the absorbed/expanded crossover (tune)."""
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from models.config import ModelConfig
+from models.deepseek import DeepseekModel
+from models.errors import ModelError
+
+from .llm import LLM
+from .sampling_params import SamplingParams
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def random_checkpoint(config_file: str, out_dir: str, layers: int | None = None, experts: int | None = None,
+                      dtype=torch.float32, seed: int = 0, need_copies: int = 2) -> str:
+    """A checkpoint of a published config with random weights (optionally cut to `layers` layers and `experts`
+    routed experts), written with the published tensor names so every loader reads it."""
+    try:
+        with open(config_file) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ModelError(f"{config_file}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{config_file}: expected a JSON object")
+    if layers:
+        raw["num_hidden_layers"] = layers
+    if experts:
+        raw["n_routed_experts"] = experts
+        raw["num_experts_per_tok"] = min(raw.get("num_experts_per_tok") or experts, experts)
+        if raw.get("n_group") and experts % raw["n_group"]:
+            raw["n_group"] = raw["topk_group"] = 1
+    raw.pop("quantization_config", None)  # random weights are made in the model dtype
+    cfg = ModelConfig.from_dict(raw, config_file)
+    model = DeepseekModel(cfg, dtype=dtype, device="cpu")
+    weights = model.weights()
+    nbytes = sum(t.numel() for t in weights.values()) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes * need_copies > available_memory(torch.device("cpu")):
+        raise ModelError(f"{config_file}: {nbytes / 2**30:.1f} GiB of weights x{need_copies} will not fit in memory "
+                         f"({available_memory(torch.device('cpu')) / 2**30:.1f} GiB free); use --layers N")
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, t in weights.items():
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            tensors[name] = torch.ones(t.shape, dtype=dtype)
+        elif name.endswith("e_score_correction_bias"):
+            tensors[name] = torch.zeros(t.shape, dtype=torch.float32)
+        else:
+            tensors[name] = (torch.randn(t.shape, generator=g) * 0.02).to(dtype)
+    del model, weights
+    os.makedirs(out_dir, exist_ok=True)
+    raw["architectures"] = [{"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[cfg.arch]]
+    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def _tokens(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EngineRunner:
+    """Times pp / tg on our engine."""
+    name = "mla-engine"
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+
+    def pp(self, n: int, depth: int, seed: int) -> float:
+        llm = self.llm
+        seq = llm.add_request(_tokens(depth + n, llm.config.vocab_size, seed), SamplingParams(max_tokens=1, temperature=0))
+        budget = llm.scheduler.max_num_batched_tokens
+        while seq.num_cached_tokens < depth:  # the depth is prefilled before the clock starts
+            llm.scheduler.max_num_batched_tokens = min(budget, depth - seq.num_cached_tokens)
+            llm.step()
+        llm.scheduler.max_num_batched_tokens = budget
+        _sync(llm.device)
+        t = time.perf_counter()
+        while not seq.finished:
+            llm.step()
+        _sync(llm.device)
+        return n / (time.perf_counter() - t)
+
+    def tg(self, n: int, depth: int, batch: int, seed: int) -> float:
+        llm = self.llm
+        sp = SamplingParams(max_tokens=n + 1, temperature=0, ignore_eos=True)
+        seqs = [llm.add_request(_tokens(max(depth, 1), llm.config.vocab_size, seed + i), sp) for i in range(batch)]
+        while any(s.in_prefill or len(s.output_token_ids) == 0 for s in seqs):  # prefill + first token untimed
+            llm.step()
+        _sync(llm.device)
+        t = time.perf_counter()
+        while not llm.scheduler.idle:
+            llm.step()
+        _sync(llm.device)
+        return n * batch / (time.perf_counter() - t)
+
+
+class TransformersRunner:
+    """The same tests through transformers (eager, its own DynamicCache) on the same weights."""
+    name = "transformers"
+
+    def __init__(self, path: str, device, dtype):
+        from transformers import AutoModelForCausalLM
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.vocab = self.model.config.vocab_size
+
+    @torch.inference_mode()
+    def pp(self, n: int, depth: int, seed: int) -> float:
+        ids = torch.tensor([_tokens(depth + n, self.vocab, seed)], device=self.device)
+        past = None
+        if depth:
+            past = self.model(ids[:, :depth], use_cache=True, logits_to_keep=1).past_key_values
+        _sync(self.device)
+        t = time.perf_counter()
+        self.model(ids[:, depth:], past_key_values=past, use_cache=True, logits_to_keep=1)
+        _sync(self.device)
+        return n / (time.perf_counter() - t)
+
+    @torch.inference_mode()
+    def tg(self, n: int, depth: int, batch: int, seed: int) -> float:
+        if batch != 1:
+            return float("nan")
+        ids = torch.tensor([_tokens(max(depth, 1), self.vocab, seed)], device=self.device)
+        out = self.model(ids, use_cache=True, logits_to_keep=1)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(self.device)
+        t = time.perf_counter()
+        for _ in range(n):
+            out = self.model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(self.device)
+        return n / (time.perf_counter() - t)
+
+
+def measure(fn, reps: int) -> tuple[float, float]:
+    fn()  # warm-up
+    xs = [fn() for _ in range(reps)]
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def tune(llm: LLM, depths: list[int], q_lens: list[int], reps: int = 3, progress: bool = True) -> list[dict]:
+    """Time one forward pass of q new tokens over a cached prefix of `depth`, absorbed vs expanded."""
+    runner, rows = llm.runner, []
+    saved = runner.attn_mode
+    bar = tqdm(total=len(depths) * len(q_lens) * 2, desc="tune", disable=not progress, file=sys.stderr, leave=False)
+    for depth in depths:
+        seq = llm.add_request(_tokens(depth + max(q_lens), llm.config.vocab_size, depth), SamplingParams(max_tokens=1))
+        llm.scheduler.waiting.remove(seq)
+        llm.blocks.allocate(seq.seq_id, seq.max_len)
+        if depth:
+            runner.attn_mode = "expanded"
+            runner.forward([(seq, depth)])
+        for q in q_lens:
+            row = {"depth": depth, "q": q}
+            for mode in ("absorbed", "expanded"):
+                runner.attn_mode = mode
+                seq.num_cached_tokens = depth
+
+                def once():
+                    _sync(llm.device)
+                    t = time.perf_counter()
+                    runner.forward([(seq, q)])
+                    _sync(llm.device)
+                    return time.perf_counter() - t
+                row[mode] = statistics.median([once() for _ in range(reps + 1)][1:])
+                bar.update()
+            rows.append(row)
+        seq.num_cached_tokens = 0
+        llm.blocks.free(seq.seq_id)
+    runner.attn_mode = saved
+    bar.close()
+    return rows
+
+
+def crossover(rows: list[dict]) -> int:
+    """Smallest q from which expanded is at least as fast as absorbed at every measured depth."""
+    qs = sorted({r["q"] for r in rows})
+    for q in qs:
+        if all(r["expanded"] <= r["absorbed"] for r in rows if r["q"] >= q):
+            return q
+    return qs[-1] * 2
+
+
+def param_count(cfg: ModelConfig) -> float:
+    return sum(t.numel() for t in DeepseekModel(cfg, dtype=torch.float16, device="meta").weights().values())
+
+
+def fmt_params(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def nan_safe(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2f}"
