@@ -86,6 +86,10 @@ def build_parser():
     t.add_argument("-q", "--q-lens", type=_int_list(1), default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
     t.add_argument("-d", "--depth", type=_int_list(0), default=[0, 1024, 4096])
     t.add_argument("-r", "--repetitions", type=_int_at_least(1), default=3)
+    x = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
+    add_engine_args(x)
+    x.add_argument("--file", "-f", required=True, help="UTF-8 text file")
+    x.add_argument("--ctx", "-c", type=_int_at_least(4), default=512, help="chunk length; its second half is scored")
     return parser
 
 
@@ -214,11 +218,26 @@ def cmd_tune(args):
     print(f"crossover: expanded from {bench.crossover(rows)} query tokens on {llm.device.type}")
 
 
+def cmd_perplexity(args):
+    from engine.perplexity import perplexity
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--file {args.file}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}") from None
+    if not text.strip():
+        raise ValueError(f"--file {args.file}: the file is empty")
+    llm = make_llm(args)
+    r = perplexity(llm, llm.encode(text), args.ctx)
+    print(f"PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.4f} ({r['tokens']} tokens scored in {r['chunks']} chunks "
+          f"of {args.ctx}, kv cache {str(llm.cache.dtype).removeprefix('torch.')})")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from models.errors import ModelError
     try:
-        {"generate": cmd_generate, "bench": cmd_bench, "tune": cmd_tune}[args.command](args)
+        {"generate": cmd_generate, "bench": cmd_bench, "tune": cmd_tune, "perplexity": cmd_perplexity}[args.command](args)
     except (ModelError, ValueError) as e:
         print(f"mla {args.command}: error: {e}", file=sys.stderr)
         return 1

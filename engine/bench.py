@@ -14,15 +14,10 @@ from tqdm import tqdm
 from models.config import ModelConfig
 from models.deepseek import DeepseekModel
 from models.errors import ModelError
+from models.loader import available_memory
 
 from .llm import LLM
 from .sampling_params import SamplingParams
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def random_checkpoint(config_file: str, out_dir: str, layers: int | None = None, experts: int | None = None,
@@ -47,8 +42,7 @@ def random_checkpoint(config_file: str, out_dir: str, layers: int | None = None,
             raw["n_group"] = raw["topk_group"] = 1
     raw.pop("quantization_config", None)  # random weights are made in the model dtype
     cfg = ModelConfig.from_dict(raw, config_file)
-    model = DeepseekModel(cfg, dtype=dtype, device="cpu")
-    weights = model.weights()
+    weights = DeepseekModel(cfg, dtype=dtype, device="meta").weights()  # shapes only, nothing allocated
     nbytes = sum(t.numel() for t in weights.values()) * torch.empty(0, dtype=dtype).element_size()
     if nbytes * need_copies > available_memory(torch.device("cpu")):
         raise ModelError(f"{config_file}: {nbytes / 2**30:.1f} GiB of weights x{need_copies} will not fit in memory "
@@ -62,7 +56,7 @@ def random_checkpoint(config_file: str, out_dir: str, layers: int | None = None,
             tensors[name] = torch.zeros(t.shape, dtype=torch.float32)
         else:
             tensors[name] = (torch.randn(t.shape, generator=g) * 0.02).to(dtype)
-    del model, weights
+    del weights
     os.makedirs(out_dir, exist_ok=True)
     raw["architectures"] = [{"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[cfg.arch]]
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -158,6 +152,8 @@ class TransformersRunner:
 def measure(fn, reps: int) -> tuple[float, float]:
     fn()  # warm-up
     xs = [fn() for _ in range(reps)]
+    if any(math.isnan(x) for x in xs):
+        return float("nan"), float("nan")
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 

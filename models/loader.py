@@ -53,12 +53,24 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "torch",
                progress: bool = True) -> DeepseekModel:
     if not os.path.isdir(path):
         raise ModelError(f"{path}: no such model folder")
     cfg = ModelConfig.from_hf(path)
     files = checkpoint_files(path)
+    need = sum(t.numel() for t in DeepseekModel(cfg, dtype=dtype, device="meta").weights().values())
+    need *= torch.empty(0, dtype=dtype).element_size()
+    have = available_memory(torch.device(device))
+    if need > have:
+        raise ModelError(f"{path}: the weights need {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
+                         f"but {torch.device(device)} has {have / 2**30:.1f} GiB free")
     model = DeepseekModel(cfg, dtype=dtype, device=device, backend=backend)
     expected = model.weights()
 

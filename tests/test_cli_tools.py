@@ -1,0 +1,131 @@
+"""mla bench / tune / perplexity: parsing, bad input, and a small end-to-end run of each."""
+import json
+import math
+
+import pytest
+
+import cli
+
+
+def main(capsys, *argv):
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def expect_error(capsys, argv, *needles):
+    code, out = main(capsys, *argv)
+    err = [l for l in out.err.strip().splitlines() if l.strip() and not l.startswith(("Loading", "bench", "perplexity"))]
+    assert code != 0 and len(err) == 1, out.err
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    from tests.tiny import v2_qlora
+    _, cfg = v2_qlora()
+    cfg = dict(cfg, architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2")
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_bench_json_with_transformers_baseline(capsys, tiny_config):
+    code, out = main(capsys, "bench", "--config", tiny_config, "--layers", "2", "-p", "16,9", "-n", "3", "-d", "0,5",
+                     "-b", "1,2", "-r", "2", "--baseline", "transformers", "--output", "json")
+    assert code == 0, out.err
+    rows = json.loads(out.out)
+    assert [r["test"] for r in rows] == ["pp16", "pp16 @ d5", "pp9", "pp9 @ d5", "tg3", "tg3 x2", "tg3 @ d5",
+                                         "tg3 @ d5 x2"]
+    for r in rows:
+        assert r["tps"] > 0 and r["tps_std"] >= 0
+        if r["test"].endswith("x2"):
+            assert math.isnan(r["baseline_tps"])  # transformers runs batch 1 only
+        else:
+            assert r["baseline_tps"] > 0 and r["ratio"] == pytest.approx(r["tps"] / r["baseline_tps"])
+
+
+def test_bench_markdown_and_csv(capsys, tiny_config):
+    code, out = main(capsys, "bench", "--config", tiny_config, "-p", "8", "-n", "2", "-r", "1")
+    assert code == 0
+    lines = out.out.strip().splitlines()
+    assert lines[0].startswith("| model | params | device") and len(lines) == 4
+    code, out = main(capsys, "bench", "--config", tiny_config, "-p", "8", "-n", "0", "-r", "1", "--output", "csv")
+    assert out.out.splitlines()[0].startswith("model,params,device")
+
+
+def test_tune_reports_a_crossover(capsys, tiny_config):
+    code, out = main(capsys, "tune", "--config", tiny_config, "-q", "1,4,32", "-d", "0,20", "-r", "1")
+    assert code == 0, out.err
+    assert out.out.count("\n| ") >= 6 and "crossover: expanded from" in out.out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bench", "-p", "abc"], "-p"),
+    (["bench", "-p", "-5"], "-p"),
+    (["bench", "-b", "0"], "--batch"),
+    (["bench", "--output", "xml"], "--output"),
+    (["bench", "--baseline", "llama"], "--baseline"),
+])
+def test_bench_bad_flags(capsys, argv, needle):
+    expect_error(capsys, argv, needle)
+
+
+def test_bench_config_that_is_not_deepseek(capsys, tmp_path):
+    p = tmp_path / "llama.json"
+    p.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
+    expect_error(capsys, ["bench", "--config", str(p)], "llama.json", "unsupported architecture")
+    p.write_text("not json")
+    expect_error(capsys, ["bench", "--config", str(p)], "llama.json", "not valid JSON")
+    expect_error(capsys, ["bench", "--config", str(tmp_path / "none.json")], "none.json")
+
+
+def test_bench_model_too_large_for_memory(capsys, tmp_path):
+    import os
+    from tests.tiny import v2_qlora
+    _, cfg = v2_qlora()
+    cfg.update(architectures=["DeepseekV2ForCausalLM"], vocab_size=4_000_000, hidden_size=4096)  # ~130 GB of embeddings
+    p = tmp_path / "huge.json"
+    p.write_text(json.dumps(cfg))
+    expect_error(capsys, ["bench", "--config", str(p)], "huge.json", "will not fit", "--layers")
+
+
+def test_perplexity_runs_and_rejects_bad_input(capsys, checkpoints, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the function returns a list of values and the name of the file is a string. " * 40)
+    code, out = main(capsys, "perplexity", "--model", checkpoints["v2_qlora"], "--file", str(text), "--ctx", "32")
+    assert code == 0, out.err
+    assert out.out.startswith("PPL = ") and "+/-" in out.out
+    ppl = float(out.out.split()[2])
+    assert 1 < ppl < 128 * 4  # random model, vocabulary 128: near-uniform
+    empty = tmp_path / "e.txt"
+    empty.write_text("  \n")
+    expect_error(capsys, ["perplexity", "--model", checkpoints["v2_qlora"], "--file", str(empty)], "empty")
+    expect_error(capsys, ["perplexity", "--model", checkpoints["v2_qlora"], "--file", str(tmp_path / "no.txt")], "no.txt")
+    expect_error(capsys, ["perplexity", "--model", checkpoints["v2_qlora"], "--file", str(text), "--ctx", "4096"],
+                 "--ctx", "context")
+    short = tmp_path / "s.txt"
+    short.write_text("the value")
+    expect_error(capsys, ["perplexity", "--model", checkpoints["v2_qlora"], "--file", str(short), "--ctx", "64"],
+                 "fewer than")
+
+
+def test_perplexity_matches_transformers(checkpoints, hf_models):
+    """The engine's PPL equals the one computed from transformers' logits on the same chunks."""
+    import torch
+    from engine import LLM
+    from engine.perplexity import perplexity
+    llm = LLM(checkpoints["v3"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.05)
+    ids = torch.randint(3, 120, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+    r = perplexity(llm, ids, ctx=24, progress=False)
+    nll = []
+    for c in range(4):
+        chunk = ids[c * 24:(c + 1) * 24]
+        with torch.no_grad():
+            lp = torch.log_softmax(hf_models["v3"](torch.tensor([chunk])).logits[0].float(), -1)
+        nll += [-lp[i - 1, chunk[i]].item() for i in range(12, 24)]
+    assert r["tokens"] == len(nll) == 48
+    assert r["ppl"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
