@@ -66,6 +66,10 @@ def build_parser():
     add_sampling_args(g)
     g.add_argument("--prompt", "-p", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    c = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit; Ctrl-C stops an answer)")
+    add_engine_args(c)
+    add_sampling_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
     b = sub.add_parser("bench", help="prompt-processing and generation throughput, llama-bench style")
     add_engine_args(b)
     b.add_argument("--config", default=None, help="a published config.json: random weights of the real shapes")
@@ -133,6 +137,42 @@ def cmd_generate(args):
     tg = (n - 1) / (t_end - t_first) if n > 1 else float("nan")
     print(f"prompt {len(ids)} tokens, generated {n} tokens ({out.finish_reason}), "
           f"PP {pp:.1f} tok/s, TG {tg:.1f} tok/s", file=sys.stderr)
+
+
+def cmd_chat(args, read=input, out=sys.stdout):
+    """The conversation's cache is kept between turns: each turn prefills only what the previous one did not."""
+    llm = make_llm(args)
+    params = sampling_params(args)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages, session = list(start), None
+    print("chat: /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer", file=sys.stderr)
+    while True:
+        try:
+            line = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            if session is not None:
+                llm.abort(session, free=True)
+            messages, session = list(start), None
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = llm.chat_prompt(messages)
+        try:
+            for delta in llm.stream(ids, params, session=session, keep_cache=True):
+                out.write(delta)
+                out.flush()
+            session = llm.current
+        except KeyboardInterrupt:  # stop this answer, keep the conversation and its cache
+            session = llm.current
+            llm.abort(session)
+        out.write("\n")
+        messages.append({"role": "assistant", "content": session.text})
 
 
 def _bench_model(args, tmp):
@@ -237,7 +277,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from models.errors import ModelError
     try:
-        {"generate": cmd_generate, "bench": cmd_bench, "tune": cmd_tune, "perplexity": cmd_perplexity}[args.command](args)
+        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "tune": cmd_tune, "perplexity": cmd_perplexity}[args.command](args)
     except (ModelError, ValueError) as e:
         print(f"mla {args.command}: error: {e}", file=sys.stderr)
         return 1

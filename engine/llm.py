@@ -106,7 +106,10 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def add_request(self, token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Sequence:
+    def add_request(self, token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                    session: Sequence | None = None, keep_cache: bool = False) -> Sequence:
+        """Queue a request. With `session` (an earlier request made with keep_cache=True), the new request takes
+        over its cache: the longest cached prefix it shares with token_ids is reused, only the rest is prefilled."""
         if not token_ids:
             raise ValueError("empty prompt")
         if len(token_ids) > self.max_model_len - 1:
@@ -115,12 +118,32 @@ class LLM:
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        seq = Sequence(list(token_ids), params, min(len(token_ids) + params.max_tokens, self.max_model_len), prompt)
+        seq = Sequence(list(token_ids), params, min(len(token_ids) + params.max_tokens, self.max_model_len), prompt,
+                       keep_cache=keep_cache)
+        if session is not None:
+            if not session.keep_cache:
+                raise ValueError("session: the earlier request was not made with keep_cache=True")
+            self.abort(session)
+            seq.seq_id = session.seq_id  # the block table is keyed by it
+            common = 0
+            for a, b in zip(session.token_ids[:session.num_cached_tokens], token_ids):
+                if a != b:
+                    break
+                common += 1
+            seq.num_cached_tokens = min(common, len(token_ids) - 1)  # at least one token runs, to sample from
         detokenize.start(seq)
         self.scheduler.add(seq)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seed)
         return seq
+
+    def abort(self, seq: Sequence, free: bool = False):
+        """Stop a request where it is (Ctrl-C in chat); its cache is kept if it asked for that, unless free."""
+        if not seq.finished:
+            seq.finish_reason = "abort"
+        seq.keep_cache = seq.keep_cache and not free
+        self.scheduler.finish(seq)
+        self.generators.pop(seq.seq_id, None)
 
     # ---- one engine step ------------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, str]]:
@@ -185,8 +208,7 @@ class LLM:
                 delta = seq.text[old:]
                 break
         if seq.finished:
-            self.scheduler.finish(seq)
-            self.generators.pop(seq.seq_id, None)
+            self.abort(seq)
         return delta
 
     # ---- front doors ----------------------------------------------------------------------------------------
@@ -223,9 +245,11 @@ class LLM:
         return torch.cat(seq.prompt_logits)
 
     def stream(self, prompt_token_ids: list[int], sampling_params: SamplingParams | None = None,
-               prompt: str | None = None) -> Iterator[str]:
-        """Yields the new text after every step of one request (possibly ""), prefill included."""
-        seq = self.add_request(prompt_token_ids, sampling_params or SamplingParams(), prompt)
+               prompt: str | None = None, session: Sequence | None = None, keep_cache: bool = False) -> Iterator[str]:
+        """Yields the new text after every step of one request (possibly ""), prefill included. The request is
+        self.current while it runs and its output is self.last_output after."""
+        seq = self.current = self.add_request(prompt_token_ids, sampling_params or SamplingParams(), prompt, session,
+                                              keep_cache)
         while not seq.finished:
             for s, delta in self.step():
                 if s is seq:

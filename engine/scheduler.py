@@ -48,5 +48,9 @@ class Scheduler:
         return batch
 
     def finish(self, seq: Sequence):
-        self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if not seq.keep_cache:
+            self.blocks.free(seq.seq_id)

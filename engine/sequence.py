@@ -48,6 +48,7 @@ class Sequence:
     # incremental detokenisation offsets (see engine.detokenize)
     prefix_offset: int = 0
     read_offset: int = 0
+    keep_cache: bool = False  # a chat session: the blocks outlive the request, for the next turn
     prompt_logits: list | None = None  # set to [] to keep the logits of every prompt position (LLM.prompt_logits)
 
     def __post_init__(self):
