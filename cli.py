@@ -44,7 +44,7 @@ def add_engine_args(p):
     p.add_argument("--attn-mode", default="auto", choices=["auto", "absorbed", "expanded"])
     p.add_argument("--mla-threshold", type=_int_at_least(1), default=None,
                    help="query tokens from which auto uses the expanded path")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "int8", "fp8"])
     p.add_argument("--kv-cache-gib", type=_float_at_least(0.001), default=None, help="KV cache memory budget in GiB")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
 
@@ -82,6 +82,10 @@ def build_parser():
     b.add_argument("-r", "--repetitions", type=_int_at_least(1), default=3)
     b.add_argument("--baseline", choices=["none", "transformers"], default="none")
     b.add_argument("--output", choices=["md", "json", "csv"], default="md")
+    b.add_argument("--serve", "-N", type=_int_at_least(1), default=None, metavar="N",
+                   help="instead of the tests: N requests of random lengths at once, continuous batching")
+    b.add_argument("--prompt-lens", type=_int_list(1), default=[16, 512], help="range of prompt lengths (--serve)")
+    b.add_argument("--gen-lens", type=_int_list(1), default=[16, 128], help="range of output lengths (--serve)")
     t = sub.add_parser("tune", help="measure the absorbed/expanded crossover on this device")
     add_engine_args(t)
     t.add_argument("--config", default=None)
@@ -195,6 +199,14 @@ def cmd_bench(args):
     with tempfile.TemporaryDirectory() as tmp:
         args.model = _bench_model(args, tmp)
         llm = make_llm(args)
+        if args.serve:
+            r = bench.serve(llm, args.serve, _range(args.prompt_lens, "--prompt-lens"), _range(args.gen_lens, "--gen-lens"))
+            print(json.dumps(r, indent=1) if args.output == "json" else
+                  f"{r['requests']} requests, {r['prompt_tokens']} prompt + {r['output_tokens']} output tokens in "
+                  f"{r['wall_s']:.2f} s: {r['total_tps']:.1f} tok/s total, {r['output_tps']:.1f} output tok/s; "
+                  f"TTFT p50/p90/p99 {r['ttft_p50_s']:.2f}/{r['ttft_p90_s']:.2f}/{r['ttft_p99_s']:.2f} s; "
+                  f"latency p50/p90/p99 {r['e2e_p50_s']:.2f}/{r['e2e_p90_s']:.2f}/{r['e2e_p99_s']:.2f} s")
+            return
         ours = bench.EngineRunner(llm)
         base = bench.TransformersRunner(args.model, llm.device, llm.dtype) if args.baseline == "transformers" else None
         tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
@@ -239,6 +251,12 @@ def cmd_bench(args):
                 cells += [f"{bench.nan_safe(r['baseline_tps'])} ± {bench.nan_safe(r['baseline_std'])}",
                           bench.nan_safe(r["ratio"])]
             print("| " + " | ".join(cells) + " |")
+
+
+def _range(values, flag):
+    if len(values) != 2 or values[0] > values[1]:
+        raise ValueError(f"{flag}: expected MIN,MAX, got {','.join(map(str, values))}")
+    return values[0], values[1]
 
 
 def cmd_tune(args):

@@ -210,3 +210,31 @@ def fmt_params(n: float) -> str:
 
 def nan_safe(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f}"
+
+
+def serve(llm: LLM, num_requests: int, prompt_lens: tuple[int, int], gen_lens: tuple[int, int], seed: int = 0) -> dict:
+    """All requests arrive at once (random prompt and output lengths); the scheduler batches them continuously.
+    Returns total throughput and per-request latency percentiles (time to first token, end to end)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    t0 = time.perf_counter()
+    seqs = [llm.add_request(_tokens(rand(*prompt_lens), llm.config.vocab_size, seed + i),
+                            SamplingParams(max_tokens=rand(*gen_lens), temperature=0, ignore_eos=True))
+            for i in range(num_requests)]
+    first, done = {}, {}
+    while not llm.scheduler.idle:
+        for seq, _ in llm.step():
+            now = time.perf_counter() - t0
+            first.setdefault(seq.seq_id, now)
+            if seq.finished:
+                done[seq.seq_id] = now
+    _sync(llm.device)
+    wall = time.perf_counter() - t0
+    pct = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p / 100 * len(xs)))]
+    ttft = [first[s.seq_id] for s in seqs]
+    e2e = [done[s.seq_id] for s in seqs]
+    out_tokens = sum(len(s.output_token_ids) for s in seqs)
+    in_tokens = sum(s.num_prompt_tokens for s in seqs)
+    return {"requests": num_requests, "wall_s": wall, "prompt_tokens": in_tokens, "output_tokens": out_tokens,
+            "total_tps": (in_tokens + out_tokens) / wall, "output_tps": out_tokens / wall,
+            **{f"ttft_p{p}_s": pct(ttft, p) for p in (50, 90, 99)}, **{f"e2e_p{p}_s": pct(e2e, p) for p in (50, 90, 99)}}

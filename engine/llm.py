@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kvcache import CACHE_DTYPES, BlockManager, LatentCache
+from kvcache import CACHE_DTYPES, PACKED_CACHE_DTYPES, BlockManager, LatentCache, packed_bytes_per_token
 from models.errors import ModelError
 from models.loader import load_model
 
@@ -49,7 +49,7 @@ class LLM:
         self.attn_mode = _choice("attn_mode", attn_mode, ATTN_MODES)
         _choice("backend", backend, BACKENDS)
         _choice("dtype", dtype, tuple(DTYPES))
-        _choice("kv_cache_dtype", kv_cache_dtype, ("auto",) + tuple(CACHE_DTYPES))
+        _choice("kv_cache_dtype", kv_cache_dtype, ("auto",) + tuple(CACHE_DTYPES) + tuple(PACKED_CACHE_DTYPES))
         if mla_threshold is not None and mla_threshold < 1:
             raise ValueError(f"mla_threshold={mla_threshold}: must be at least 1")
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -76,7 +76,9 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
 
-        cache_dtype = self.dtype if kv_cache_dtype == "auto" else CACHE_DTYPES[kv_cache_dtype]
+        cache_dtype = self.dtype if kv_cache_dtype == "auto" else CACHE_DTYPES.get(kv_cache_dtype, torch.uint8)
+        width = cfg.kv_cache_width if cache_dtype != torch.uint8 else packed_bytes_per_token(
+            kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.dtype)  # packed: bytes per token
         if kv_cache_memory_gib is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
@@ -86,7 +88,7 @@ class LLM:
         if kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib={kv_cache_memory_gib}: must be positive")
         self.cache = LatentCache.from_budget(int(kv_cache_memory_gib * 2**30), max_num_seqs * self.max_model_len,
-                                             cfg.num_hidden_layers, block_size, cfg.kv_cache_width, cache_dtype, self.device)
+                                             cfg.num_hidden_layers, block_size, width, cache_dtype, self.device)
         self.blocks = BlockManager(self.cache.num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         threshold = mla_threshold or MLA_THRESHOLD.get(self.device.type, 128)

@@ -129,3 +129,14 @@ def test_perplexity_matches_transformers(checkpoints, hf_models):
         nll += [-lp[i - 1, chunk[i]].item() for i in range(12, 24)]
     assert r["tokens"] == len(nll) == 48
     assert r["ppl"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
+
+
+def test_bench_serve_continuous_batching(capsys, checkpoints):
+    code, out = main(capsys, "bench", "--model", checkpoints["v2_qlora"], "--serve", "7", "--prompt-lens", "3,40",
+                     "--gen-lens", "2,9", "--output", "json", "--kv-cache-gib", "0.0005")
+    assert code == 0, out.err
+    r = json.loads(out.out)
+    assert r["requests"] == 7 and 7 * 2 <= r["output_tokens"] <= 7 * 9
+    assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["e2e_p99_s"] <= r["wall_s"]
+    expect_error(capsys, ["bench", "--model", checkpoints["v2_qlora"], "--serve", "2", "--gen-lens", "9,2"],
+                 "--gen-lens")
