@@ -45,7 +45,7 @@ def add_engine_args(p):
     p.add_argument("--mla-threshold", type=_int_at_least(1), default=None,
                    help="query tokens from which auto uses the expanded path")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "int8", "fp8"])
-    p.add_argument("--kv-cache-gib", type=_float_at_least(0.001), default=None, help="KV cache memory budget in GiB")
+    p.add_argument("--kv-cache-gib", type=_float_at_least(1e-6), default=None, help="KV cache memory budget in GiB")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
 
 
