@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import torch
 
 from kvcache import CACHE_DTYPES, PACKED_CACHE_DTYPES, BlockManager, LatentCache, packed_bytes_per_token
+from models.config import ModelConfig
 from models.errors import ModelError
 from models.loader import load_model
 
@@ -63,12 +64,12 @@ class LLM:
         if self.backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1")
 
-        from models.config import ModelConfig
         if not os.path.isdir(model):
             raise ModelError(f"{model}: no such model folder")
         cfg = ModelConfig.from_hf(model)
         self.dtype = DTYPES[dtype] or (getattr(torch, cfg.torch_dtype) if self.device.type == "cuda" else torch.float32)
-        self.model = load_model(model, dtype=self.dtype, device=self.device, backend=self.backend, progress=progress)
+        self.model = load_model(model, dtype=self.dtype, device=self.device, backend=self.backend, progress=progress,
+                                cfg=cfg)
         self.config = cfg
         self.tokenizer = load_tokenizer(model)
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)

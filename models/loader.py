@@ -60,10 +60,10 @@ def available_memory(device: torch.device) -> int:
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "torch",
-               progress: bool = True) -> DeepseekModel:
+               progress: bool = True, cfg: ModelConfig | None = None) -> DeepseekModel:
     if not os.path.isdir(path):
         raise ModelError(f"{path}: no such model folder")
-    cfg = ModelConfig.from_hf(path)
+    cfg = cfg or ModelConfig.from_hf(path)
     files = checkpoint_files(path)
     need = sum(t.numel() for t in DeepseekModel(cfg, dtype=dtype, device="meta").weights().values())
     need *= torch.empty(0, dtype=dtype).element_size()
