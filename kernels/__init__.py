@@ -1,10 +1,10 @@
 """One dispatch function per kernel: check the arguments, then run the Triton kernel or the torch reference.
 
-Triton kernels are added behind these functions; until a kernel exists for an operation, every backend runs
-the reference. `backend` is "torch" or "triton" (the engine resolves "auto")."""
+`backend` is "torch" (the plain-torch reference) or "triton" (the engine resolves "auto"). The Triton modules are
+imported on first use, so the torch backend never needs a working Triton."""
 import torch
 
-from . import reference
+from . import quant, reference
 
 BACKENDS = ("torch", "triton")
 
@@ -22,23 +22,64 @@ def _check_batch(kv_cache, block_tables, cu_seqlens_q, seq_lens, T):
     _check(tuple(seq_lens.shape) == (B,) and seq_lens.dtype == torch.int32, "seq_lens must be int32 [B]")
 
 
+def _check_backend(backend, *tensors):
+    _check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        # the kernels address rows by strides but read each row's values as one contiguous run
+        _check(all(t.stride(-1) == 1 for t in tensors), "the last dimension of every tensor must be contiguous")
+        dev = tensors[0].device
+        _check(all(t.device == dev for t in tensors), "all tensors must be on one device")
+    return backend == "triton"
+
+
+def _format(kv_cache, R, DR, model_dtype):
+    """None for a float cache [.., R + DR]; for a uint8 (packed int8/fp8) cache, its format, told by its width."""
+    fmt = quant.infer_format(kv_cache, R, DR, model_dtype)
+    if fmt is None:
+        _check(R + DR == kv_cache.shape[-1], f"latent {R} + rope {DR} must equal the cache width {kv_cache.shape[-1]}")
+    return fmt
+
+
+def _unpacked(kv_cache, block_tables, seq_lens, fmt, dtype):
+    """The torch path on a packed cache: the float references over the dequantized blocks of this batch."""
+    if fmt is None:
+        return kv_cache, block_tables
+    return quant.unpack(kv_cache, block_tables, seq_lens, fmt, dtype)
+
+
 def write_latent(kv_cache, slot_mapping, c_kv, k_pe, backend="torch"):
     _check(c_kv.shape[0] == k_pe.shape[0] == slot_mapping.shape[0], "c_kv, k_pe and slot_mapping disagree on tokens")
-    _check(c_kv.shape[1] + k_pe.shape[1] == kv_cache.shape[-1], "c_kv + k_pe width must equal the cache width")
+    fmt = _format(kv_cache, c_kv.shape[1], k_pe.shape[1], k_pe.dtype)
+    if _check_backend(backend, kv_cache, c_kv, k_pe, slot_mapping):
+        from . import cache_write
+        return cache_write.write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt)
+    if fmt is not None:
+        return quant.write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt)
     reference.write_latent(kv_cache, slot_mapping, c_kv, k_pe)
 
 
 def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, backend="torch"):
     T, H, R = q_lat.shape
-    _check(q_pe.shape[:2] == (T, H) and R + q_pe.shape[2] == kv_cache.shape[-1], "q_lat/q_pe shapes do not match the cache")
+    _check(q_pe.dim() == 3 and q_pe.shape[:2] == (T, H), "q_pe must be [T, H, rope_dim]")
     _check_batch(kv_cache, block_tables, cu_seqlens_q, seq_lens, T)
+    fmt = _format(kv_cache, R, q_pe.shape[2], q_pe.dtype)
+    if _check_backend(backend, q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens):
+        from . import triton_decode
+        return triton_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
+                                        fmt=fmt)
+    kv_cache, block_tables = _unpacked(kv_cache, block_tables, seq_lens, fmt, q_lat.dtype)
     return reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale)
 
 
 def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale, backend="torch"):
     T, H, dn = q_nope.shape
     _check(q_pe.shape[:2] == (T, H), "q_pe must be [T, H, rope_dim]")
-    _check(w_kv_b.shape[1] + q_pe.shape[2] == kv_cache.shape[-1], "w_kv_b input width must be kv_lora_rank")
     _check(w_kv_b.shape[0] % H == 0 and w_kv_b.shape[0] // H > dn, "w_kv_b must be [H * (nope + v), kv_lora_rank]")
     _check_batch(kv_cache, block_tables, cu_seqlens_q, seq_lens, T)
+    fmt = _format(kv_cache, w_kv_b.shape[1], q_pe.shape[2], q_pe.dtype)  # w_kv_b's input width is kv_lora_rank
+    if _check_backend(backend, q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b):
+        from . import triton_prefill
+        return triton_prefill.mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b,
+                                          softmax_scale, fmt=fmt)
+    kv_cache, block_tables = _unpacked(kv_cache, block_tables, seq_lens, fmt, q_nope.dtype)
     return reference.mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale)

@@ -1,36 +1,67 @@
-"""Triton scatter of the new tokens' [c_kv | k_pe] rows into the paged latent cache.
+"""Triton scatter of the new tokens' [c_kv | k_pe] rows into the paged latent cache, quantizing on the way.
 
-Grid: one program per new token. The 576-wide row is written as two loads/stores (kv_lora_rank values, then the
-rope values), each padded to a power of two with a mask, so widths like 512 + 64 need no 1024-wide tile."""
-import torch
+Grid: one program per new token. The latent and the rope values go through separate views (for a float cache,
+two slices of one row; for a packed cache, the int8/fp8 latent, its float32 scales and the k_pe bytes of one
+uint8 row), each loaded as one power-of-two tile with a mask, so widths like 512 + 64 need no 1024-wide tile."""
 import triton
 import triton.language as tl
 
+from . import quant
 from .triton_common import pow2
 
 
 @triton.jit
-def _write_latent_kernel(cache, slot_mapping, c_kv, k_pe,
-                         s_cb, s_cs, s_ct, s_pt, block_size, R, DR,
-                         BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr):
+def _write_latent_kernel(lat, scl, rope, slot_mapping, c_kv, k_pe,
+                         s_lb, s_ls, s_sb, s_ss, s_rb, s_rs, s_ct, s_pt, block_size, R, DR, qmax,
+                         BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_SCALES: tl.constexpr,
+                         ROUND: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t).to(tl.int64)
     if slot >= 0:  # a negative slot marks a padding token: nothing to store
-        dst = cache + (slot // block_size) * s_cb + (slot % block_size) * s_cs
+        blk = slot // block_size
+        off = slot % block_size
         offs_r = tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, BLOCK_DR)
-        c = tl.load(c_kv + t.to(tl.int64) * s_ct + offs_r, mask=offs_r < R)
+        r_ok = offs_r < R
+        c = tl.load(c_kv + t.to(tl.int64) * s_ct + offs_r, mask=r_ok, other=0.0)
         p = tl.load(k_pe + t.to(tl.int64) * s_pt + offs_d, mask=offs_d < DR)
-        tl.store(dst + offs_r, c.to(cache.dtype.element_ty), mask=offs_r < R)
-        tl.store(dst + R + offs_d, p.to(cache.dtype.element_ty), mask=offs_d < DR)
+        if NUM_SCALES == 0:
+            tl.store(lat + blk * s_lb + off * s_ls + offs_r, c.to(lat.dtype.element_ty), mask=r_ok)
+        else:
+            x = c.to(tl.float32)
+            group = offs_r // (R // NUM_SCALES)
+            scale = tl.zeros([BLOCK_R], tl.float32)
+            for g in tl.static_range(NUM_SCALES):  # absmax per group of R / NUM_SCALES values
+                in_g = (group == g) & r_ok
+                s_g = tl.max(tl.where(in_g, tl.abs(x), 0.0), 0) / qmax
+                s_g = tl.where(s_g > 0, s_g, 1.0)
+                tl.store(scl + blk * s_sb + off * s_ss + g, s_g)
+                scale = tl.where(in_g, s_g, scale)
+            y = x / tl.where(r_ok, scale, 1.0)
+            if ROUND == 1:  # int8: round half up and clamp
+                y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -qmax), qmax)
+            elif ROUND == 2:
+                # fp8 e4m3: round onto its grid (3 mantissa bits, subnormal step 2^-9) first, so the conversion
+                # below is exact. The GPU converts correctly anyway; Triton's interpreter (3.9) gets the rounding
+                # carry wrong (127.9 -> 64).
+                e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(y), 1e-30))), -6.0)
+                step = tl.exp2(e - 3.0)
+                y = tl.floor(y / step + 0.5) * step
+            tl.store(lat + blk * s_lb + off * s_ls + offs_r, y.to(lat.dtype.element_ty), mask=r_ok)
+        tl.store(rope + blk * s_rb + off * s_rs + offs_d, p.to(rope.dtype.element_ty), mask=offs_d < DR)
 
 
-def write_latent(kv_cache, slot_mapping, c_kv, k_pe):
+def write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt=None):
     T, R = c_kv.shape
     DR = k_pe.shape[1]
     if T == 0:
         return
-    _write_latent_kernel[(T,)](kv_cache, slot_mapping, c_kv, k_pe,
-                               kv_cache.stride(0), kv_cache.stride(1), c_kv.stride(0), k_pe.stride(0),
-                               kv_cache.shape[1], R, DR,
-                               BLOCK_R=pow2(R, 1), BLOCK_DR=pow2(DR, 1), num_warps=4)
+    if fmt is None:
+        lat, scl, rope, ns, qmax = kv_cache[..., :R], kv_cache, kv_cache[..., R:], 0, 1.0
+    else:
+        (lat, scl, rope), ns, qmax = quant.views(kv_cache, fmt), fmt.num_scales, fmt.qmax
+    _write_latent_kernel[(T,)](lat, scl, rope, slot_mapping, c_kv, k_pe,
+                               lat.stride(0), lat.stride(1), scl.stride(0), scl.stride(1), rope.stride(0),
+                               rope.stride(1), c_kv.stride(0), k_pe.stride(0), kv_cache.shape[1], R, DR, qmax,
+                               BLOCK_R=pow2(R, 1), BLOCK_DR=pow2(DR, 1), NUM_SCALES=ns,
+                               ROUND=0 if fmt is None else {"int8": 1, "fp8": 2}[fmt.name], num_warps=4)

@@ -4,7 +4,8 @@ Every head attends to the same 576-wide latent row [c_kv | k_pe] of each cached 
 of BLOCK_N tokens once (through the block table) and scores it against a whole group of rows at once:
 rows = BLOCK_Q query tokens of one sequence x BLOCK_H heads form the M dimension of the two tl.dot
 (q_lat . c_kv over the 512 latent values, q_pe . k_pe over the 64 rope values: 576 is no power of two, so it is
-loaded as 512 + 64). The same c_kv tile is the V of o_lat = softmax . c_kv.
+loaded as 512 + 64). A packed (int8/fp8) tile is dequantized in registers right after its load. The same c_kv
+tile is the V of o_lat = softmax . c_kv.
 
 Grid: (sequence x query tile, head group, KV split). With a small batch the programs would not fill the GPU, so
 the KV axis of each sequence is cut into num_splits contiguous ranges; each writes its normalised partial output
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import quant
 from .triton_common import INTERPRET, dot_precision, num_sms, pow2
 
 LOG2E = 1.4426950408889634
@@ -23,11 +25,12 @@ FORCE_SPLITS = None  # tests set this to exercise the merge at small sizes
 
 
 @triton.jit
-def _mla_decode_kernel(q_lat, q_pe, cache, block_tables, cu_q, seq_lens, out, o_part, lse_part,
-                       s_qt, s_qh, s_pt, s_ph, s_cb, s_cs, s_bt, s_ot, s_oh, s_xt, s_xh, s_xs, s_lt, s_lh,
+def _mla_decode_kernel(q_lat, q_pe, lat, rope, scl, block_tables, cu_q, seq_lens, out, o_part, lse_part,
+                       s_qt, s_qh, s_pt, s_ph, s_lb, s_ls, s_rb, s_rs, s_sb, s_ss, s_bt, s_ot, s_oh, s_xt, s_xh, s_xs, s_lt, s_lh,
                        H, R, DR, block_size, q_tiles, num_splits, qk_scale,
                        BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_SCALES: tl.constexpr, SPLIT: tl.constexpr,
+                       PREC: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_H
     pid = tl.program_id(0)
     hg = tl.program_id(1)
@@ -65,10 +68,21 @@ def _mla_decode_kernel(q_lat, q_pe, cache, block_tables, cu_q, seq_lens, out, o_
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < end
             blk = tl.load(block_tables + b.to(tl.int64) * s_bt + offs_n // block_size, mask=n_ok, other=0)
-            row = blk.to(tl.int64) * s_cb + (offs_n % block_size).to(tl.int64) * s_cs  # [N]
-            ckv = tl.load(cache + row[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            kpe = tl.load(cache + row[:, None] + R + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            ckv = ckv.to(q.dtype)
+            blk = blk.to(tl.int64)
+            off = (offs_n % block_size).to(tl.int64)
+            ckv = tl.load(lat + (blk * s_lb + off * s_ls)[:, None] + offs_r[None, :],
+                          mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # [N, 512]
+            kpe = tl.load(rope + (blk * s_rb + off * s_rs)[:, None] + offs_d[None, :],
+                          mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, 64]
+            if NUM_SCALES == 1:  # int8: one scale per token, dequantized in registers
+                sc = tl.load(scl + blk * s_sb + off * s_ss, mask=n_ok, other=0.0)
+                ckv = (ckv.to(tl.float32) * sc[:, None]).to(q.dtype)
+            elif NUM_SCALES > 1:  # fp8: one scale per group of R / NUM_SCALES values
+                sc = tl.load(scl + (blk * s_sb + off * s_ss)[:, None] + (offs_r // (R // NUM_SCALES))[None, :],
+                             mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+                ckv = (ckv.to(tl.float32) * sc).to(q.dtype)
+            else:
+                ckv = ckv.to(q.dtype)
             s = tl.dot(q, tl.trans(ckv), input_precision=PREC)
             s += tl.dot(qp, tl.trans(kpe.to(qp.dtype)), input_precision=PREC)
             s = s * qk_scale
@@ -116,7 +130,7 @@ def _choose_splits(programs: int, max_kv: int, device) -> int:
     return max(1, min(want, triton.cdiv(max_kv, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
 
 
-def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, out=None):
+def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, out=None, fmt=None):
     T, H, R = q_lat.shape
     DR = q_pe.shape[2]
     B = block_tables.shape[0]
@@ -141,14 +155,19 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
         lse_part = torch.empty(T, H, num_splits, dtype=torch.float32, device=q_lat.device)
     else:
         o_part = lse_part = out  # unused
+    if fmt is None:
+        lat, scl, rope, ns = kv_cache[..., :R], kv_cache, kv_cache[..., R:], 0
+    else:
+        (lat, scl, rope), ns = quant.views(kv_cache, fmt), fmt.num_scales
     _mla_decode_kernel[(B * q_tiles, head_groups, num_splits)](
-        q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, out, o_part, lse_part,
-        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+        q_lat, q_pe, lat, rope, scl, block_tables, cu_seqlens_q, seq_lens, out, o_part, lse_part,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), lat.stride(0), lat.stride(1),
+        rope.stride(0), rope.stride(1), scl.stride(0), scl.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         o_part.stride(0) if split else 0, o_part.stride(1) if split else 0, o_part.stride(2) if split else 0,
         lse_part.stride(0) if split else 0, lse_part.stride(1) if split else 0,
         H, R, DR, block_size, q_tiles, num_splits, softmax_scale * LOG2E,
-        BLOCK_Q=BLOCK_Q, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=pow2(R), BLOCK_DR=pow2(DR), SPLIT=split,
+        BLOCK_Q=BLOCK_Q, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=pow2(R), BLOCK_DR=pow2(DR), NUM_SCALES=ns, SPLIT=split,
         PREC=dot_precision(q_lat.dtype), num_warps=4, num_stages=2)
     if split:
         _merge_splits_kernel[(T, H)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import quant
 from .triton_common import INTERPRET, dot_precision, pow2
 
 LOG2E = 1.4426950408889634
@@ -168,7 +169,8 @@ def plan(block_tables, cu_seqlens_q, seq_lens, block_size: int, BLOCK_M: int, BL
     return rounds, ent
 
 
-def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale, out=None):
+def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale, out=None,
+                fmt=None):
     T, H, DN = q_nope.shape
     DR = q_pe.shape[2]
     R = w_kv_b.shape[1]
@@ -190,9 +192,13 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
         o_acc = lse_acc = out  # unused
     w_t = w_kv_b.t()
     for blocks, work in rounds:
-        lat = kv_cache.index_select(0, blocks).view(-1, kv_cache.shape[-1])  # [nb * block_size, 576]
-        kv_ws = (lat[:, :R].to(w_kv_b.dtype) @ w_t).view(-1, H, DN + DV)  # [tokens, H, nope + v]
-        pe_ws = lat[:, R:]  # [tokens, rope]: one row per token for all heads
+        lat = kv_cache.index_select(0, blocks).view(-1, kv_cache.shape[-1])  # [nb * block_size, 576 values or bytes]
+        if fmt is None:
+            c_kv, pe_ws = lat[:, :R], lat[:, R:]  # k_pe [tokens, rope]: one row per token for all heads
+        else:
+            q_lat, scales, pe_ws = quant.views(lat, fmt)
+            c_kv = quant.dequantize(q_lat, scales, w_kv_b.dtype)  # [tokens, R] in the weight dtype, only this round's
+        kv_ws = (c_kv.to(w_kv_b.dtype) @ w_t).view(-1, H, DN + DV)  # [tokens, H, nope + v]
         if pe_ws.dtype != q_pe.dtype:
             pe_ws = pe_ws.to(q_pe.dtype)
         _mla_prefill_kernel[(work.shape[0], H)](

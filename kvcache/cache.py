@@ -3,6 +3,14 @@ is cached: no expanded K or V, no per-head copies."""
 import torch
 
 CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Packed formats: per token kv_lora_rank quantized latent bytes, float32 scales, then k_pe in the model dtype, stored
+# as uint8 rows (kernels/quant.py holds the layout and tells the format from the row width).
+PACKED_CACHE_DTYPES = {"int8": 1, "fp8": 4}  # name -> float32 scales per token
+
+
+def packed_bytes_per_token(name: str, kv_lora_rank: int, rope_dim: int, model_dtype: torch.dtype) -> int:
+    """int8: 512 + 4 + 128 = 644 B, fp8: 512 + 16 + 128 = 656 B per token per layer for DeepSeek in bf16."""
+    return kv_lora_rank + 4 * PACKED_CACHE_DTYPES[name] + rope_dim * torch.empty(0, dtype=model_dtype).element_size()
 
 
 class LatentCache:
