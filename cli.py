@@ -86,6 +86,14 @@ def build_parser():
                    help="instead of the tests: N requests of random lengths at once, continuous batching")
     b.add_argument("--prompt-lens", type=_int_list(1), default=[16, 512], help="range of prompt lengths (--serve)")
     b.add_argument("--gen-lens", type=_int_list(1), default=[16, 128], help="range of output lengths (--serve)")
+    b.add_argument("--kernels", action="store_true",
+                   help="instead of the model: the attention kernels alone vs copy bandwidth, SDPA and matmul peak")
+    b.add_argument("--kernel-batch", type=_int_list(1), default=None,
+                   help="decode batch sizes (--kernels; default 1,8,64 on CUDA, 1,8 on the CPU)")
+    b.add_argument("--kernel-ctx", type=_int_list(1), default=None,
+                   help="decode context lengths (--kernels; default 1024,4096,16384,65536 on CUDA, 1024,4096 on the CPU)")
+    b.add_argument("--kernel-prefill", type=_int_list(1), default=None,
+                   help="prefill lengths (--kernels; default 512,4096,16384 on CUDA, 512,2048 on the CPU)")
     t = sub.add_parser("tune", help="measure the absorbed/expanded crossover on this device")
     add_engine_args(t)
     t.add_argument("--config", default=None)
@@ -194,6 +202,15 @@ def cmd_bench(args):
     import json
     import tempfile
 
+    if args.kernels:
+        if args.output == "csv":
+            raise ValueError("--kernels prints md or json, not csv")
+        from engine import kernel_bench
+        r = kernel_bench.run(device=args.device, dtype=args.dtype, backend=args.backend,
+                             kv_cache_dtype=args.kv_cache_dtype, batch=args.kernel_batch, ctx=args.kernel_ctx,
+                             prefill=args.kernel_prefill, min_reps=args.repetitions)
+        print(json.dumps(r, indent=1) if args.output == "json" else kernel_bench.markdown(r))
+        return
     import torch
     from engine import bench
     with tempfile.TemporaryDirectory() as tmp:

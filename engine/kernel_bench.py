@@ -1,0 +1,430 @@
+"""mla bench --kernels: the attention kernels alone, at DeepSeek-V2-Lite shapes, against what the device can do.
+
+Four measurements, all in one run on one device (DESIGN.md section 5: speed claims are ratios taken in the same run):
+  copy     the device's memory bandwidth, from one large dst.copy_(src): 2 * bytes / time (read + write)
+  decode   absorbed attention (kernels.mla_decode) over a paged latent cache: bytes a kernel must read per call
+           (the cache rows of every sequence, the queries, the outputs) / time, and that as a fraction of `copy`
+  prefill  expanded attention (kernels.mla_prefill, kv_b_proj expansion included) on one causal sequence, in TFLOP/s,
+           next to torch SDPA doing the same work (the same expansion with torch.matmul, then SDPA)
+  gemm     the expansion GEMM alone (torch.matmul), against a large square matmul: the device's reachable peak
+The numbers are medians; on CUDA each call is timed with CUDA events after a write that flushes the L2 cache, so a
+small cache cannot be served from L2 in the second and later repetitions."""
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import kernels
+from kvcache.cache import packed_bytes_per_token
+
+# DeepSeek-V2-Lite attention shapes
+HEADS, KV_LORA_RANK, ROPE_DIM, NOPE_DIM, V_DIM, BLOCK_SIZE = 16, 512, 64, 128, 128, 64
+QK_DIM = NOPE_DIM + ROPE_DIM  # 192
+
+DEFAULTS = {
+    "cuda": dict(batch=[1, 8, 64], ctx=[1024, 4096, 16384, 65536], prefill=[512, 4096, 16384],
+                 copy_bytes=1 << 30, peak_n=8192, target_s=0.25),
+    "cpu": dict(batch=[1, 8], ctx=[1024, 4096], prefill=[512, 2048], copy_bytes=256 << 20, peak_n=2048, target_s=0.5),
+}
+MAX_REPS = 100
+FILL_CHUNK = 1 << 18  # tokens written into a cache per write_latent call
+MEMORY_MARGIN = 0.85  # use at most this fraction of the free memory
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_oom(e: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator a plain RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+def _available_memory(device: torch.device) -> int:
+    from models.loader import available_memory
+    return available_memory(device)
+
+
+class Timer:
+    """Median seconds per call of fn on a device; the repetitions fill about target_s, at least min_reps."""
+
+    def __init__(self, device: torch.device, min_reps: int, target_s: float):
+        self.device, self.min_reps, self.target_s = device, min_reps, target_s
+        self.cuda = device.type == "cuda"
+        # larger than any L2 (50 MiB on H100/H200): zeroing it evicts what the previous call left there
+        self._flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if self.cuda else None
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn, flush: bool = True) -> float:
+        fn()  # warm-up: compiles Triton kernels, touches memory
+        self._sync()
+        t = time.perf_counter()
+        fn()
+        self._sync()
+        first = time.perf_counter() - t
+        reps = max(self.min_reps, min(MAX_REPS, int(self.target_s / max(first, 1e-6))))
+        if not self.cuda:
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return statistics.median(times)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            if flush:
+                self._flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        self._sync()
+        return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+
+
+def resolve(device=None, dtype="auto", backend="auto"):
+    """(device, model dtype, backend) with the defaults: cuda when present, bf16 there and float32 on the CPU, Triton
+    on CUDA and the torch reference otherwise."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device") from None
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, dtype)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda":
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1, which is very slow)")
+    return device, dtype, backend
+
+
+def device_info(device: torch.device, dtype, backend: str) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return dict(device=device.type, device_name=name, dtype=_dtype_name(dtype), backend=backend,
+                torch=torch.__version__, triton=triton_version, heads=HEADS, kv_lora_rank=KV_LORA_RANK,
+                rope_dim=ROPE_DIM, block_size=BLOCK_SIZE, threads=torch.get_num_threads())
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return "cpu: " + (platform.processor() or platform.machine())
+
+
+# ---- copy bandwidth -------------------------------------------------------------------------------------------------
+def copy_bandwidth(device, timer: Timer, nbytes: int) -> dict:
+    nbytes = min(nbytes, int(_available_memory(device) * MEMORY_MARGIN) // 2)
+    nbytes -= nbytes % 4096
+    if nbytes <= 0:
+        raise ValueError(f"no memory left on {device} to measure the copy bandwidth")
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src), flush=False)  # far larger than any cache
+    del src, dst
+    return dict(bytes=nbytes, time_s=t, gbps=2 * nbytes / t / 1e9)
+
+
+# ---- absorbed decode ------------------------------------------------------------------------------------------------
+def cache_formats(dtype, kv_cache_dtype: str = "auto") -> list[str]:
+    """The model dtype, int8 and fp8 ("auto"), or the one format asked for."""
+    return [_dtype_name(dtype), "int8", "fp8"] if kv_cache_dtype == "auto" else [kv_cache_dtype]
+
+
+def bytes_per_token(fmt: str, dtype) -> int:
+    if fmt in ("int8", "fp8"):
+        return packed_bytes_per_token(fmt, KV_LORA_RANK, ROPE_DIM, dtype)
+    return (KV_LORA_RANK + ROPE_DIM) * getattr(torch, fmt).itemsize
+
+
+def _decode_need(batch: int, ctx: int, fmt: str, dtype, backend: str) -> int:
+    """Bytes one configuration allocates: the cache, the filling chunk, and what the torch path copies."""
+    blocks = batch * -(-ctx // BLOCK_SIZE)
+    cache = blocks * BLOCK_SIZE * bytes_per_token(fmt, dtype)
+    elt = dtype.itemsize
+    need = cache + min(FILL_CHUNK, blocks * BLOCK_SIZE) * (KV_LORA_RANK + ROPE_DIM) * 4 * 2
+    if backend == "torch":
+        if fmt in ("int8", "fp8"):  # the reference runs on the dequantized blocks of the whole batch
+            need += blocks * BLOCK_SIZE * (KV_LORA_RANK + ROPE_DIM) * elt * 2
+        need += ctx * (KV_LORA_RANK + ROPE_DIM) * elt + 3 * HEADS * ctx * 4  # one sequence's gathered rows, scores
+    return need
+
+
+def _fill_cache(num_blocks: int, fmt: str, dtype, device, backend: str, g: torch.Generator):
+    """A paged cache of num_blocks blocks written with kernels.write_latent from random latents (the float formats
+    too, so that every format is filled the same way)."""
+    width = bytes_per_token(fmt, dtype) if fmt in ("int8", "fp8") else KV_LORA_RANK + ROPE_DIM
+    cache = torch.empty(num_blocks, BLOCK_SIZE, width, device=device,
+                        dtype=torch.uint8 if fmt in ("int8", "fp8") else getattr(torch, fmt))
+    slots = num_blocks * BLOCK_SIZE
+    for s0 in range(0, slots, FILL_CHUNK):
+        s1 = min(slots, s0 + FILL_CHUNK)
+        c_kv = torch.randn(s1 - s0, KV_LORA_RANK, device=device, generator=g).to(dtype)  # RMSNorm'd: unit scale
+        k_pe = torch.randn(s1 - s0, ROPE_DIM, device=device, generator=g).to(dtype)
+        kernels.write_latent(cache, torch.arange(s0, s1, device=device), c_kv, k_pe, backend=backend)
+    return cache
+
+
+def decode_row(batch: int, ctx: int, fmt: str, dtype, device, backend: str, timer: Timer, seed: int = 0) -> dict:
+    bpt = bytes_per_token(fmt, dtype)
+    elt = dtype.itemsize
+    row = dict(batch=batch, ctx=ctx, cache=fmt, bytes_per_token=bpt)
+    need, free = _decode_need(batch, ctx, fmt, dtype, backend), _available_memory(device)
+    if need > free * MEMORY_MARGIN:
+        return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+    g = torch.Generator(device=device).manual_seed(seed)
+    per_seq = -(-ctx // BLOCK_SIZE)
+    try:
+        cache = _fill_cache(batch * per_seq, fmt, dtype, device, backend, g)
+        # each sequence's blocks scattered over the cache, as the block manager leaves them after a while
+        perm = torch.randperm(batch * per_seq, device=device, generator=g).to(torch.int32)
+        block_tables = perm.view(batch, per_seq)
+        cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=device)  # one query token per sequence
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        q_lat = torch.randn(batch, HEADS, KV_LORA_RANK, device=device, generator=g).mul_(KV_LORA_RANK ** -0.5).to(dtype)
+        q_pe = torch.randn(batch, HEADS, ROPE_DIM, device=device, generator=g).to(dtype)
+        scale = QK_DIM ** -0.5
+
+        def call():
+            return kernels.mla_decode(q_lat, q_pe, cache, block_tables, cu_seqlens_q, seq_lens, scale, backend=backend)
+        t = timer(call)
+    except RuntimeError as e:  # the estimate of what fits was short: say so in the row, go on with the next
+        if not _is_oom(e):
+            raise
+        return dict(row, skipped="out of memory")
+    finally:
+        cache = block_tables = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    nbytes = batch * ctx * bpt + batch * HEADS * (KV_LORA_RANK + ROPE_DIM) * elt + batch * HEADS * KV_LORA_RANK * elt
+    return dict(row, skipped=None, bytes=nbytes, time_s=t, gbps=nbytes / t / 1e9)
+
+
+# ---- expanded prefill -----------------------------------------------------------------------------------------------
+def prefill_flops(S: int) -> dict:
+    """Causal attention counts half the S x S score matrix: QK^T 2 * S * S/2 * H * 192, PV 2 * S * S/2 * H * 128;
+    the expansion is one GEMM [S, 512] x [512, H * 256]."""
+    attn = 2 * S * S / 2 * HEADS * QK_DIM + 2 * S * S / 2 * HEADS * V_DIM
+    expand = 2 * S * KV_LORA_RANK * HEADS * (NOPE_DIM + V_DIM)
+    return dict(attn=attn, expand=expand, total=attn + expand)
+
+
+def _prefill_need(S: int, dtype, device) -> int:
+    elt = dtype.itemsize
+    need = S * (KV_LORA_RANK + ROPE_DIM) * elt  # cache
+    need += S * HEADS * (QK_DIM * 3 + V_DIM * 3 + NOPE_DIM + V_DIM) * elt  # q, k, v, padded v, expansion, outputs
+    need += min(S, 8192) * HEADS * (NOPE_DIM + V_DIM) * elt * 2  # our workspace / reference chunks
+    if device.type == "cpu":  # SDPA's CPU path may build the whole score matrix
+        need += S * S * HEADS * 4 * 2
+    return need
+
+
+def _sdpa_backends(device):
+    """On CUDA the fused SDPA kernels only: never the math fallback, which builds the S x S matrix."""
+    if device.type != "cuda":
+        return None
+    from torch.nn.attention import SDPBackend
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def _sdpa(q, k, v, backends):
+    if backends is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def prefill_row(S: int, dtype, device, backend: str, timer: Timer, seed: int = 0) -> dict:
+    fl = prefill_flops(S)
+    row = dict(tokens=S, flops=fl["total"], attn_flops=fl["attn"], expand_flops=fl["expand"])
+    need, free = _prefill_need(S, dtype, device), _available_memory(device)
+    if need > free * MEMORY_MARGIN:
+        return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+    g = torch.Generator(device=device).manual_seed(seed)
+    blocks = -(-S // BLOCK_SIZE)
+    try:
+        cache = _fill_cache(blocks, _dtype_name(dtype), dtype, device, backend, g)
+        block_tables = torch.arange(blocks, dtype=torch.int32, device=device)[None]
+        cu_seqlens_q = torch.tensor([0, S], dtype=torch.int32, device=device)
+        seq_lens = torch.tensor([S], dtype=torch.int32, device=device)
+        q_nope = torch.randn(S, HEADS, NOPE_DIM, device=device, generator=g).to(dtype)
+        q_pe = torch.randn(S, HEADS, ROPE_DIM, device=device, generator=g).to(dtype)
+        w_kv_b = (torch.randn(HEADS * (NOPE_DIM + V_DIM), KV_LORA_RANK, device=device, generator=g)
+                  * KV_LORA_RANK ** -0.5).to(dtype)
+        scale = QK_DIM ** -0.5
+        t_ours = timer(lambda: kernels.mla_prefill(q_nope, q_pe, cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b,
+                                                   scale, backend=backend))
+
+        # the baseline: the same expansion with torch.matmul, K = [k_nope | shared k_pe], then SDPA
+        lat = cache.view(-1, KV_LORA_RANK + ROPE_DIM)[:S]
+        q = torch.cat((q_nope, q_pe), -1).transpose(0, 1)[None]  # [1, H, S, 192], built once: not part of the work
+        backends = _sdpa_backends(device)
+
+        def sdpa_call(pad_v: bool):
+            kv = (lat[:, :KV_LORA_RANK] @ w_kv_b.T).view(S, HEADS, NOPE_DIM + V_DIM)  # [S, H, 256]
+            k = torch.cat((kv[..., :NOPE_DIM], lat[:, None, KV_LORA_RANK:].expand(S, HEADS, ROPE_DIM)), -1)
+            v = kv[..., NOPE_DIM:]
+            if pad_v:  # the fused kernels that want one head dim for Q, K and V
+                v = F.pad(v, (0, QK_DIM - V_DIM))
+            o = _sdpa(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], backends)  # [1, H, S, dv]
+            return o[..., :V_DIM]
+        pad_v = False
+        try:
+            sdpa_call(False)
+        except RuntimeError as e:  # no fused kernel takes V 128 next to Q/K 192 here
+            if _is_oom(e):
+                raise
+            pad_v = True
+        t_sdpa = timer(lambda: sdpa_call(pad_v))
+    except RuntimeError as e:  # the estimate of what fits was short: say so in the row, go on with the next
+        if not _is_oom(e):
+            raise
+        return dict(row, skipped="out of memory")
+    finally:
+        cache = lat = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return dict(row, skipped=None, time_s=t_ours, tflops=fl["total"] / t_ours / 1e12, sdpa_time_s=t_sdpa,
+                sdpa_tflops=fl["total"] / t_sdpa / 1e12, sdpa_v_dim=QK_DIM if pad_v else V_DIM, ratio=t_sdpa / t_ours)
+
+
+# ---- expansion GEMM vs peak -----------------------------------------------------------------------------------------
+def peak_matmul(n: int, dtype, device, timer: Timer) -> dict:
+    g = torch.Generator(device=device).manual_seed(1)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    t = timer(lambda: a @ b)
+    return dict(n=n, flops=2 * n ** 3, time_s=t, tflops=2 * n ** 3 / t / 1e12)
+
+
+def gemm_row(S: int, dtype, device, timer: Timer, peak_tflops: float) -> dict:
+    g = torch.Generator(device=device).manual_seed(2)
+    lat = torch.randn(S, KV_LORA_RANK, device=device, generator=g).to(dtype)
+    w_kv_b = torch.randn(HEADS * (NOPE_DIM + V_DIM), KV_LORA_RANK, device=device, generator=g).to(dtype)
+    t = timer(lambda: torch.matmul(lat, w_kv_b.T))  # [S, 512] x [512, H * 256], as the reference expands
+    flops = prefill_flops(S)["expand"]
+    return dict(tokens=S, flops=flops, time_s=t, tflops=flops / t / 1e12, frac_peak=flops / t / 1e12 / peak_tflops)
+
+
+# ---- the whole run --------------------------------------------------------------------------------------------------
+def run(device=None, dtype="auto", backend="auto", kv_cache_dtype="auto", batch=None, ctx=None, prefill=None,
+        min_reps: int = 3, progress: bool = True) -> dict:
+    device, dtype, backend = resolve(device, dtype, backend)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("--dtype float16: use float32 or bfloat16 on the CPU")
+    d = DEFAULTS[device.type]
+    batch, ctx, prefill = batch or d["batch"], ctx or d["ctx"], prefill or d["prefill"]
+    for name, values in (("--kernel-batch", batch), ("--kernel-ctx", ctx), ("--kernel-prefill", prefill)):
+        if not values or min(values) < 1:
+            raise ValueError(f"{name}: every value must be at least 1, got {','.join(map(str, values))}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timer = Timer(device, min_reps, d["target_s"])
+    out = dict(info=device_info(device, dtype, backend))
+
+    def bar(items, desc):
+        return tqdm(items, desc=desc, file=sys.stderr, leave=False, disable=not progress)
+
+    out["copy"] = copy_bandwidth(device, timer, d["copy_bytes"])
+    bw = out["copy"]["gbps"]
+    configs = [(b, c, f) for b in batch for c in ctx for f in cache_formats(dtype, kv_cache_dtype)]
+    out["decode"] = []
+    for i, (b, c, f) in enumerate(bar(configs, "decode")):
+        r = decode_row(b, c, f, dtype, device, backend, timer, seed=i)
+        if r["skipped"] is None:
+            r["frac_copy_bw"] = r["gbps"] / bw
+        out["decode"].append(r)
+    out["prefill"] = [prefill_row(S, dtype, device, backend, timer, seed=i)
+                      for i, S in enumerate(bar(prefill, "prefill"))]
+    items = bar([None] + list(prefill), "gemm")
+    peak = None
+    out["gemm"] = []
+    for S in items:
+        if S is None:
+            peak = out["gemm_peak"] = peak_matmul(d["peak_n"], dtype, device, timer)
+        else:
+            out["gemm"].append(gemm_row(S, dtype, device, timer, peak["tflops"]))
+    return out
+
+
+def _sig(x: float) -> str:
+    """Three significant digits, without switching to exponents for the small numbers of a CPU."""
+    if x >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{max(0, 2 - math.floor(math.log10(x)))}f}" if x > 0 else f"{x:g}"
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def markdown(r: dict) -> str:
+    i = r["info"]
+    lines = [f"device: {i['device_name']} | dtype {i['dtype']} | backend {i['backend']} | torch {i['torch']} | "
+             f"triton {i['triton'] or '-'} | threads {i['threads']}",
+             f"shapes: DeepSeek-V2-Lite attention, {i['heads']} heads, kv_lora_rank {i['kv_lora_rank']}, "
+             f"rope {i['rope_dim']}, block size {i['block_size']}", ""]
+    c = r["copy"]
+    lines += ["## copy bandwidth", "", "| bytes | time ms | GB/s (2 x bytes / time) |", "|---|---|---|",
+              f"| {c['bytes'] / 2**20:.0f} MiB | {c['time_s'] * 1e3:.3f} | {_sig(c['gbps'])} |", ""]
+    lines += [f"## absorbed decode (kernels.mla_decode, backend {i['backend']})", "",
+              "bytes = batch x ctx x bytes/token of the cache + queries + outputs; one query token per sequence"
+              + ("; the torch backend dequantizes int8/fp8 blocks before the reference, so its packed rows move far "
+                 "more than these bytes" if i["backend"] == "torch" else ""), "",
+              "| batch | ctx | cache | B/token | MiB read | time ms | GB/s | of copy BW |", "|---|---|---|---|---|---|---|---|"]
+    for d in r["decode"]:
+        head = f"| {d['batch']} | {_size(d['ctx'])} | {d['cache']} | {d['bytes_per_token']} |"
+        if d["skipped"]:
+            lines.append(f"{head} skipped: {d['skipped']} | - | - | - |")
+        else:
+            lines.append(f"{head} {d['bytes'] / 2**20:.1f} | {d['time_s'] * 1e3:.3f} | {_sig(d['gbps'])} | "
+                         f"{_sig(d['frac_copy_bw'] * 100)}% |")
+    lines += ["", f"## expanded prefill (kernels.mla_prefill, backend {i['backend']}) vs torch SDPA", "",
+              "one sequence, empty prefix, causal; FLOPs = QK^T 2·S·S/2·H·192 + PV 2·S·S/2·H·128 + expansion "
+              "2·S·512·H·256; SDPA side: the same expansion with torch.matmul, then SDPA(is_causal=True)", "",
+              "| tokens | GFLOP | ours ms | ours TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA V dim | ours / SDPA |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in r["prefill"]:
+        head = f"| {_size(p['tokens'])} | {p['flops'] / 1e9:.2f} |"
+        if p["skipped"]:
+            lines.append(f"{head} skipped: {p['skipped']} | - | - | - | - | - |")
+        else:
+            lines.append(f"{head} {p['time_s'] * 1e3:.2f} | {_sig(p['tflops'])} | {p['sdpa_time_s'] * 1e3:.2f} | "
+                         f"{_sig(p['sdpa_tflops'])} | {p['sdpa_v_dim']}{' (padded)' if p['sdpa_v_dim'] != 128 else ''} | "
+                         f"{p['ratio']:.2f}x |")
+    pk = r["gemm_peak"]
+    lines += ["", "## expansion GEMM (torch.matmul [S, 512] x [512, H·256]) vs peak", "",
+              f"peak: {pk['n']}x{pk['n']} @ {pk['n']}x{pk['n']} matmul in {i['dtype']}: {pk['time_s'] * 1e3:.2f} ms, "
+              f"{_sig(pk['tflops'])} TFLOP/s", "",
+              "| tokens | GFLOP | time ms | TFLOP/s | of peak |", "|---|---|---|---|---|"]
+    for m in r["gemm"]:
+        lines.append(f"| {_size(m['tokens'])} | {m['flops'] / 1e9:.2f} | {m['time_s'] * 1e3:.3f} | {_sig(m['tflops'])} | "
+                     f"{_sig(m['frac_peak'] * 100)}% |")
+    return "\n".join(lines)
