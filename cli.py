@@ -47,6 +47,8 @@ def add_engine_args(p):
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "int8", "fp8"])
     p.add_argument("--kv-cache-gib", type=_float_at_least(1e-6), default=None, help="KV cache memory budget in GiB")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--weight-dtype", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of every linear and expert at load")
 
 
 def add_sampling_args(p):
@@ -121,7 +123,7 @@ def make_llm(args):
     from engine import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, attn_mode=args.attn_mode,
                kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, mla_threshold=args.mla_threshold,
-               kv_cache_memory_gib=args.kv_cache_gib)
+               kv_cache_memory_gib=args.kv_cache_gib, weight_dtype=args.weight_dtype)
 
 
 def sampling_params(args):

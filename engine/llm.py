@@ -17,6 +17,7 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 
 ATTN_MODES = ("auto", "absorbed", "expanded")
+WEIGHT_DTYPES = ("int8", "int4")  # weight-only quantization at load
 BACKENDS = ("auto", "triton", "torch")
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Query tokens per sequence from which the expanded path serves a forward pass, per device kind.
@@ -45,12 +46,14 @@ def load_tokenizer(path: str):
 class LLM:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto", attn_mode: str = "auto",
                  kv_cache_dtype: str = "auto", backend: str = "auto", mla_threshold: int | None = None, *,
-                 kv_cache_memory_gib: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
+                 weight_dtype: str | None = None, kv_cache_memory_gib: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
                  block_size: int = 64, max_model_len: int | None = None, seed: int = 0, progress: bool = True):
         self.attn_mode = _choice("attn_mode", attn_mode, ATTN_MODES)
         _choice("backend", backend, BACKENDS)
         _choice("dtype", dtype, tuple(DTYPES))
         _choice("kv_cache_dtype", kv_cache_dtype, ("auto",) + tuple(CACHE_DTYPES) + tuple(PACKED_CACHE_DTYPES))
+        if weight_dtype is not None:
+            _choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
         if mla_threshold is not None and mla_threshold < 1:
             raise ValueError(f"mla_threshold={mla_threshold}: must be at least 1")
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -70,6 +73,8 @@ class LLM:
         self.dtype = DTYPES[dtype] or (getattr(torch, cfg.torch_dtype) if self.device.type == "cuda" else torch.float32)
         self.model = load_model(model, dtype=self.dtype, device=self.device, backend=self.backend, progress=progress,
                                 cfg=cfg)
+        if weight_dtype is not None:
+            self.model.quantize_weights(weight_dtype)
         self.config = cfg
         self.tokenizer = load_tokenizer(model)
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)

@@ -5,6 +5,8 @@ imported on first use, so the torch backend never needs a working Triton."""
 import torch
 
 from . import quant, reference
+from .moe import moe_experts
+from .quant_linear import QuantWeight, quant_linear, quantize_weight
 
 BACKENDS = ("torch", "triton")
 

@@ -2,12 +2,11 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 
 from .config import ModelConfig
-from .layers import rms_norm
+from .layers import linear, quantize, rms_norm
 from .rope import RotaryEmbedding
 
 
@@ -62,12 +61,13 @@ class MLAttention:
         cfg = self.cfg
         T, H = x.shape[0], cfg.num_attention_heads
         if cfg.q_lora_rank:
-            q = F.linear(rms_norm(F.linear(x, self.q_a_proj), self.q_a_layernorm, cfg.rms_norm_eps), self.q_b_proj)
+            q_a = rms_norm(linear(x, self.q_a_proj, self.backend), self.q_a_layernorm, cfg.rms_norm_eps)
+            q = linear(q_a, self.q_b_proj, self.backend)
         else:
-            q = F.linear(x, self.q_proj)
+            q = linear(x, self.q_proj, self.backend)
         q = q.view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)  # [T, H, 128], [T, H, 64]
-        c_kv, k_pe = F.linear(x, self.kv_a_proj_with_mqa).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = linear(x, self.kv_a_proj_with_mqa, self.backend).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         c_kv = rms_norm(c_kv, self.kv_a_layernorm, cfg.rms_norm_eps)  # [T, 512]
         q_pe = self.rope(q_pe, meta.positions)
         k_pe = self.rope(k_pe, meta.positions)  # [T, 64]: one RoPE key shared by all heads
@@ -90,4 +90,10 @@ class MLAttention:
                 out = o
             else:
                 out[idx] = o
-        return F.linear(out.reshape(T, -1), self.o_proj)
+        return linear(out.reshape(T, -1), self.o_proj, self.backend)
+
+    def quantize_weights(self, mode: str):
+        """Weight-only quantization of the projections; kv_b_proj stays in the model dtype (both paths read it)."""
+        names = ["q_a_proj", "q_b_proj"] if self.cfg.q_lora_rank else ["q_proj"]
+        for name in names + ["kv_a_proj_with_mqa", "o_proj"]:
+            setattr(self, name, quantize(getattr(self, name), mode))

@@ -4,14 +4,15 @@ import torch.nn.functional as F
 
 from .attention import AttnMetadata, MLAttention
 from .config import ModelConfig
-from .layers import rms_norm, silu_mlp
+from .layers import linear, quantize, rms_norm, silu_mlp
 from .moe import MoE
 from .rope import RotaryEmbedding
 
 
 class DenseMLP:
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, backend: str = "torch"):
         I = cfg.intermediate_size
+        self.backend = backend
         self.w13 = torch.empty(2 * I, cfg.hidden_size, dtype=dtype, device=device)
         self.w2 = torch.empty(cfg.hidden_size, I, dtype=dtype, device=device)
 
@@ -19,8 +20,11 @@ class DenseMLP:
         I = self.w2.shape[1]
         return {"gate_proj.weight": self.w13[:I], "up_proj.weight": self.w13[I:], "down_proj.weight": self.w2}
 
+    def quantize_weights(self, mode: str):
+        self.w13, self.w2 = quantize(self.w13, mode), quantize(self.w2, mode)
+
     def __call__(self, x):
-        return silu_mlp(x, self.w13, self.w2)
+        return silu_mlp(x, self.w13, self.w2, self.backend)
 
 
 class DecoderLayer:
@@ -29,7 +33,7 @@ class DecoderLayer:
         self.input_layernorm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
         self.post_attention_layernorm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
         self.self_attn = MLAttention(cfg, rope, dtype, device, backend)
-        self.mlp = MoE(cfg, dtype, device) if cfg.is_moe_layer(i) else DenseMLP(cfg, dtype, device)
+        self.mlp = (MoE if cfg.is_moe_layer(i) else DenseMLP)(cfg, dtype, device, backend)
 
     def weights(self):
         w = {"input_layernorm.weight": self.input_layernorm, "post_attention_layernorm.weight": self.post_attention_layernorm}
@@ -46,7 +50,7 @@ class DeepseekModel:
     """Holds the weights (filled by models.loader) and runs one packed forward pass over T tokens."""
 
     def __init__(self, cfg: ModelConfig, dtype=torch.float32, device="cpu", backend="torch"):
-        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.cfg, self.dtype, self.device, self.backend = cfg, dtype, torch.device(device), backend
         rope = RotaryEmbedding(cfg, device)
         self.embed_tokens = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = [DecoderLayer(cfg, i, rope, dtype, device, backend) for i in range(cfg.num_hidden_layers)]
@@ -66,6 +70,14 @@ class DeepseekModel:
         for layer in self.layers:
             layer.self_attn.split_kv_b()
 
+    def quantize_weights(self, mode: str):
+        """Weight-only int8 / int4 for every linear and expert, and the LM head; embeddings, norms, the router
+        and kv_b_proj (W_UK, W_UV) stay in the model dtype."""
+        for layer in self.layers:
+            layer.self_attn.quantize_weights(mode)
+            layer.mlp.quantize_weights(mode)
+        self.lm_head = quantize(self.lm_head, mode)
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, D] (after the last norm)."""
@@ -76,4 +88,4 @@ class DeepseekModel:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head, self.backend).float()

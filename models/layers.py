@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 and cast back before the weight, exactly as DeepSeek's RMSNorm does.
@@ -10,7 +12,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def silu_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w, backend: str = "torch") -> torch.Tensor:
+    """x @ w.T for a float weight, or a weight-only quantized one (kernels.QuantWeight)."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else kernels.quant_linear(x, w, backend=backend)
+
+
+def quantize(w, mode: str | None):
+    return w if mode is None else kernels.quantize_weight(w, mode)
+
+
+def silu_mlp(x: torch.Tensor, w13, w2, backend: str = "torch") -> torch.Tensor:
     """SwiGLU with gate and up fused into one [2I, D] weight (one GEMM instead of two)."""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    gate, up = linear(x, w13, backend).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w2, backend)

@@ -2,15 +2,17 @@
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 from .config import ModelConfig
-from .layers import silu_mlp
+from .layers import quantize, silu_mlp
 
 
 class MoE:
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, backend: str = "torch"):
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         e = dict(dtype=dtype, device=device)
-        self.cfg = cfg
+        self.cfg, self.backend = cfg, backend
         self.gate = torch.empty(E, D, **e)
         self.e_score_correction_bias = torch.zeros(E, dtype=torch.float32, device=device)
         self.w13 = torch.empty(E, 2 * I, D, **e)  # per expert [gate_proj; up_proj]
@@ -58,25 +60,16 @@ class MoE:
             weights = weights * cfg.routed_scaling_factor
         return ids, weights
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        T, k = x.shape[0], self.cfg.num_experts_per_tok
-        ids, weights = self.route(x)
-        # Group the (token, expert) pairs by expert: one GEMM pair per expert that has tokens, no loop over tokens.
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.cfg.n_routed_experts).tolist()
-        xs = x[token]  # [T * k, D], sorted by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start:start + n] = silu_mlp(xs[start:start + n], self.w13[e], self.w2[e])
-                start += n
-        # Undo the sort (each token owns exactly k rows) and take the router-weighted sum per token.
-        unsorted = torch.empty_like(ys)
-        unsorted[order] = ys
-        out = torch.bmm(weights.to(ys.dtype).unsqueeze(1), unsorted.view(T, k, -1)).squeeze(1)  # [T, D]
+    def quantize_weights(self, mode: str):
+        """Per-expert quantized weights (lists); the router stays in float."""
+        self.w13 = [quantize(w, mode) for w in self.w13]
+        self.w2 = [quantize(w, mode) for w in self.w2]
         if self.shared_w13 is not None:
-            out = out + silu_mlp(x, self.shared_w13, self.shared_w2)
+            self.shared_w13, self.shared_w2 = quantize(self.shared_w13, mode), quantize(self.shared_w2, mode)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(x)
+        out = kernels.moe_experts(x, ids, weights, self.w13, self.w2, backend=self.backend)
+        if self.shared_w13 is not None:
+            out = out + silu_mlp(x, self.shared_w13, self.shared_w2, self.backend)
         return out

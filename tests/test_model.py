@@ -132,3 +132,24 @@ def test_expanded_path_bounded_chunks_match(engines, hf_models, monkeypatch):
     want = hf_logits(hf_models["v2_lite"], ids)
     for mode in ("expanded", "absorbed"):
         assert (engines("v2_lite", mode).prompt_logits(ids) - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("mode,max_diff,max_nll_diff", [("int8", 0.1, 0.01), ("int4", 1.5, 0.1)])
+def test_weight_only_quantization_stays_close(engines, checkpoints, mode, max_diff, max_nll_diff):
+    """int8 / int4 weights: prompt logprobs close to the float32 model's, decode (packed CPU kernels) and prefill."""
+    ids = prompt(30, seed=7)
+    ref = torch.log_softmax(engines("v2_lite", "auto").prompt_logits(ids), -1)
+    q = LLM(checkpoints["v2_lite"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.05,
+            weight_dtype=mode)
+    import kernels
+    assert isinstance(q.model.lm_head, kernels.QuantWeight) and isinstance(q.model.layers[1].mlp.w13[0], kernels.QuantWeight)
+    got = torch.log_softmax(q.prompt_logits(ids), -1)
+    assert (got - ref).abs().max().item() < max_diff
+    # per-token NLL of the prompt: the quantity perplexity reports
+    nll = lambda lp: -lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
+    assert abs(nll(got) - nll(ref)) < max_nll_diff
+    out = q.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=5, temperature=0, ignore_eos=True,
+                                                                               logprobs=0))[0]
+    full = torch.log_softmax(engines("v2_lite", "auto").prompt_logits(ids + out.token_ids), -1)
+    for j, tok in enumerate(out.token_ids):  # decode steps (M = 1) through the packed kernels
+        assert abs(out.logprobs[j][tok] - full[len(ids) - 1 + j, tok].item()) < max_diff
