@@ -6,7 +6,7 @@ import torch
 
 from . import quant, reference
 from .moe import moe_experts
-from .quant_linear import QuantWeight, quant_linear, quantize_weight
+from .weight_quant import QuantWeight, quant_linear, quantize_weight
 
 BACKENDS = ("torch", "triton")
 

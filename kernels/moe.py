@@ -12,7 +12,7 @@ The router and the shared experts stay in the model."""
 import torch
 import torch.nn.functional as F
 
-from .quant_linear import QuantWeight, quant_linear
+from .weight_quant import QuantWeight, quant_linear
 
 BACKENDS = ("torch", "triton")
 

@@ -1,4 +1,4 @@
-"""Weight-only quantized linear (kernels/quant_linear.py): quantize/dequantize round trip, the Triton GEMM (split-K
+"""Weight-only quantized linear (kernels/weight_quant.py): quantize/dequantize round trip, the Triton GEMM (split-K
 forced off and on) and the CPU decode path against the dequantized reference, at awkward sizes (N, K no multiple of
 a tile, K no multiple of the int4 group). On a CPU the Triton kernel runs in the interpreter in float32/float16;
 bf16 and model-sized layers run on a GPU (marked gpu). Outputs and workspaces are poisoned with NaN first."""
@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
-from kernels import quant_linear as ql  # noqa: E402
+from kernels import weight_quant as ql  # noqa: E402
 from kernels import triton_quant_linear as tql  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
