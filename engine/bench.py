@@ -158,35 +158,48 @@ def measure(fn, reps: int) -> tuple[float, float]:
 
 
 def tune(llm: LLM, depths: list[int], q_lens: list[int], reps: int = 3, progress: bool = True) -> list[dict]:
-    """Time one forward pass of q new tokens over a cached prefix of `depth`, absorbed vs expanded."""
-    runner, rows = llm.runner, []
-    saved = runner.attn_mode
-    bar = tqdm(total=len(depths) * len(q_lens) * 2, desc="tune", disable=not progress, file=sys.stderr, leave=False)
+    """Time one layer's attention for q new tokens over a cached prefix of `depth`, absorbed (q_nope through W_UK,
+    latent attention, W_UV) against expanded (kv_b_proj over the cache, then attention). The rest of the layer is
+    the same on both paths, so only attention is timed: the difference is what the threshold decides."""
+    import kernels
+    attn, cfg, dev = llm.model.layers[0].self_attn, llm.config, llm.device
+    H, bs = cfg.num_attention_heads, llm.blocks.block_size
+    g = torch.Generator(device=dev).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=dev, dtype=llm.dtype)
+    rows = []
+    bar = tqdm(total=len(depths) * len(q_lens), desc="tune", disable=not progress, file=sys.stderr, leave=False)
     for depth in depths:
-        seq = llm.add_request(_tokens(depth + max(q_lens), llm.config.vocab_size, depth), SamplingParams(max_tokens=1))
-        llm.scheduler.waiting.remove(seq)
-        llm.blocks.allocate(seq.seq_id, seq.max_len)
-        if depth:
-            runner.attn_mode = "expanded"
-            runner.forward([(seq, depth)])
         for q in q_lens:
-            row = {"depth": depth, "q": q}
-            for mode in ("absorbed", "expanded"):
-                runner.attn_mode = mode
-                seq.num_cached_tokens = depth
+            L = depth + q
+            if -(-L // bs) > llm.cache.num_blocks:
+                raise ValueError(f"depth {depth} + {q} tokens do not fit in the KV cache; raise --kv-cache-gib")
+            kv_cache = llm.cache.layers[0]
+            kernels.write_latent(kv_cache, torch.arange(L, device=dev), rand(L, cfg.kv_lora_rank),
+                                 rand(L, cfg.qk_rope_head_dim), backend=llm.backend)
+            meta = dict(kv_cache=kv_cache, block_tables=torch.arange(-(-L // bs), dtype=torch.int32, device=dev)[None],
+                        cu_seqlens_q=torch.tensor([0, q], dtype=torch.int32, device=dev),
+                        seq_lens=torch.tensor([L], dtype=torch.int32, device=dev))
+            q_nope, q_pe = rand(q, H, cfg.qk_nope_head_dim), rand(q, H, cfg.qk_rope_head_dim)
 
+            def absorbed():
+                q_lat = torch.einsum("thd,hdr->thr", q_nope, attn.w_uk)
+                o = kernels.mla_decode(q_lat, q_pe, softmax_scale=attn.softmax_scale, backend=llm.backend, **meta)
+                return torch.einsum("thr,hvr->thv", o, attn.w_uv)
+
+            def expanded():
+                return kernels.mla_prefill(q_nope, q_pe, w_kv_b=attn.kv_b_proj, softmax_scale=attn.softmax_scale,
+                                           backend=llm.backend, **meta)
+            row = {"depth": depth, "q": q}
+            for name, fn in (("absorbed", absorbed), ("expanded", expanded)):
                 def once():
-                    _sync(llm.device)
+                    _sync(dev)
                     t = time.perf_counter()
-                    runner.forward([(seq, q)])
-                    _sync(llm.device)
+                    fn()
+                    _sync(dev)
                     return time.perf_counter() - t
-                row[mode] = statistics.median([once() for _ in range(reps + 1)][1:])
-                bar.update()
+                row[name] = statistics.median([once() for _ in range(reps + 1)][1:])
             rows.append(row)
-        seq.num_cached_tokens = 0
-        llm.blocks.free(seq.seq_id)
-    runner.attn_mode = saved
+            bar.update()
     bar.close()
     return rows
 

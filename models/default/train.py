@@ -17,7 +17,7 @@ tokenizer.json, tokenizer_config.json, TRAINING.md and training.json into
 
 Usage::
 
-    python models/default/train.py                      # default run (~35 min, 1 thread)
+    python models/default/train.py                      # default run (550 steps, ~18 min, 1 thread)
     python models/default/train.py --steps 20 --out /tmp/smoke
     python models/default/train.py --minutes 10 --out /tmp/m10   # picks --steps from a timing probe
 """
@@ -344,7 +344,7 @@ def fmt_int(n: int) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: this script's folder)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1100, or from --minutes)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 550, or from --minutes)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="pick --steps so that training takes about this long (timing probe)")
     ap.add_argument("--threads", type=int, default=1)
@@ -358,7 +358,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--heldout-percent", type=float, default=2.0)
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--eval-every", type=int, default=100,
+    ap.add_argument("--eval-every", type=int, default=50,
                     help="log the held-out loss every N steps (0: only at the end); not counted in train wall time")
     ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="auto: bfloat16 when float32 weights would exceed 20 MB")
@@ -424,7 +424,7 @@ def main():
         log(f"timing probe: {per_step:.3f} s/step -> {steps} steps for {args.minutes} min")
         set_seed(args.seed)
     if steps is None:
-        steps = 1100
+        steps = 550
     warmup = max(1, int(args.warmup * steps))
 
     # ---- training
@@ -664,6 +664,16 @@ saved as a single `model.safetensors` in {save_dtype} ({weight_bytes / 1e6:.1f} 
 | final training loss (mean of last {len(recent)} steps) | {train_loss_last:.4f} |
 | held-out loss (saved {save_dtype} weights evaluated in float32, {heldout_tokens:,} predicted tokens) | {heldout_loss:.4f} |
 | held-out perplexity = exp(loss) | {math.exp(heldout_loss):.2f} |
+
+Held-out loss during training (float32 weights, before saving):
+
+| step | held-out loss | train loss (EMA) |
+|---:|---:|---:|
+""" + "".join(f"| {r['step']} | {r['heldout_loss']:.4f} | {r['train_loss_ema']:.4f} |\n" for r in curve) + f"""| {steps} (saved, {save_dtype}) | {heldout_loss:.4f} | {train_loss_last:.4f} (mean of last {len(recent)} steps) |
+
+Why {steps} steps: the corpus is small ({train_stream.numel():,} tokens), so the run is limited by data, not by time.
+A 1100-step run (35 min, about 9.7 epochs) reached its best held-out loss, about 4.09, near step 600-700,
+then overfitted: it ended at train loss 1.77 and held-out loss 4.39 (perplexity 80).
 
 Greedy continuations (40 new tokens, saved weights):
 
