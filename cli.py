@@ -104,6 +104,7 @@ def build_parser():
     t.add_argument("-q", "--q-lens", type=_int_list(1), default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
     t.add_argument("-d", "--depth", type=_int_list(0), default=[0, 1024, 4096])
     t.add_argument("-r", "--repetitions", type=_int_at_least(1), default=3)
+    t.add_argument("--no-save", action="store_true", help="print the crossover without saving it")
     x = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
     add_engine_args(x)
     x.add_argument("--file", "-f", required=True, help="UTF-8 text file")
@@ -292,7 +293,11 @@ def cmd_tune(args):
     for r in rows:
         print(f"| {r['depth']} | {r['q']} | {r['absorbed'] * 1e3:.2f} | {r['expanded'] * 1e3:.2f} | "
               f"{r['expanded'] / r['absorbed']:.2f} |")
-    print(f"crossover: expanded from {bench.crossover(rows)} query tokens on {llm.device.type}")
+    threshold = bench.crossover(rows)
+    print(f"crossover: expanded from {threshold} query tokens on {llm.device.type}")
+    if not args.no_save:
+        from engine.llm import save_tuned_threshold
+        print(f"saved to {save_tuned_threshold(llm.device, threshold)}: mla_threshold auto uses it on this device kind")
 
 
 def cmd_perplexity(args):

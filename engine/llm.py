@@ -1,4 +1,5 @@
 """The public API: LLM(...).generate(...), in the convention vLLM users know."""
+import json
 import os
 from collections.abc import Iterator
 
@@ -20,9 +21,39 @@ ATTN_MODES = ("auto", "absorbed", "expanded")
 WEIGHT_DTYPES = ("int8", "int4")  # weight-only quantization at load
 BACKENDS = ("auto", "triton", "torch")
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Query tokens per sequence from which the expanded path serves a forward pass, per device kind.
-# cpu: measured with `python -m bench.crossover` (README); cuda: vLLM's FlashMLA crossover until measured.
-MLA_THRESHOLD = {"cpu": 16, "cuda": 128}
+# Query tokens per sequence from which the expanded path serves a forward pass, per device kind, unless `mla tune`
+# measured this device (TUNED_FILE). cpu: measured by `mla tune` (bench/results/tune-cpu.md); cuda: vLLM's
+# FlashMLA crossover until measured on a GPU.
+MLA_THRESHOLD = {"cpu": 256, "cuda": 128}
+TUNED_FILE = os.environ.get("MLA_ENGINE_TUNED", os.path.join(os.path.expanduser("~"), ".cache", "mla-engine",
+                                                              "mla_threshold.json"))
+
+
+def device_kind(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def tuned_threshold(device: torch.device) -> int | None:
+    try:
+        with open(TUNED_FILE) as f:
+            value = json.load(f).get(device_kind(device))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def save_tuned_threshold(device: torch.device, threshold: int) -> str:
+    try:
+        with open(TUNED_FILE) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    table = table if isinstance(table, dict) else {}
+    table[device_kind(device)] = threshold
+    os.makedirs(os.path.dirname(TUNED_FILE) or ".", exist_ok=True)
+    with open(TUNED_FILE, "w") as f:
+        json.dump(table, f, indent=1)
+    return TUNED_FILE
 DEFAULT_CACHE_GIB = {"cpu": 4.0}
 
 
@@ -97,7 +128,7 @@ class LLM:
                                              cfg.num_hidden_layers, block_size, width, cache_dtype, self.device)
         self.blocks = BlockManager(self.cache.num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        threshold = mla_threshold or MLA_THRESHOLD.get(self.device.type, 128)
+        threshold = mla_threshold or tuned_threshold(self.device) or MLA_THRESHOLD.get(self.device.type, 128)
         self.runner = ModelRunner(self.model, self.cache, self.blocks, self.attn_mode, threshold)
         self.generators: dict[int, torch.Generator] = {}
         self._seeds = torch.Generator().manual_seed(seed)

@@ -57,10 +57,18 @@ def test_bench_markdown_and_csv(capsys, tiny_config):
     assert out.out.splitlines()[0].startswith("model,params,device")
 
 
-def test_tune_reports_a_crossover(capsys, tiny_config):
+def test_tune_reports_and_saves_the_crossover(capsys, tiny_config, checkpoints, tmp_path, monkeypatch):
+    import engine.llm
+    monkeypatch.setattr(engine.llm, "TUNED_FILE", str(tmp_path / "tuned.json"))
     code, out = main(capsys, "tune", "--config", tiny_config, "-q", "1,4,32", "-d", "0,20", "-r", "1")
     assert code == 0, out.err
     assert out.out.count("\n| ") >= 6 and "crossover: expanded from" in out.out
+    saved = json.loads((tmp_path / "tuned.json").read_text())["cpu"]
+    assert f"expanded from {saved} query tokens" in out.out
+    llm = engine.llm.LLM(checkpoints["v2_qlora"], device="cpu", progress=False, kv_cache_memory_gib=0.01)
+    assert llm.runner.mla_threshold == saved  # auto picks the measured value up
+    assert engine.llm.LLM(checkpoints["v2_qlora"], device="cpu", progress=False, kv_cache_memory_gib=0.01,
+                          mla_threshold=7).runner.mla_threshold == 7
 
 
 @pytest.mark.parametrize("argv,needle", [
