@@ -236,7 +236,9 @@ def cmd_bench(args):
                     (f" ({cfg.num_hidden_layers}L, {cfg.n_routed_experts or 0}E)" if args.config else ""),
                     params=bench.fmt_params(bench.param_count(cfg)),
                     device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
-                    dtype=str(llm.dtype).removeprefix("torch."), cache=str(llm.cache.dtype).removeprefix("torch."),
+                    dtype=str(llm.dtype).removeprefix("torch."), weights=args.weight_dtype or "-",
+                    cache=args.kv_cache_dtype if args.kv_cache_dtype in ("int8", "fp8") else
+                    str(llm.cache.dtype).removeprefix("torch."),
                     mode=llm.attn_mode)
         rows = []
         for kind, n, d, b in bench.tqdm(tests, desc="bench", file=sys.stderr, leave=False):
@@ -259,13 +261,13 @@ def cmd_bench(args):
         for r in rows:
             print(",".join(str(r[k]) for k in keys))
     else:
-        head = ["model", "params", "device", "dtype", "cache", "mode", "test", "t/s"]
+        head = ["model", "params", "device", "dtype", "weights", "cache", "mode", "test", "t/s"]
         if base:
             head += ["transformers t/s", "ratio"]
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for r in rows:
-            cells = [r[k] for k in ("model", "params", "device", "dtype", "cache", "mode", "test")]
+            cells = [r[k] for k in ("model", "params", "device", "dtype", "weights", "cache", "mode", "test")]
             cells.append(f"{r['tps']:.2f} ± {r['tps_std']:.2f}")
             if base:
                 cells += [f"{bench.nan_safe(r['baseline_tps'])} ± {bench.nan_safe(r['baseline_std'])}",
@@ -311,8 +313,10 @@ def cmd_perplexity(args):
         raise ValueError(f"--file {args.file}: the file is empty")
     llm = make_llm(args)
     r = perplexity(llm, llm.encode(text), args.ctx)
+    cache = args.kv_cache_dtype if args.kv_cache_dtype in ("int8", "fp8") else str(llm.cache.dtype).removeprefix("torch.")
     print(f"PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.4f} ({r['tokens']} tokens scored in {r['chunks']} chunks "
-          f"of {args.ctx}, kv cache {str(llm.cache.dtype).removeprefix('torch.')})")
+          f"of {args.ctx}, {str(llm.dtype).removeprefix('torch.')} activations, {args.weight_dtype or 'float'} weights, "
+          f"{cache} KV cache)")
 
 
 def main(argv=None):
