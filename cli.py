@@ -37,14 +37,33 @@ def _float_at_least(lo):
     return parse
 
 
-def add_engine_args(p):
+ATTN_MODES = ["auto", "absorbed", "expanded"]
+CACHE_DTYPES = ["auto", "bfloat16", "float16", "float32", "int8", "fp8"]
+
+
+def _choice_list(allowed):
+    def parse(s):
+        values = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"invalid choice {(bad or [s])[0]!r} (choose from {', '.join(allowed)})")
+        return values
+    return parse
+
+
+def add_engine_args(p, lists=False):
+    """lists: --attn-mode and --kv-cache-dtype take comma-separated lists (bench compares them in one run)."""
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder (default: the embedded model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--attn-mode", default="auto", choices=["auto", "absorbed", "expanded"])
+    if lists:
+        p.add_argument("--attn-mode", type=_choice_list(ATTN_MODES), default=["auto"], help="e.g. absorbed,expanded,auto")
+        p.add_argument("--kv-cache-dtype", type=_choice_list(CACHE_DTYPES), default=["auto"], help="e.g. auto,int8,fp8")
+    else:
+        p.add_argument("--attn-mode", default="auto", choices=ATTN_MODES)
+        p.add_argument("--kv-cache-dtype", default="auto", choices=CACHE_DTYPES)
     p.add_argument("--mla-threshold", type=_int_at_least(1), default=None,
                    help="query tokens from which auto uses the expanded path")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "int8", "fp8"])
     p.add_argument("--kv-cache-gib", type=_float_at_least(1e-6), default=None, help="KV cache memory budget in GiB")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--weight-dtype", default=None, choices=["int8", "int4"],
@@ -73,7 +92,7 @@ def build_parser():
     add_sampling_args(c)
     c.add_argument("--system", default=None, help="system prompt")
     b = sub.add_parser("bench", help="prompt-processing and generation throughput, llama-bench style")
-    add_engine_args(b)
+    add_engine_args(b, lists=True)
     b.add_argument("--config", default=None, help="a published config.json: random weights of the real shapes")
     b.add_argument("--layers", type=_int_at_least(1), default=None, help="keep only the first N layers (--config)")
     b.add_argument("--experts", type=_int_at_least(1), default=None, help="keep only N routed experts (--config)")
@@ -202,6 +221,7 @@ def _bench_model(args, tmp):
 
 
 def cmd_bench(args):
+    import copy
     import json
     import tempfile
 
@@ -216,43 +236,55 @@ def cmd_bench(args):
         return
     import torch
     from engine import bench
+    combos = [(m, c) for m in args.attn_mode for c in args.kv_cache_dtype]
+    if args.serve and len(combos) > 1:
+        raise ValueError("--serve takes one --attn-mode and one --kv-cache-dtype")
+    tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
+    tests += [("tg", n, d, b) for n in args.n_gen if n for d in args.depth for b in args.batch]
+    rows, baseline = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         args.model = _bench_model(args, tmp)
-        llm = make_llm(args)
-        if args.serve:
-            r = bench.serve(llm, args.serve, _range(args.prompt_lens, "--prompt-lens"), _range(args.gen_lens, "--gen-lens"))
-            print(json.dumps(r, indent=1) if args.output == "json" else
-                  f"{r['requests']} requests, {r['prompt_tokens']} prompt + {r['output_tokens']} output tokens in "
-                  f"{r['wall_s']:.2f} s: {r['total_tps']:.1f} tok/s total, {r['output_tps']:.1f} output tok/s; "
-                  f"TTFT p50/p90/p99 {r['ttft_p50_s']:.2f}/{r['ttft_p90_s']:.2f}/{r['ttft_p99_s']:.2f} s; "
-                  f"latency p50/p90/p99 {r['e2e_p50_s']:.2f}/{r['e2e_p90_s']:.2f}/{r['e2e_p99_s']:.2f} s")
-            return
-        ours = bench.EngineRunner(llm)
-        base = bench.TransformersRunner(args.model, llm.device, llm.dtype) if args.baseline == "transformers" else None
-        tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
-        tests += [("tg", n, d, b) for n in args.n_gen if n for d in args.depth for b in args.batch]
-        cfg = llm.config
-        info = dict(model=os.path.basename(os.path.normpath(args.config or args.model)) +
-                    (f" ({cfg.num_hidden_layers}L, {cfg.n_routed_experts or 0}E)" if args.config else ""),
-                    params=bench.fmt_params(bench.param_count(cfg)),
-                    device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
-                    dtype=str(llm.dtype).removeprefix("torch."), weights=args.weight_dtype or "-",
-                    cache=args.kv_cache_dtype if args.kv_cache_dtype in ("int8", "fp8") else
-                    str(llm.cache.dtype).removeprefix("torch."),
-                    mode=llm.attn_mode)
-        rows = []
-        for kind, n, d, b in bench.tqdm(tests, desc="bench", file=sys.stderr, leave=False):
-            name = f"{kind}{n}" + (f" @ d{d}" if d else "") + (f" x{b}" if b > 1 else "")
-            if kind == "pp":
-                mean, std = bench.measure(lambda: ours.pp(n, d, seed=len(rows)), args.repetitions)
-                ref = bench.measure(lambda: base.pp(n, d, seed=len(rows)), args.repetitions) if base else None
-            else:
-                mean, std = bench.measure(lambda: ours.tg(n, d, b, seed=len(rows)), args.repetitions)
-                ref = bench.measure(lambda: base.tg(n, d, b, seed=len(rows)), args.repetitions) if base else None
-            row = dict(info, test=name, tps=mean, tps_std=std)
-            if ref:
-                row.update(baseline_tps=ref[0], baseline_std=ref[1], ratio=mean / ref[0] if ref[0] == ref[0] else float("nan"))
-            rows.append(row)
+        base = None
+        bar = bench.tqdm(total=len(tests) * len(combos), desc="bench", file=sys.stderr, leave=False)
+        for mode, cache in combos:
+            one = copy.copy(args)
+            one.attn_mode, one.kv_cache_dtype = mode, cache
+            llm = make_llm(one)
+            if args.serve:
+                r = bench.serve(llm, args.serve, _range(args.prompt_lens, "--prompt-lens"),
+                                _range(args.gen_lens, "--gen-lens"))
+                print(json.dumps(r, indent=1) if args.output == "json" else
+                      f"{r['requests']} requests, {r['prompt_tokens']} prompt + {r['output_tokens']} output tokens in "
+                      f"{r['wall_s']:.2f} s: {r['total_tps']:.1f} tok/s total, {r['output_tps']:.1f} output tok/s; "
+                      f"TTFT p50/p90/p99 {r['ttft_p50_s']:.2f}/{r['ttft_p90_s']:.2f}/{r['ttft_p99_s']:.2f} s; "
+                      f"latency p50/p90/p99 {r['e2e_p50_s']:.2f}/{r['e2e_p90_s']:.2f}/{r['e2e_p99_s']:.2f} s")
+                return
+            if args.baseline == "transformers" and base is None:
+                base = bench.TransformersRunner(args.model, llm.device, llm.dtype)
+            ours, cfg = bench.EngineRunner(llm), llm.config
+            info = dict(model=os.path.basename(os.path.normpath(args.config or args.model)) +
+                        (f" ({cfg.num_hidden_layers}L, {cfg.n_routed_experts or 0}E)" if args.config else ""),
+                        params=bench.fmt_params(bench.param_count(cfg)),
+                        device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
+                        dtype=str(llm.dtype).removeprefix("torch."), weights=args.weight_dtype or "-",
+                        cache=cache if cache in ("int8", "fp8") else str(llm.cache.dtype).removeprefix("torch."),
+                        mode=mode)
+            for kind, n, d, b in tests:
+                name = f"{kind}{n}" + (f" @ d{d}" if d else "") + (f" x{b}" if b > 1 else "")
+                seed = len(rows)
+                run = (lambda r: lambda: r.pp(n, d, seed=seed)) if kind == "pp" else (lambda r: lambda: r.tg(n, d, b, seed=seed))
+                mean, std = bench.measure(run(ours), args.repetitions)
+                row = dict(info, test=name, tps=mean, tps_std=std)
+                if base is not None:  # transformers does not depend on our mode or cache: measured once per test
+                    if name not in baseline:
+                        baseline[name] = bench.measure(run(base), args.repetitions)
+                    ref = baseline[name]
+                    row.update(baseline_tps=ref[0], baseline_std=ref[1],
+                               ratio=mean / ref[0] if ref[0] == ref[0] else float("nan"))
+                rows.append(row)
+                bar.update()
+            del llm, ours
+        bar.close()
     if args.output == "json":
         print(json.dumps(rows, indent=1))
     elif args.output == "csv":
@@ -262,14 +294,14 @@ def cmd_bench(args):
             print(",".join(str(r[k]) for k in keys))
     else:
         head = ["model", "params", "device", "dtype", "weights", "cache", "mode", "test", "t/s"]
-        if base:
+        if base is not None:
             head += ["transformers t/s", "ratio"]
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for r in rows:
             cells = [r[k] for k in ("model", "params", "device", "dtype", "weights", "cache", "mode", "test")]
             cells.append(f"{r['tps']:.2f} ± {r['tps_std']:.2f}")
-            if base:
+            if base is not None:
                 cells += [f"{bench.nan_safe(r['baseline_tps'])} ± {bench.nan_safe(r['baseline_std'])}",
                           bench.nan_safe(r["ratio"])]
             print("| " + " | ".join(cells) + " |")

@@ -152,9 +152,12 @@ def copy_bandwidth(device, timer: Timer, nbytes: int) -> dict:
 
 
 # ---- absorbed decode ------------------------------------------------------------------------------------------------
-def cache_formats(dtype, kv_cache_dtype: str = "auto") -> list[str]:
+def cache_formats(dtype, kv_cache_dtype="auto") -> list[str]:
     """The model dtype, int8 and fp8 ("auto"), or the one format asked for."""
-    return [_dtype_name(dtype), "int8", "fp8"] if kv_cache_dtype == "auto" else [kv_cache_dtype]
+    names = [kv_cache_dtype] if isinstance(kv_cache_dtype, str) else list(kv_cache_dtype)  # bench passes a list
+    if names == ["auto"]:
+        return [_dtype_name(dtype), "int8", "fp8"]
+    return [_dtype_name(dtype) if n == "auto" else n for n in names]
 
 
 def bytes_per_token(fmt: str, dtype) -> int:

@@ -148,3 +148,18 @@ def test_bench_serve_continuous_batching(capsys, checkpoints):
     assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["e2e_p99_s"] <= r["wall_s"]
     expect_error(capsys, ["bench", "--model", checkpoints["v2_qlora"], "--serve", "2", "--gen-lens", "9,2"],
                  "--gen-lens")
+
+
+def test_bench_compares_modes_and_cache_formats_in_one_run(capsys, tiny_config):
+    code, out = main(capsys, "bench", "--config", tiny_config, "-p", "12", "-n", "2", "-r", "1",
+                     "--attn-mode", "absorbed,expanded", "--kv-cache-dtype", "auto,int8", "--baseline", "transformers",
+                     "--output", "json")
+    assert code == 0, out.err
+    rows = json.loads(out.out)
+    assert [(r["mode"], r["cache"], r["test"]) for r in rows] == [
+        (m, c, t) for m in ("absorbed", "expanded") for c in ("float32", "int8") for t in ("pp12", "tg2")]
+    pp = [r for r in rows if r["test"] == "pp12"]
+    assert len({r["baseline_tps"] for r in pp}) == 1  # transformers measured once per test, shared by every row
+    assert all(r["ratio"] == pytest.approx(r["tps"] / r["baseline_tps"]) for r in rows)
+    expect_error(capsys, ["bench", "--attn-mode", "absorbed,sideways"], "--attn-mode", "sideways")
+    expect_error(capsys, ["bench", "--kv-cache-dtype", "int3"], "--kv-cache-dtype", "int3")
