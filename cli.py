@@ -13,28 +13,24 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _int_at_least(lo):
+def _at_least(lo, cast=int):
     def parse(s):
         try:
-            v = int(s)
+            v = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-        if v < lo:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if cast is int else 'a number'}") from None
+        if not v >= lo:  # also rejects nan
             raise argparse.ArgumentTypeError(f"{v} must be at least {lo}")
         return v
     return parse
+
+
+def _int_at_least(lo):
+    return _at_least(lo, int)
 
 
 def _float_at_least(lo):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if not v >= lo:
-            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}")
-        return v
-    return parse
+    return _at_least(lo, float)
 
 
 ATTN_MODES = ["auto", "absorbed", "expanded"]
