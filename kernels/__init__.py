@@ -84,4 +84,8 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
         return triton_prefill.mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b,
                                           softmax_scale, fmt=fmt)
     kv_cache, block_tables = _unpacked(kv_cache, block_tables, seq_lens, fmt, q_nope.dtype)
+    if q_nope.device.type == "cpu":  # torch's fused CPU flash attention, merged by log-sum-exp
+        from . import cpu_prefill
+        return cpu_prefill.mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b,
+                                       softmax_scale)
     return reference.mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale)

@@ -61,15 +61,21 @@ def test_mla_decode_reference(q_lens, prefix_lens):
         row += q
 
 
+@pytest.mark.parametrize("impl", ["reference", "cpu_prefill"])
 @pytest.mark.parametrize("q_lens,prefix_lens", CASES)
-def test_mla_prefill_reference(q_lens, prefix_lens, monkeypatch):
+def test_mla_prefill(q_lens, prefix_lens, impl, monkeypatch):
+    """The reference (online softmax over KV and query chunks) and the CPU path (fused flash attention per KV piece,
+    merged by log-sum-exp), both with chunks small enough that every case crosses several of them."""
+    import kernels.cpu_prefill as cpu
     import kernels.reference as ref
-    monkeypatch.setattr(ref, "KV_CHUNK", 5)  # several KV and query chunks even at these sizes
+    monkeypatch.setattr(ref, "KV_CHUNK", 5)
     monkeypatch.setattr(ref, "Q_CHUNK", 3)
+    monkeypatch.setattr(cpu, "KV_CHUNK", 4)
     batch, latents, T, g = make_batch(q_lens, prefix_lens, seed=1)
     q_nope, q_pe = torch.randn(T, H, DN, generator=g), torch.randn(T, H, DR, generator=g)
     w_kv_b = torch.randn(H * (DN + DV), R, generator=g) / R ** 0.5
-    out = kernels.mla_prefill(q_nope, q_pe, w_kv_b=w_kv_b, softmax_scale=0.2, **batch)
+    fn = ref.mla_prefill if impl == "reference" else cpu.mla_prefill
+    out = fn(q_nope, q_pe, w_kv_b=w_kv_b, softmax_scale=0.2, **batch)
     row = 0
     for q, lat in zip(q_lens, latents):
         L = lat.shape[0]
@@ -78,6 +84,17 @@ def test_mla_prefill_reference(q_lens, prefix_lens, monkeypatch):
                      [kv[..., :DN], lat[:, R:]], kv[..., DN:], 0.2, q, L)
         torch.testing.assert_close(out[row:row + q], want.transpose(0, 1), atol=1e-5, rtol=1e-5)
         row += q
+
+
+def test_cpu_dispatch_takes_the_fused_path(monkeypatch):
+    import kernels.cpu_prefill as cpu
+    calls = []
+    real = cpu.mla_prefill
+    monkeypatch.setattr(cpu, "mla_prefill", lambda *a: calls.append(1) or real(*a))
+    batch, _, T, g = make_batch([4], [3])
+    kernels.mla_prefill(torch.randn(T, H, DN), torch.randn(T, H, DR), w_kv_b=torch.randn(H * (DN + DV), R),
+                        softmax_scale=0.2, **batch)
+    assert calls == [1]
 
 
 def test_write_latent_scatters_by_slot():

@@ -124,7 +124,9 @@ def test_chunked_prefill_and_mixed_batches_match(engines, hf_models):
 
 def test_expanded_path_bounded_chunks_match(engines, hf_models, monkeypatch):
     """Force tiny KV and query chunks so the online-softmax merge across chunks is exercised."""
+    import kernels.cpu_prefill as cpu
     import kernels.reference as ref
+    monkeypatch.setattr(cpu, "KV_CHUNK", 7)
     monkeypatch.setattr(ref, "KV_CHUNK", 7)
     monkeypatch.setattr(ref, "Q_CHUNK", 5)
     monkeypatch.setattr(ref, "SCORE_ELEMENTS", 16 * 9)
