@@ -8,6 +8,7 @@ from . import quant, reference
 from .moe import moe_experts
 from .weight_quant import QuantWeight, quant_linear, quantize_weight
 
+__all__ = ["write_latent", "mla_decode", "mla_prefill", "moe_experts", "QuantWeight", "quant_linear", "quantize_weight"]
 BACKENDS = ("torch", "triton")
 
 

@@ -92,7 +92,6 @@ def test_bench_config_that_is_not_deepseek(capsys, tmp_path):
 
 
 def test_bench_model_too_large_for_memory(capsys, tmp_path):
-    import os
     from tests.tiny import v2_qlora
     _, cfg = v2_qlora()
     cfg.update(architectures=["DeepseekV2ForCausalLM"], vocab_size=4_000_000, hidden_size=4096)  # ~130 GB of embeddings

@@ -1,5 +1,4 @@
 """The paged latent cache: only 576 values per token per layer, block bookkeeping."""
-import json
 import os
 
 import pytest

@@ -1,5 +1,4 @@
 """Tiny DeepSeek checkpoints written by transformers at test time, and a tokenizer built with `tokenizers`."""
-import os
 
 import torch
 
