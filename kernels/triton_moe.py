@@ -128,7 +128,7 @@ def moe_experts(x, topk_ids, topk_weights, w13, w2, h=None, part=None):
     a long prompt is cut into chunks of tokens so that the workspaces stay under WORKSPACE_BYTES."""
     T, D = x.shape
     k = topk_ids.shape[1]
-    E, I = w13.shape[0], w13.shape[1] // 2
+    I = w13.shape[1] // 2
     P = T * k
     if P == 0:
         return x.new_zeros(T, D)
