@@ -155,3 +155,21 @@ def test_weight_only_quantization_stays_close(engines, checkpoints, mode, max_di
     full = torch.log_softmax(engines("v2_lite", "auto").prompt_logits(ids + out.token_ids), -1)
     for j, tok in enumerate(out.token_ids):  # decode steps (M = 1) through the packed kernels
         assert abs(out.logprobs[j][tok] - full[len(ids) - 1 + j, tok].item()) < max_diff
+
+
+def test_tied_embeddings_match_transformers(tmp_path):
+    """tie_word_embeddings: the checkpoint has no lm_head tensor and the embedding matrix serves as the head."""
+    from tests.tiny import hf_model, make_checkpoint, v2_qlora
+    path = str(tmp_path / "tied")
+    make_checkpoint(path, v2_qlora(tie_word_embeddings=True, num_hidden_layers=2), tokenizer=False)
+    import json
+    import os
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    names = json.load(open(index))["weight_map"] if os.path.exists(index) else safe_open(
+        os.path.join(path, "model.safetensors"), "pt").keys()
+    assert "lm_head.weight" not in names
+    ids = prompt(19, seed=8)
+    llm = LLM(path, device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
+    assert llm.model.lm_head is llm.model.embed_tokens
+    assert (llm.prompt_logits(ids) - hf_logits(hf_model(path), ids)).abs().max().item() < 1e-4
