@@ -102,3 +102,32 @@ def test_bad_sampling_params():
     for kw in ({"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -5}, {"logprobs": -1}):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
+
+
+def test_sentencepiece_only_tokenizer(tmp_path, capsys):
+    """A checkpoint whose tokenizer is a sentencepiece tokenizer.model (no tokenizer.json) loads through
+    AutoTokenizer and generates."""
+    import json
+
+    import sentencepiece as spm
+
+    import cli
+    from tests.tiny import make_checkpoint, v2_qlora
+    path = tmp_path / "sp"
+    make_checkpoint(str(path), v2_qlora(num_hidden_layers=2), tokenizer=False)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(["the function returns a list of values", "the name of the file is a string"] * 40))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "tokenizer"), vocab_size=60,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    (path / "tokenizer.vocab").unlink()
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                            "eos_token": "</s>", "unk_token": "<unk>"}))
+    assert not (path / "tokenizer.json").exists()
+    llm = LLM(str(path), device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
+    ids = llm.encode("the function returns")
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    assert [i for i in ids if i != sp.bos_id()] == sp.encode("the function returns")
+    out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=5, temperature=0,
+                                                                              ignore_eos=True))[0]
+    assert out.text.strip() == sp.decode([t for t in out.token_ids if t < sp.get_piece_size()]).strip()
+    assert cli.main(["generate", "--model", str(path), "--prompt", "the name", "-n", "4", "--ignore-eos"]) == 0
