@@ -19,6 +19,7 @@ from .sequence import RequestOutput, Sequence
 
 ATTN_MODES = ("auto", "absorbed", "expanded")
 WEIGHT_DTYPES = ("int8", "int4")  # weight-only quantization at load
+CPU_CACHE_GIB = 4.0  # default KV cache budget on the CPU; on CUDA, 85% of what is free after the weights
 BACKENDS = ("auto", "triton", "torch")
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Query tokens per sequence from which the expanded path serves a forward pass, per device kind, unless `mla tune`
@@ -54,7 +55,6 @@ def save_tuned_threshold(device: torch.device, threshold: int) -> str:
     with open(TUNED_FILE, "w") as f:
         json.dump(table, f, indent=1)
     return TUNED_FILE
-DEFAULT_CACHE_GIB = {"cpu": 4.0}
 
 
 def _choice(name, value, allowed):
@@ -77,8 +77,8 @@ def load_tokenizer(path: str):
 class LLM:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto", attn_mode: str = "auto",
                  kv_cache_dtype: str = "auto", backend: str = "auto", mla_threshold: int | None = None, *,
-                 weight_dtype: str | None = None, kv_cache_memory_gib: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
-                 block_size: int = 64, max_model_len: int | None = None, seed: int = 0, progress: bool = True):
+                 weight_dtype: str | None = None, kv_cache_memory_gib: float | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 4096, block_size: int = 64, max_model_len: int | None = None, seed: int = 0, progress: bool = True):
         self.attn_mode = _choice("attn_mode", attn_mode, ATTN_MODES)
         _choice("backend", backend, BACKENDS)
         _choice("dtype", dtype, tuple(DTYPES))
@@ -106,6 +106,8 @@ class LLM:
                                 cfg=cfg)
         if weight_dtype is not None:
             self.model.quantize_weights(weight_dtype)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the float weights' memory back before the cache is sized
         self.config = cfg
         self.tokenizer = load_tokenizer(model)
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
@@ -121,7 +123,7 @@ class LLM:
                 free, _ = torch.cuda.mem_get_info(self.device)
                 kv_cache_memory_gib = 0.85 * free / 2**30
             else:
-                kv_cache_memory_gib = DEFAULT_CACHE_GIB["cpu"]
+                kv_cache_memory_gib = CPU_CACHE_GIB
         if kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib={kv_cache_memory_gib}: must be positive")
         self.cache = LatentCache.from_budget(int(kv_cache_memory_gib * 2**30), max_num_seqs * self.max_model_len,
