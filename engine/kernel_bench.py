@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import kernels
 from kvcache.cache import packed_bytes_per_token
+from models.loader import available_memory
 
 # DeepSeek-V2-Lite attention shapes
 HEADS, KV_LORA_RANK, ROPE_DIM, NOPE_DIM, V_DIM, BLOCK_SIZE = 16, 512, 64, 128, 128, 64
@@ -42,11 +43,6 @@ def _dtype_name(dtype) -> str:
 def _is_oom(e: BaseException) -> bool:
     """CUDA raises OutOfMemoryError; the CPU allocator a plain RuntimeError."""
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
-
-
-def _available_memory(device: torch.device) -> int:
-    from models.loader import available_memory
-    return available_memory(device)
 
 
 class Timer:
@@ -140,7 +136,7 @@ def _cpu_name() -> str:
 
 # ---- copy bandwidth -------------------------------------------------------------------------------------------------
 def copy_bandwidth(device, timer: Timer, nbytes: int) -> dict:
-    nbytes = min(nbytes, int(_available_memory(device) * MEMORY_MARGIN) // 2)
+    nbytes = min(nbytes, int(available_memory(device) * MEMORY_MARGIN) // 2)
     nbytes -= nbytes % 4096
     if nbytes <= 0:
         raise ValueError(f"no memory left on {device} to measure the copy bandwidth")
@@ -198,7 +194,7 @@ def decode_row(batch: int, ctx: int, fmt: str, dtype, device, backend: str, time
     bpt = bytes_per_token(fmt, dtype)
     elt = dtype.itemsize
     row = dict(batch=batch, ctx=ctx, cache=fmt, bytes_per_token=bpt)
-    need, free = _decode_need(batch, ctx, fmt, dtype, backend), _available_memory(device)
+    need, free = _decode_need(batch, ctx, fmt, dtype, backend), available_memory(device)
     if need > free * MEMORY_MARGIN:
         return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
     g = torch.Generator(device=device).manual_seed(seed)
@@ -267,7 +263,7 @@ def _sdpa(q, k, v, backends):
 def prefill_row(S: int, dtype, device, backend: str, timer: Timer, seed: int = 0) -> dict:
     fl = prefill_flops(S)
     row = dict(tokens=S, flops=fl["total"], attn_flops=fl["attn"], expand_flops=fl["expand"])
-    need, free = _prefill_need(S, dtype, device), _available_memory(device)
+    need, free = _prefill_need(S, dtype, device), available_memory(device)
     if need > free * MEMORY_MARGIN:
         return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
     g = torch.Generator(device=device).manual_seed(seed)

@@ -78,7 +78,8 @@ class LLM:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto", attn_mode: str = "auto",
                  kv_cache_dtype: str = "auto", backend: str = "auto", mla_threshold: int | None = None, *,
                  weight_dtype: str | None = None, kv_cache_memory_gib: float | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 4096, block_size: int = 64, max_model_len: int | None = None, seed: int = 0, progress: bool = True):
+                 max_num_batched_tokens: int = 4096, block_size: int = 64, max_model_len: int | None = None,
+                 seed: int = 0, progress: bool = True):
         self.attn_mode = _choice("attn_mode", attn_mode, ATTN_MODES)
         _choice("backend", backend, BACKENDS)
         _choice("dtype", dtype, tuple(DTYPES))

@@ -7,7 +7,7 @@ fused kernel's own is_causal alignment, so no mask is ever built. Workspace: one
 import torch
 import torch.nn.functional as F
 
-from .reference import gather_latent
+from .reference import sequences
 
 KV_CHUNK = 4096  # cached tokens expanded at a time: K and V of [H, 4096, nope + rope] each
 
@@ -25,14 +25,9 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
     dv = w_kv_b.shape[0] // H - dn
     d = dn + dr  # the fused kernel wants one head size: V is zero-padded from dv to d
     out = q_nope.new_empty(T, H, dv)
-    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    for b, L in enumerate(lens):
-        q0, q1 = cu[b], cu[b + 1]
-        t = q1 - q0
-        if t == 0:
-            continue
-        lat = gather_latent(kv_cache, block_tables[b], L).to(q_nope.dtype)
-        start = L - t
+    for q0, q1, lat in sequences(kv_cache, block_tables, cu_seqlens_q, seq_lens, q_nope.dtype):
+        L = lat.shape[0]
+        start = L - (q1 - q0)
         q = torch.cat((q_nope[q0:q1], q_pe[q0:q1]), dim=-1).transpose(0, 1)  # [H, t, d]
         acc = lse = None
         cuts = sorted({0, start, L} | set(range(0, L, KV_CHUNK)))

@@ -34,6 +34,14 @@ def gather_latent(kv_cache, block_table, seq_len: int):
     return kv_cache[blocks].view(-1, kv_cache.shape[-1])[:seq_len]
 
 
+def sequences(kv_cache, block_tables, cu_seqlens_q, seq_lens, dtype):
+    """For each sequence that has queries: its query rows q0:q1 and its cached latent [L, width] in dtype."""
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for b, L in enumerate(lens):
+        if cu[b + 1] > cu[b]:
+            yield cu[b], cu[b + 1], gather_latent(kv_cache, block_tables[b], L).to(dtype)
+
+
 def _causal_mask(q_pos0: int, nq: int, k_pos0: int, nk: int, device):
     """True where key position > query position (masked out)."""
     qp = torch.arange(q_pos0, q_pos0 + nq, device=device)[:, None]
@@ -47,12 +55,8 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     T, H, R = q_lat.shape
     out = torch.empty_like(q_lat)
     q = torch.cat((q_lat, q_pe), dim=-1)  # [T, H, R + rope_dim]: one dot with the cached [c_kv | k_pe]
-    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    for b, L in enumerate(lens):
-        q0, q1 = cu[b], cu[b + 1]
-        if q1 == q0:
-            continue
-        lat = gather_latent(kv_cache, block_tables[b], L).to(q.dtype)  # [L, 576]
+    for q0, q1, lat in sequences(kv_cache, block_tables, cu_seqlens_q, seq_lens, q.dtype):  # lat [L, 576]
+        L = lat.shape[0]
         start = L - (q1 - q0)
         step = max(1, SCORE_ELEMENTS // max(1, H * L))
         for i in range(q0, q1, step):
@@ -73,13 +77,8 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
     R = w_kv_b.shape[1]
     dv = w_kv_b.shape[0] // H - dn
     out = q_nope.new_empty(T, H, dv)
-    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    for b, L in enumerate(lens):
-        q0, q1 = cu[b], cu[b + 1]
-        t = q1 - q0
-        if t == 0:
-            continue
-        lat = gather_latent(kv_cache, block_tables[b], L).to(q_nope.dtype)
+    for q0, q1, lat in sequences(kv_cache, block_tables, cu_seqlens_q, seq_lens, q_nope.dtype):
+        L, t = lat.shape[0], q1 - q0
         start = L - t  # position of the first query
         qn, qp = q_nope[q0:q1].transpose(0, 1), q_pe[q0:q1].transpose(0, 1)  # [H, t, d]
         m = torch.full((H, t, 1), float("-inf"), device=q_nope.device)

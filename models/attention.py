@@ -6,7 +6,7 @@ import torch
 import kernels
 
 from .config import ModelConfig
-from .layers import linear, quantize, rms_norm
+from .layers import linear, rms_norm
 from .rope import RotaryEmbedding
 
 
@@ -96,4 +96,4 @@ class MLAttention:
         """Weight-only quantization of the projections; kv_b_proj stays in the model dtype (both paths read it)."""
         names = ["q_a_proj", "q_b_proj"] if self.cfg.q_lora_rank else ["q_proj"]
         for name in names + ["kv_a_proj_with_mqa", "o_proj"]:
-            setattr(self, name, quantize(getattr(self, name), mode))
+            setattr(self, name, kernels.quantize_weight(getattr(self, name), mode))

@@ -2,9 +2,11 @@
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 from .attention import AttnMetadata, MLAttention
 from .config import ModelConfig
-from .layers import linear, quantize, rms_norm, silu_mlp
+from .layers import linear, rms_norm, silu_mlp
 from .moe import MoE
 from .rope import RotaryEmbedding
 
@@ -21,7 +23,7 @@ class DenseMLP:
         return {"gate_proj.weight": self.w13[:I], "up_proj.weight": self.w13[I:], "down_proj.weight": self.w2}
 
     def quantize_weights(self, mode: str):
-        self.w13, self.w2 = quantize(self.w13, mode), quantize(self.w2, mode)
+        self.w13, self.w2 = kernels.quantize_weight(self.w13, mode), kernels.quantize_weight(self.w2, mode)
 
     def __call__(self, x):
         return silu_mlp(x, self.w13, self.w2, self.backend)
@@ -76,7 +78,7 @@ class DeepseekModel:
         for layer in self.layers:
             layer.self_attn.quantize_weights(mode)
             layer.mlp.quantize_weights(mode)
-        self.lm_head = quantize(self.lm_head, mode)
+        self.lm_head = kernels.quantize_weight(self.lm_head, mode)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -17,10 +17,6 @@ def linear(x: torch.Tensor, w, backend: str = "torch") -> torch.Tensor:
     return F.linear(x, w) if isinstance(w, torch.Tensor) else kernels.quant_linear(x, w, backend=backend)
 
 
-def quantize(w, mode: str | None):
-    return w if mode is None else kernels.quantize_weight(w, mode)
-
-
 def silu_mlp(x: torch.Tensor, w13, w2, backend: str = "torch") -> torch.Tensor:
     """SwiGLU with gate and up fused into one [2I, D] weight (one GEMM instead of two)."""
     gate, up = linear(x, w13, backend).chunk(2, dim=-1)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import kernels
 
 from .config import ModelConfig
-from .layers import quantize, silu_mlp
+from .layers import silu_mlp
 
 
 class MoE:
@@ -62,10 +62,10 @@ class MoE:
 
     def quantize_weights(self, mode: str):
         """Per-expert quantized weights (lists); the router stays in float."""
-        self.w13 = [quantize(w, mode) for w in self.w13]
-        self.w2 = [quantize(w, mode) for w in self.w2]
+        self.w13 = [kernels.quantize_weight(w, mode) for w in self.w13]
+        self.w2 = [kernels.quantize_weight(w, mode) for w in self.w2]
         if self.shared_w13 is not None:
-            self.shared_w13, self.shared_w2 = quantize(self.shared_w13, mode), quantize(self.shared_w2, mode)
+            self.shared_w13, self.shared_w2 = kernels.quantize_weight(self.shared_w13, mode), kernels.quantize_weight(self.shared_w2, mode)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-import cli
+from tests.test_cli_tools import main
 from engine import kernel_bench
 
 TINY = ["bench", "--kernels", "--device", "cpu", "--kernel-batch", "1,2", "--kernel-ctx", "64,100",
@@ -17,14 +17,6 @@ def small_device_probes(monkeypatch):
     """The copy buffer and the peak matmul at tiny sizes, and few repetitions: the test checks shapes, not speed."""
     monkeypatch.setitem(kernel_bench.DEFAULTS, "cpu", dict(kernel_bench.DEFAULTS["cpu"], copy_bytes=1 << 20, peak_n=128,
                                                            target_s=0.0))
-
-
-def main(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
 
 
 def positive_numbers(row):

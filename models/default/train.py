@@ -35,7 +35,6 @@ import platform
 import random
 import re
 import shlex
-import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -541,7 +540,6 @@ def main():
     if out != HERE:
         cmd_parts += ["--out", rel_out]
     command = " ".join(shlex.quote(p) for p in cmd_parts)
-    files = {}
     info = {
         "seed": args.seed,
         "steps": steps,
