@@ -64,6 +64,7 @@ def add_engine_args(p, lists=False):
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--weight-dtype", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of every linear and expert at load")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def add_sampling_args(p):
@@ -139,7 +140,7 @@ def make_llm(args):
     from engine import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, attn_mode=args.attn_mode,
                kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, mla_threshold=args.mla_threshold,
-               kv_cache_memory_gib=args.kv_cache_gib, weight_dtype=args.weight_dtype)
+               kv_cache_memory_gib=args.kv_cache_gib, weight_dtype=args.weight_dtype, enforce_eager=args.enforce_eager)
 
 
 def sampling_params(args):

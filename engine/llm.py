@@ -79,7 +79,7 @@ class LLM:
                  kv_cache_dtype: str = "auto", backend: str = "auto", mla_threshold: int | None = None, *,
                  weight_dtype: str | None = None, kv_cache_memory_gib: float | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 4096, block_size: int = 64, max_model_len: int | None = None,
-                 seed: int = 0, progress: bool = True):
+                 enforce_eager: bool = False, seed: int = 0, progress: bool = True):
         self.attn_mode = _choice("attn_mode", attn_mode, ATTN_MODES)
         _choice("backend", backend, BACKENDS)
         _choice("dtype", dtype, tuple(DTYPES))
@@ -132,7 +132,9 @@ class LLM:
         self.blocks = BlockManager(self.cache.num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         threshold = mla_threshold or tuned_threshold(self.device) or MLA_THRESHOLD.get(self.device.type, 128)
-        self.runner = ModelRunner(self.model, self.cache, self.blocks, self.attn_mode, threshold)
+        # decode steps replay CUDA graphs (engine/cuda_graphs.py) unless enforce_eager
+        self.runner = ModelRunner(self.model, self.cache, self.blocks, self.attn_mode, threshold, self.max_model_len,
+                                  max_num_seqs, cuda_graphs=not enforce_eager)
         self.generators: dict[int, torch.Generator] = {}
         self._seeds = torch.Generator().manual_seed(seed)
 

@@ -5,15 +5,21 @@ from kvcache import BlockManager, LatentCache
 from models.attention import AttnMetadata, SeqGroup
 from models.deepseek import DeepseekModel
 
+from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
 
 
 class ModelRunner:
     def __init__(self, model: DeepseekModel, cache: LatentCache, blocks: BlockManager, attn_mode: str,
-                 mla_threshold: int):
+                 mla_threshold: int, max_model_len: int, max_num_seqs: int, cuda_graphs: bool):
         self.model, self.cache, self.blocks = model, cache, blocks
         self.attn_mode, self.mla_threshold = attn_mode, mla_threshold
         self.device = model.device
+        model.rope.reserve(max_model_len)  # once, so no forward pass grows (moves) the tables
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda" and model.backend == "triton" and not self.uses_expanded(1):
+            self.graphs = DecodeGraphs(model, cache.layers, cache.pad_block, blocks.block_size, max_num_seqs,
+                                       blocks.blocks_for(max_model_len))
 
     def uses_expanded(self, num_query_tokens: int) -> bool:
         """Expanded attention pays for decompressing the cache once; it wins when many queries share it."""
@@ -51,8 +57,13 @@ class ModelRunner:
             (expanded if self.uses_expanded(n) else absorbed).append((seq, n, len(input_ids)))
             input_ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
-            slots.extend(self.blocks.slot(seq.seq_id, p) for p in range(start, start + n))
+            slots.extend(self.blocks.slots(seq.seq_id, start, start + n))
         T = len(input_ids)
+        if self.graphs is not None and self.graphs.enabled and T == len(absorbed) <= self.graphs.max_batch:
+            hidden = self.graphs.run(input_ids, positions, slots, [self.blocks.tables[s.seq_id] for s, _ in batch],
+                                     [p + 1 for p in positions])
+            if hidden is not None:
+                return hidden
         meta = AttnMetadata(positions=self._tensor(positions, torch.int64),
                             slot_mapping=self._tensor(slots, torch.int64),
                             absorbed=self._group(absorbed, T), expanded=self._group(expanded, T))

@@ -138,7 +138,9 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     if T == 0 or B == 0:
         return out
     block_size = kv_cache.shape[1]
-    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # one small host sync: sizes the grid
+    # Every sequence has at least one query, so T == B means one each: no host sync, which a decode step captured
+    # as a CUDA graph needs. Otherwise one small sync sizes the grid.
+    max_q = 1 if T == B else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     BLOCK_H = min(pow2(H, 1), 16 if INTERPRET else 32)
     # query tokens of one sequence share the tile too; rows = BLOCK_Q x BLOCK_H, at least 16 for tl.dot
     BLOCK_Q = max(16 // BLOCK_H, 1)

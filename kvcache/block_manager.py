@@ -28,5 +28,11 @@ class BlockManager:
     def free(self, seq_id: int):
         self.free_blocks.extend(self.tables.pop(seq_id, ()))
 
-    def slot(self, seq_id: int, position: int) -> int:
-        return self.tables[seq_id][position // self.block_size] * self.block_size + position % self.block_size
+    def slots(self, seq_id: int, start: int, end: int) -> list[int]:
+        """Flat cache slots of positions start..end-1: one range per block, so a long prompt costs no per-token
+        Python."""
+        table, bs, out = self.tables[seq_id], self.block_size, []
+        for i in range(start // bs, (end - 1) // bs + 1):
+            base = table[i] * bs
+            out.extend(range(base + max(start - i * bs, 0), base + min(end - i * bs, bs)))
+        return out

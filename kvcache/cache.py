@@ -14,10 +14,15 @@ def packed_bytes_per_token(name: str, kv_lora_rank: int, rope_dim: int, model_dt
 
 
 class LatentCache:
+    """num_blocks blocks for sequences, plus one more, pad_block, that belongs to none: the padding rows of a
+    batch padded to a captured CUDA graph's size write and read their latent there (engine/cuda_graphs.py)."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, width: int, dtype: torch.dtype, device):
         self.num_blocks, self.block_size, self.width, self.dtype = num_blocks, block_size, width, dtype
+        self.pad_block = num_blocks
         # Unwritten slots are never read (attention stops at each sequence's length), so no zero fill.
-        self.layers = [torch.empty(num_blocks, block_size, width, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.layers = [torch.empty(num_blocks + 1, block_size, width, dtype=dtype, device=device)
+                       for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_token(num_layers: int, width: int, dtype: torch.dtype) -> int:
@@ -27,13 +32,14 @@ class LatentCache:
     def from_budget(cls, budget_bytes: int, max_tokens: int, num_layers: int, block_size: int, width: int, dtype, device):
         """As many blocks as the budget allows, but no more than max_tokens ever need."""
         per_block = cls.bytes_per_token(num_layers, width, dtype) * block_size
-        num_blocks = min(budget_bytes // per_block, -(-max_tokens // block_size))
+        num_blocks = min(budget_bytes // per_block - 1, -(-max_tokens // block_size))  # - 1: the padding block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block of {per_block} bytes")
         return cls(num_layers, int(num_blocks), block_size, width, dtype, device)
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated, the padding block included."""
         return sum(t.numel() * t.element_size() for t in self.layers)
 
     @property

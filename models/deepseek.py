@@ -53,7 +53,7 @@ class DeepseekModel:
 
     def __init__(self, cfg: ModelConfig, dtype=torch.float32, device="cpu", backend="torch"):
         self.cfg, self.dtype, self.device, self.backend = cfg, dtype, torch.device(device), backend
-        rope = RotaryEmbedding(cfg, device)
+        self.rope = rope = RotaryEmbedding(cfg, device)
         self.embed_tokens = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = [DecoderLayer(cfg, i, rope, dtype, device, backend) for i in range(cfg.num_hidden_layers)]
         self.norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)

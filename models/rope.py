@@ -27,7 +27,9 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """cos/sin tables for all positions, computed once in float32 and grown on demand."""
+    """cos/sin tables for positions 0..n-1, computed in float32. The caller reserves the positions it will use
+    (host-side, before the forward pass), so rotating never reads a device value back: no sync, and a captured
+    CUDA graph keeps pointing at tables that stay put."""
 
     def __init__(self, cfg: ModelConfig, device):
         self.interleave = cfg.rope_interleave
@@ -42,16 +44,17 @@ class RotaryEmbedding:
                 self.attention_factor = yarn_mscale(cfg.rope_factor)
         self.cos = self.sin = torch.empty(0, device=device)
 
-    def _grow(self, n: int):
+    def reserve(self, n: int):
+        """Make positions 0..n-1 available."""
+        if n <= self.cos.shape[0]:
+            return
         n = max(n, 2 * self.cos.shape[0], 4096)
         freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
         self.cos = torch.cos(freqs) * self.attention_factor  # [n, rope_dim / 2]
         self.sin = torch.sin(freqs) * self.attention_factor
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, ..., rope_dim] by the angles of positions [T]."""
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            self._grow(int(positions.max()) + 1)
+        """Rotate x [T, ..., rope_dim] by the angles of positions [T] (all below the reserved count)."""
         shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
         cos, sin = self.cos[positions].view(shape), self.sin[positions].view(shape)
         xf = x.float()

@@ -1,5 +1,6 @@
 """The paged latent cache: only 576 values per token per layer, block bookkeeping."""
 import os
+from collections import deque
 
 import pytest
 import torch
@@ -22,23 +23,23 @@ def test_bytes_per_token_is_latent_only_for_v2_lite():
     assert cfg.kv_cache_width == 576
     cache = LatentCache(cfg.num_hidden_layers, num_blocks=3, block_size=64, width=cfg.kv_cache_width,
                         dtype=torch.bfloat16, device="cpu")
-    measured = cache.nbytes / cache.num_tokens  # from the allocated tensors
+    measured = cache.nbytes / (cache.num_tokens + cache.block_size)  # from the allocated tensors (+ the pad block)
     assert measured == 27 * 576 * 2 == LatentCache.bytes_per_token(27, 576, torch.bfloat16)
-    assert all(t.shape == (3, 64, 576) for t in cache.layers)
+    assert all(t.shape == (4, 64, 576) for t in cache.layers) and cache.pad_block == 3
 
 
 def test_engine_cache_holds_nothing_but_the_latent(checkpoints):
     llm = LLM(checkpoints["v2_lite"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
     cfg = llm.config
     assert all(t.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 576 for t in llm.cache.layers)
-    assert llm.cache.nbytes == llm.cache.num_tokens * cfg.num_hidden_layers * 576 * 4
+    assert llm.cache.nbytes == (llm.cache.num_blocks + 1) * llm.cache.block_size * cfg.num_hidden_layers * 576 * 4
     assert llm.cache.nbytes <= 0.01 * 2**30
 
 
 def test_cache_budget_caps_blocks():
     c = LatentCache.from_budget(10 * 2 * 64 * 576 * 2, max_tokens=10**9, num_layers=2, block_size=64, width=576,
                                 dtype=torch.bfloat16, device="cpu")
-    assert c.num_blocks == 10
+    assert c.num_blocks == 9 and c.nbytes == 10 * 2 * 64 * 576 * 2  # the budget holds the padding block too
     c = LatentCache.from_budget(10**12, max_tokens=130, num_layers=2, block_size=64, width=576,
                                 dtype=torch.bfloat16, device="cpu")
     assert c.num_blocks == 3  # never more than the sequences can use
@@ -48,13 +49,23 @@ def test_block_manager_allocate_append_free():
     bm = BlockManager(num_blocks=5, block_size=4)
     assert bm.allocate(1, 6) == [0, 1]
     assert bm.allocate(1, 9) == [0, 1, 2]  # grows
-    assert bm.slot(1, 9) == 2 * 4 + 1
+    assert bm.slots(1, 9, 10) == [2 * 4 + 1]
+    assert bm.slots(1, 0, 9) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert bm.slots(1, 3, 9) == [3, 4, 5, 6, 7, 8]
     assert not bm.can_allocate(2, 9) and bm.can_allocate(2, 8)
     with pytest.raises(RuntimeError):
         bm.allocate(2, 13)
     bm.free(1)
     assert bm.can_allocate(2, 20)
     assert sorted(bm.allocate(2, 20)) == [0, 1, 2, 3, 4]
+
+
+def test_slots_follow_a_shuffled_block_table():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.free_blocks = deque([3, 1, 0, 2])
+    assert bm.allocate(7, 10) == [3, 1, 0]
+    assert bm.slots(7, 2, 10) == [14, 15, 4, 5, 6, 7, 0, 1]
+    assert bm.slots(7, 5, 6) == [5] and bm.slots(7, 9, 10) == [1]
 
 
 def test_request_that_can_never_fit_is_an_error(checkpoints):

@@ -1,0 +1,99 @@
+"""Decode steps replayed from CUDA graphs: one graph per batch-size bucket, captured the first time it is needed.
+
+A decode step (every sequence runs one token on the absorbed path) launches hundreds of small kernels (per layer:
+norms, projections, RoPE, cache write, attention, router, experts); at small batches the GPU finishes each before
+Python has issued the next. A captured graph replays them all with one launch. What changes between steps lives in
+static buffers that the graph reads: token ids, positions, cache slots, block tables, sequence lengths. A batch is
+padded up to its bucket; a padding row runs token 0 at position 0 with length 1 in the cache's padding block
+(LatentCache.pad_block), so it touches no sequence's cache, and its output is dropped.
+
+Capture needs every shape and every host-computed kernel argument to be fixed per bucket: the block tables are as
+wide as max_model_len needs (the decode kernel sizes its KV splits from that width, and each split stops at its
+sequence's length), the RoPE tables are reserved for max_model_len up front, and no kernel reads a device value back
+on the host. A step that does read one back (the torch reference kernels, the per-expert loop of weight-quantized
+experts) cannot be captured: the first failed capture turns graphs off with a one-line warning, and the engine
+decodes eagerly from then on."""
+import sys
+
+import torch
+
+from models.attention import AttnMetadata, SeqGroup
+
+# Batch sizes that get a graph: a batch runs in the smallest bucket that holds it.
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches: list[torch.Tensor], pad_block: int, block_size: int, max_batch: int,
+                 max_blocks: int, capture: bool = True):
+        """capture=False replays by running the forward pass on the static buffers: the same padding and buffers
+        without CUDA, which is how the CPU tests check everything but the capture itself."""
+        dev = model.device
+        self.model, self.kv_caches, self.capture = model, kv_caches, capture
+        self.pad_block, self.block_size = pad_block, block_size
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        i64, i32 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.int32, device=dev)
+        self.tokens = torch.zeros(3, max_batch, **i64)  # input ids, positions, slots
+        self.block_tables = torch.full((max_batch, max_blocks), pad_block, **i32)
+        self.seq_lens = torch.ones(max_batch, **i32)
+        self.cu_seqlens_q = torch.arange(max_batch + 1, **i32)  # one query per sequence, for good
+        self.replays = {}  # bucket -> function that runs the step and returns its hidden states [bucket, D]
+        self.pool = None  # one memory pool for all graphs: they never run at the same time
+        self.enabled = True
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            seq_lens: list[int]) -> torch.Tensor | None:
+        """Hidden states [B, D] of a decode step, or None when capture failed (the caller runs it eagerly)."""
+        B = len(input_ids)
+        bucket = next(b for b in self.buckets if b >= B)
+        pad = bucket - B
+        width = max(len(t) for t in tables)
+        host_tokens = torch.tensor([input_ids + [0] * pad, positions + [0] * pad,
+                                    slots + [self.pad_block * self.block_size] * pad], dtype=torch.int64)
+        host_tables = torch.tensor([t + [self.pad_block] * (width - len(t)) for t in tables]
+                                   + [[self.pad_block] * width] * pad, dtype=torch.int32)
+        self.tokens[:, :bucket].copy_(host_tokens, non_blocking=True)
+        self.block_tables[:bucket, :width].copy_(host_tables, non_blocking=True)
+        self.seq_lens[:bucket].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        if bucket not in self.replays:
+            try:
+                self.replays[bucket] = self._capture(bucket)
+            except Exception as e:  # what cannot be captured runs eagerly; say so once
+                self.enabled = False
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                print(f"CUDA graphs off, decoding eagerly: capture failed ({reason})", file=sys.stderr)
+                return None
+        return self.replays[bucket]()[:B]
+
+    def _capture(self, bucket: int):
+        ids, positions, slots = self.tokens[:, :bucket]
+        group = SeqGroup(token_index=None, block_tables=self.block_tables[:bucket],
+                         cu_seqlens_q=self.cu_seqlens_q[:bucket + 1], seq_lens=self.seq_lens[:bucket])
+        meta = AttnMetadata(positions=positions, slot_mapping=slots, absorbed=group, expanded=None)
+
+        def step():
+            return self.model.forward(ids, meta, self.kv_caches)
+
+        if not self.capture:
+            return step
+        # Warm up outside the capture (Triton compiles its kernels, the allocator settles) on a side stream, as
+        # capture wants. It runs this step's real inputs, so its cache writes are the ones the replay repeats.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden = step()
+        self.pool = graph.pool()
+
+        def replay():
+            graph.replay()
+            return hidden
+
+        return replay
