@@ -99,6 +99,8 @@ def build_parser():
     b.add_argument("-b", "--batch", type=_int_list(1), default=[1], help="TG batch sizes, e.g. 1,8,64")
     b.add_argument("-r", "--repetitions", type=_int_at_least(1), default=3)
     b.add_argument("--baseline", choices=["none", "transformers"], default="none")
+    b.add_argument("--roofline", action="store_true",
+                   help="also measure the device's GEMM peak and copy bandwidth, and print each test's share of them")
     b.add_argument("--output", choices=["md", "json", "csv"], default="md")
     b.add_argument("--serve", "-N", type=_int_at_least(1), default=None, metavar="N",
                    help="instead of the tests: N requests of random lengths at once, continuous batching")
@@ -241,7 +243,7 @@ def cmd_bench(args):
     rows, baseline = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         args.model = _bench_model(args, tmp)
-        base = None
+        base = peaks = None
         bar = bench.tqdm(total=len(tests) * len(combos), desc="bench", file=sys.stderr, leave=False)
         for mode, cache in combos:
             one = copy.copy(args)
@@ -259,6 +261,11 @@ def cmd_bench(args):
             if args.baseline == "transformers" and base is None:
                 base = bench.TransformersRunner(args.model, llm.device, llm.dtype)
             ours, cfg = bench.EngineRunner(llm), llm.config
+            if args.roofline and peaks is None:
+                peaks = bench.device_peaks(llm.device, llm.dtype)
+                print(f"roofline: {peaks['tflops']:.2f} TFLOP/s ({str(llm.dtype).removeprefix('torch.')} GEMM), "
+                      f"{peaks['gbps']:.1f} GB/s copy", file=sys.stderr)
+            cache_bytes = llm.cache.width * llm.cache.layers[0].element_size() * cfg.num_hidden_layers
             info = dict(model=os.path.basename(os.path.normpath(args.config or args.model)) +
                         (f" ({cfg.num_hidden_layers}L, {cfg.n_routed_experts or 0}E)" if args.config else ""),
                         params=bench.fmt_params(bench.param_count(cfg)),
@@ -272,6 +279,10 @@ def cmd_bench(args):
                 run = (lambda r: lambda: r.pp(n, d, seed=seed)) if kind == "pp" else (lambda r: lambda: r.tg(n, d, b, seed=seed))
                 mean, std = bench.measure(run(ours), args.repetitions)
                 row = dict(info, test=name, tps=mean, tps_std=std)
+                if peaks is not None:  # achieved FLOP/s over the GEMM peak (pp), bytes/s over copy bandwidth (tg)
+                    row["roofline"] = (bench.prompt_flops(cfg, n, d) / n * mean / (peaks["tflops"] * 1e12) if kind == "pp"
+                                       else bench.decode_bytes(cfg, b, d + n / 2, llm.dtype, args.weight_dtype,
+                                                               cache_bytes) * mean / b / (peaks["gbps"] * 1e9))
                 if base is not None:  # transformers does not depend on our mode or cache: measured once per test
                     if name not in baseline:
                         baseline[name] = bench.measure(run(base), args.repetitions)
@@ -291,6 +302,8 @@ def cmd_bench(args):
             print(",".join(str(r[k]) for k in keys))
     else:
         head = ["model", "params", "device", "dtype", "weights", "cache", "mode", "test", "t/s"]
+        if peaks is not None:
+            head += ["roofline"]
         if base is not None:
             head += ["transformers t/s", "ratio"]
         print("| " + " | ".join(head) + " |")
@@ -298,6 +311,8 @@ def cmd_bench(args):
         for r in rows:
             cells = [r[k] for k in ("model", "params", "device", "dtype", "weights", "cache", "mode", "test")]
             cells.append(f"{r['tps']:.2f} ± {r['tps_std']:.2f}")
+            if peaks is not None:
+                cells.append(f"{100 * r['roofline']:.0f}%")
             if base is not None:
                 cells += [f"{bench.nan_safe(r['baseline_tps'])} ± {bench.nan_safe(r['baseline_std'])}",
                           bench.nan_safe(r["ratio"])]

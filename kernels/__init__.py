@@ -5,10 +5,11 @@ imported on first use, so the torch backend never needs a working Triton."""
 import torch
 
 from . import quant, reference
+from .linear import linear
 from .moe import moe_experts
 from .weight_quant import QuantWeight, quant_linear, quantize_weight
 
-__all__ = ["write_latent", "mla_decode", "mla_prefill", "moe_experts", "QuantWeight", "quant_linear", "quantize_weight"]
+__all__ = ["write_latent", "mla_decode", "mla_prefill", "linear", "moe_experts", "QuantWeight", "quant_linear", "quantize_weight"]
 BACKENDS = ("torch", "triton")
 
 

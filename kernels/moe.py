@@ -12,7 +12,8 @@ The router and the shared experts stay in the model."""
 import torch
 import torch.nn.functional as F
 
-from .weight_quant import QuantWeight, quant_linear
+from .linear import linear
+from .weight_quant import QuantWeight
 
 BACKENDS = ("torch", "triton")
 
@@ -20,10 +21,6 @@ BACKENDS = ("torch", "triton")
 def _check(cond, msg):
     if not cond:
         raise ValueError(f"kernel argument: {msg}")
-
-
-def _linear(x, w):
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else quant_linear(x, w)
 
 
 def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
@@ -40,8 +37,8 @@ def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
     start = 0
     for e, n in enumerate(counts):
         if n:
-            gate, up = _linear(xs[start:start + n], w13[e]).chunk(2, dim=-1)  # [n, I] each
-            ys[start:start + n] = _linear(F.silu(gate) * up, w2[e])
+            gate, up = linear(xs[start:start + n], w13[e]).chunk(2, dim=-1)  # [n, I] each
+            ys[start:start + n] = linear(F.silu(gate) * up, w2[e])
             start += n
     # Undo the sort (each token owns exactly k rows) and take the router-weighted sum per token.
     unsorted = torch.empty_like(ys)

@@ -104,7 +104,9 @@ def align_by_expert(topk_ids: torch.Tensor, E: int, block_m: int):
     max_padded = P + min(E, P) * (block_m - 1)
     max_padded = triton.cdiv(max_padded, block_m) * block_m
     order = flat.argsort(stable=True)  # [P] pair indices grouped by expert
-    counts = torch.bincount(flat, minlength=E)  # [E]
+    # [E]; not torch.bincount, whose CUDA version reads the largest id back to size its output (a host sync per
+    # layer, and no CUDA graph could capture it)
+    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = padded.cumsum(0)  # [E] end of each expert's padded run
     pad_start = pad_end - padded

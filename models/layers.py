@@ -12,9 +12,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def linear(x: torch.Tensor, w, backend: str = "torch") -> torch.Tensor:
-    """x @ w.T for a float weight, or a weight-only quantized one (kernels.QuantWeight)."""
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else kernels.quant_linear(x, w, backend=backend)
+linear = kernels.linear  # x @ w.T, float or weight-only quantized weight
 
 
 def silu_mlp(x: torch.Tensor, w13, w2, backend: str = "torch") -> torch.Tensor:
