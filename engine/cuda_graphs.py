@@ -13,6 +13,7 @@ sequence's length), the RoPE tables are reserved for max_model_len up front, and
 on the host. A step that does read one back (the torch reference kernels, the per-expert loop of weight-quantized
 experts) cannot be captured: the first failed capture turns graphs off with a one-line warning, and the engine
 decodes eagerly from then on."""
+import contextlib
 import sys
 
 import torch
@@ -28,7 +29,7 @@ class DecodeGraphs:
                  max_blocks: int, capture: bool = True):
         """capture=False replays by running the forward pass on the static buffers: the same padding and buffers
         without CUDA, which is how the CPU tests check everything but the capture itself."""
-        dev = model.device
+        self.device = dev = model.device
         self.model, self.kv_caches, self.capture = model, kv_caches, capture
         self.pad_block, self.block_size = pad_block, block_size
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
@@ -38,7 +39,10 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, **i32)
         self.cu_seqlens_q = torch.arange(max_batch + 1, **i32)  # one query per sequence, for good
         self.replays = {}  # bucket -> function that runs the step and returns its hidden states [bucket, D]
-        self.pool = None  # one memory pool for all graphs: they never run at the same time
+        # One memory pool for all graphs. A later capture may place its tensors where an earlier graph keeps its
+        # intermediates (or output), which is safe because graphs never run at the same time and the engine uses a
+        # step's hidden states before the next replay.
+        self.pool = None
         self.enabled = True
 
     @property
@@ -60,14 +64,23 @@ class DecodeGraphs:
         self.block_tables[:bucket, :width].copy_(host_tables, non_blocking=True)
         self.seq_lens[:bucket].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
         if bucket not in self.replays:
+            stream = torch.cuda.current_stream(self.device) if self.capture else None
             try:
-                self.replays[bucket] = self._capture(bucket)
+                with self._on_device():
+                    self.replays[bucket] = self._capture(bucket)
             except Exception as e:  # what cannot be captured runs eagerly; say so once
+                if stream is not None:  # a failed capture can leave its capture stream current
+                    torch.cuda.set_stream(stream)
                 self.enabled = False
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 print(f"CUDA graphs off, decoding eagerly: capture failed ({reason})", file=sys.stderr)
                 return None
-        return self.replays[bucket]()[:B]
+        with self._on_device():
+            return self.replays[bucket]()[:B]
+
+    def _on_device(self):
+        """Streams, capture and replay belong to the current CUDA device: make it the model's (cuda:1 too)."""
+        return torch.cuda.device(self.device) if self.capture else contextlib.nullcontext()
 
     def _capture(self, bucket: int):
         ids, positions, slots = self.tokens[:, :bucket]

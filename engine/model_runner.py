@@ -17,7 +17,11 @@ class ModelRunner:
         self.device = model.device
         model.rope.reserve(max_model_len)  # once, so no forward pass grows (moves) the tables
         self.graphs = None
-        if cuda_graphs and self.device.type == "cuda" and model.backend == "triton" and not self.uses_expanded(1):
+        # Capturable: the Triton kernels read nothing back on the host; weight-quantized experts do (their per-expert
+        # loop needs the token counts), so they decode eagerly.
+        quantized_experts = any(isinstance(getattr(layer.mlp, "w13", None), list) for layer in model.layers)
+        if (cuda_graphs and self.device.type == "cuda" and model.backend == "triton" and not self.uses_expanded(1)
+                and not quantized_experts):
             self.graphs = DecodeGraphs(model, cache.layers, cache.pad_block, blocks.block_size, max_num_seqs,
                                        blocks.blocks_for(max_model_len))
 
@@ -59,7 +63,7 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(self.blocks.slots(seq.seq_id, start, start + n))
         T = len(input_ids)
-        if self.graphs is not None and self.graphs.enabled and T == len(absorbed) <= self.graphs.max_batch:
+        if self.graphs is not None and self.graphs.enabled and 0 < T == len(absorbed) <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, slots, [self.blocks.tables[s.seq_id] for s, _ in batch],
                                      [p + 1 for p in positions])
             if hidden is not None:

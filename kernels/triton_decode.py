@@ -108,19 +108,27 @@ def _mla_decode_kernel(q_lat, q_pe, lat, rope, scl, block_tables, cu_q, seq_lens
 
 @triton.jit
 def _merge_splits_kernel(o_part, lse_part, out, s_xt, s_xh, s_xs, s_lt, s_lh, s_ot, s_oh, R, num_splits,
-                         BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+                         BLOCK_R: tl.constexpr):
+    # One split at a time (a running max and sum, as in the attention loop): a captured decode step sizes its
+    # splits from the block tables' full width, up to MAX_SPLITS, and all of them at once would not fit in registers.
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
     offs_r = tl.arange(0, BLOCK_R)
-    s_ok = offs_s < num_splits
-    lse = tl.load(lse_part + t * s_lt + h * s_lh + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)  # finite: the split holding key 0 always has a key for every query
-    w = tl.exp2(lse - m)
-    o = tl.load(o_part + t * s_xt + h * s_xh + offs_s[:, None] * s_xs + offs_r[None, :],
-                mask=s_ok[:, None] & (offs_r < R)[None, :], other=0.0)
-    o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out + t * s_ot + h * s_oh + offs_r, o.to(out.dtype.element_ty), mask=offs_r < R)
+    r_ok = offs_r < R
+    o_row = o_part + t * s_xt + h * s_xh + offs_r
+    lse_row = lse_part + t * s_lt + h * s_lh
+    m = tl.load(lse_row)  # finite: split 0 holds key 0, which every query sees
+    acc = tl.load(o_row, mask=r_ok, other=0.0)
+    l_sum = tl.full((), 1.0, tl.float32)
+    for sp in range(1, num_splits):
+        lse = tl.load(lse_row + sp)  # -inf for a split past the sequence's end: weight 0
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + w * tl.load(o_row + sp * s_xs, mask=r_ok, other=0.0)
+        l_sum = l_sum * alpha + w
+        m = m_new
+    tl.store(out + t * s_ot + h * s_oh + offs_r, (acc / l_sum).to(out.dtype.element_ty), mask=r_ok)
 
 
 def _choose_splits(programs: int, max_kv: int, device) -> int:
@@ -174,5 +182,5 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     if split:
         _merge_splits_kernel[(T, H)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                      lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1),
-                                     R, num_splits, BLOCK_S=pow2(num_splits, 2), BLOCK_R=pow2(R), num_warps=4)
+                                     R, num_splits, BLOCK_R=pow2(R), num_warps=4)
     return out

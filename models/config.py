@@ -52,6 +52,7 @@ class ModelConfig:
     torch_dtype: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    fp8_block: tuple[int, int] | None = None  # DeepSeek-V3's fp8 checkpoints: weight blocks dequantized at load
 
     @property
     def qk_head_dim(self) -> int:
@@ -104,10 +105,19 @@ class ModelConfig:
         if arch is None:
             raise ModelError(f"{file}: architectures={archs!r}: unsupported architecture "
                              f"(supported: {', '.join(ARCHITECTURES)})")
-        if raw.get("quantization_config"):
+        fp8_block = None
+        if raw.get("quantization_config"):  # DeepSeek-V3's own: fp8 e4m3 weights, one fp32 scale per block
             q = raw["quantization_config"]
-            raise bad("quantization_config", f"quantized checkpoints ({q.get('quant_method')}) are not supported; "
-                      "use a bf16 checkpoint")
+            if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+                method = q.get("quant_method") if isinstance(q, dict) else q
+                raise bad("quantization_config", f"quant_method={method!r} is not supported (fp8 block-quantized "
+                          "checkpoints are; or use a bf16 checkpoint)")
+            block = q.get("weight_block_size")
+            if q.get("fmt", "e4m3") != "e4m3" or not (isinstance(block, list) and len(block) == 2
+                                                      and all(isinstance(b, int) and b > 0 for b in block)):
+                raise bad("quantization_config", f"fp8 needs fmt e4m3 and weight_block_size [rows, cols], got "
+                          f"fmt={q.get('fmt')!r}, weight_block_size={block!r}")
+            fp8_block = tuple(block)
         if raw.get("attention_bias"):
             raise bad("attention_bias", "attention biases are not supported")
         if raw.get("mlp_bias"):
@@ -198,6 +208,7 @@ class ModelConfig:
             rope_theta=theta,
             rope_interleave=bool(rope_interleave),
             torch_dtype=dtype,
+            fp8_block=fp8_block,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             **yarn,

@@ -1,4 +1,5 @@
 """safetensors checkpoint -> DeepseekModel: memory-mapped, tensor by tensor, every tensor checked by name and shape."""
+import contextlib
 import json
 import os
 import re
@@ -75,25 +76,28 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", back
     expected = model.weights()
 
     # Pass 1, headers only: every expected tensor present once with its shape, nothing unknown.
-    where, problems = {}, []
-    skipped = 0
+    where, scales, problems = {}, {}, []
     for file in files:
         with _open(file) as f:
             for name in f.keys():
                 m = _LAYER.match(name)
                 if m and int(m.group(1)) >= cfg.num_hidden_layers:
-                    skipped += 1  # multi-token-prediction layers (V3): not used for generation
-                    continue
+                    continue  # multi-token-prediction layers (V3): not used for generation
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    skipped += 1
                     continue
-                if name not in expected:
+                if cfg.fp8_block and name.endswith(".weight_scale_inv") and name[:-10] in expected:
+                    weight = name[:-10]  # an fp8 weight's block scales: [rows / block rows, cols / block cols]
+                    scales[weight] = file
+                    want = tuple(-(-n // b) for n, b in zip(expected[weight].shape, cfg.fp8_block))
+                elif name in expected:
+                    where[name] = file
+                    want = tuple(expected[name].shape)
+                else:
                     problems.append(("unexpected", name))
                     continue
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(expected[name].shape):
-                    problems.append(("misshapen", f"{name} {list(shape)} (expected {list(expected[name].shape)})"))
-                where[name] = file
+                if shape != want:
+                    problems.append(("misshapen", f"{name} {list(shape)} (expected {list(want)})"))
     missing = [n for n in expected if n not in where]
     if missing or problems:
         parts = [f"missing tensors: {_listing(missing)}"] if missing else []
@@ -108,13 +112,31 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", back
     for name, file in where.items():
         by_file.setdefault(file, []).append(name)
     bar = tqdm(files, desc="Loading shards", unit="shard", disable=not progress, file=sys.stderr, leave=False)
-    for file in bar:
-        with _open(file) as f:
+    with contextlib.ExitStack() as shards:
+        opened = {file: shards.enter_context(_open(file)) for file in files}
+        for file in bar:
             for name in by_file.get(file, []):
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
-                    raise ModelError(f"{file}: cannot read tensor {name} ({e})") from None
+                tensor = _read(opened[file], file, name)
+                if tensor.dtype == torch.float8_e4m3fn:
+                    if name not in scales:
+                        raise ModelError(f"{file}: fp8 tensor {name} has no {name}_scale_inv "
+                                         "(and config.json no fp8 quantization_config)")
+                    tensor = dequantize_fp8(tensor, _read(opened[scales[name]], scales[name], name + "_scale_inv"),
+                                            cfg.fp8_block)
                 expected[name].copy_(tensor)
     model.after_load()
     return model
+
+
+def _read(f, file: str, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise ModelError(f"{file}: cannot read tensor {name} ({e})") from None
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """DeepSeek-V3's block fp8: w [N, K] e4m3 times one float32 factor per [block rows x block cols] tile."""
+    N, K = w.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:N].repeat_interleave(block[1], 1)[:, :K]
+    return w.float() * s
