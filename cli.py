@@ -211,8 +211,12 @@ def cmd_chat(args, read=input, out=sys.stdout):
 def _bench_model(args, tmp):
     """--model as given, or a random-weight checkpoint of --config's shapes written to tmp."""
     if args.config:
+        import torch
         from engine.bench import random_checkpoint
-        return random_checkpoint(args.config, tmp, layers=args.layers, experts=args.experts,
+        # the dtype the engine will run in (auto: bf16 on CUDA, float32 on the CPU), so auto reads it back
+        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
+        return random_checkpoint(args.config, tmp, layers=args.layers, experts=args.experts, dtype=dtype,
                                  need_copies=2 if getattr(args, "baseline", "none") == "transformers" else 1)
     if args.layers or args.experts:
         raise ValueError("--layers/--experts apply to --config models only")
@@ -235,6 +239,8 @@ def cmd_bench(args):
         return
     import torch
     from engine import bench
+    if args.baseline == "transformers" and args.kv_cache_gib is None:
+        args.kv_cache_gib = 4.0  # on a GPU the default (85% of free memory) would leave transformers no room
     combos = [(m, c) for m in args.attn_mode for c in args.kv_cache_dtype]
     if args.serve and len(combos) > 1:
         raise ValueError("--serve takes one --attn-mode and one --kv-cache-dtype")

@@ -162,3 +162,40 @@ def test_bench_compares_modes_and_cache_formats_in_one_run(capsys, tiny_config):
     assert all(r["ratio"] == pytest.approx(r["tps"] / r["baseline_tps"]) for r in rows)
     expect_error(capsys, ["bench", "--attn-mode", "absorbed,sideways"], "--attn-mode", "sideways")
     expect_error(capsys, ["bench", "--kv-cache-dtype", "int3"], "--kv-cache-dtype", "int3")
+
+
+@pytest.mark.parametrize("name", ["deepseek-v2-lite.json"])
+def test_roofline_counts_agree_with_the_model(name):
+    """bench's weight counts add up to the model's own tensors; V2-Lite activates 2.4 B parameters per token
+    (DeepSeek's figure: the input embedding table is not counted, a lookup); a decode step at batch 1 reads the
+    active weights once."""
+    import os
+
+    import torch
+
+    from engine import bench
+    from models.config import ModelConfig
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "configs", name)) as f:
+        cfg = ModelConfig.from_dict(json.load(f), name)
+    V, D, L, E, k = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok
+    layers = [bench._layer_params(cfg, i) for i in range(L)]
+    norms = L * (2 * D + cfg.kv_lora_rank + (cfg.q_lora_rank or 0)) + D
+    assert sum(d + E * e + o for d, e, o in layers) + 2 * V * D + norms == bench.param_count(cfg)
+    active = sum(d + k * e + o for d, e, o in layers) + 2 * V * D
+    assert active - V * D == pytest.approx(2.4e9, rel=0.05)
+    attention = 2 * L * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)  # one key seen by one query
+    assert bench.prompt_flops(cfg, 1, 0) == pytest.approx(2 * (active - V * D) + attention)
+    assert bench.decode_bytes(cfg, 1, 0, torch.bfloat16, None, 0) == pytest.approx(2 * (active - V * D))
+    every_expert = bench.decode_bytes(cfg, 10**6, 100, torch.bfloat16, None, 1000)
+    assert every_expert == pytest.approx(2 * (bench.param_count(cfg) - V * D - norms) + 10**6 * 100 * 1000)
+    int4 = bench.decode_bytes(cfg, 1, 0, torch.bfloat16, "int4", 0)
+    kv_b_router = sum(o for _, _, o in layers)
+    assert int4 == pytest.approx(0.5 * (active - V * D - kv_b_router) + 2 * kv_b_router)
+
+
+def test_bench_roofline_column(capsys, tiny_config):
+    code, out = main(capsys, "bench", "--config", tiny_config, "-p", "8", "-n", "2", "-r", "1", "--roofline",
+                     "--output", "json")
+    assert code == 0, out.err
+    rows = json.loads(out.out)
+    assert "roofline:" in out.err and all(r["roofline"] > 0 for r in rows)
