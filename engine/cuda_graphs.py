@@ -10,9 +10,8 @@ padded up to its bucket; a padding row runs token 0 at position 0 with length 1 
 Capture needs every shape and every host-computed kernel argument to be fixed per bucket: the block tables are as
 wide as max_model_len needs (the decode kernel sizes its KV splits from that width, and each split stops at its
 sequence's length), the RoPE tables are reserved for max_model_len up front, and no kernel reads a device value back
-on the host. A step that does read one back (the torch reference kernels, the per-expert loop of weight-quantized
-experts) cannot be captured: the first failed capture turns graphs off with a one-line warning, and the engine
-decodes eagerly from then on."""
+on the host (the grouped MoE sizes its grid from a bound, not from the experts' token counts). Should a capture
+fail all the same, graphs turn off with a one-line warning and the engine decodes eagerly from then on."""
 import contextlib
 import sys
 

@@ -17,11 +17,8 @@ class ModelRunner:
         self.device = model.device
         model.rope.reserve(max_model_len)  # once, so no forward pass grows (moves) the tables
         self.graphs = None
-        # Capturable: the Triton kernels read nothing back on the host; weight-quantized experts do (their per-expert
-        # loop needs the token counts), so they decode eagerly.
-        quantized_experts = any(isinstance(getattr(layer.mlp, "w13", None), list) for layer in model.layers)
-        if (cuda_graphs and self.device.type == "cuda" and model.backend == "triton" and not self.uses_expanded(1)
-                and not quantized_experts):
+        # capturable: the Triton kernels read nothing back on the host
+        if cuda_graphs and self.device.type == "cuda" and model.backend == "triton" and not self.uses_expanded(1):
             self.graphs = DecodeGraphs(model, cache.layers, cache.pad_block, blocks.block_size, max_num_seqs,
                                        blocks.blocks_for(max_model_len))
 

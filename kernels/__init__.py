@@ -7,9 +7,10 @@ import torch
 from . import quant, reference
 from .linear import linear
 from .moe import moe_experts
-from .weight_quant import QuantWeight, quant_linear, quantize_weight
+from .weight_quant import QuantExperts, QuantWeight, quant_linear, quantize_experts, quantize_weight
 
-__all__ = ["write_latent", "mla_decode", "mla_prefill", "linear", "moe_experts", "QuantWeight", "quant_linear", "quantize_weight"]
+__all__ = ["write_latent", "mla_decode", "mla_prefill", "linear", "moe_experts", "QuantWeight", "QuantExperts",
+           "quant_linear", "quantize_weight", "quantize_experts"]
 BACKENDS = ("torch", "triton")
 
 

@@ -4,7 +4,8 @@
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate) * up),  gate, up = split(w13[e] @ x[t]),  e = topk_ids[t, j]
 
 Shapes: x [T, D]; topk_ids [T, k] int64; topk_weights [T, k] float32; w13 [E, 2I, D] (per expert the gate_proj
-rows, then the up_proj rows); w2 [E, D, I] (per expert down_proj).
+rows, then the up_proj rows); w2 [E, D, I] (per expert down_proj); or both weight-only int8 / int4 quantized
+(kernels.QuantExperts, the same shapes per expert).
 
 The torch reference (also the CPU path) sorts the pairs by expert and runs one GEMM pair per expert that has tokens;
 the Triton path (kernels/triton_moe.py) runs all experts of the layer in one grouped GEMM launch per projection.
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .linear import linear
-from .weight_quant import QuantWeight
+from .weight_quant import QuantExperts
 
 BACKENDS = ("torch", "triton")
 
@@ -24,7 +25,7 @@ def _check(cond, msg):
 
 
 def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
-    """w13 / w2: stacked float tensors, or lists of per-expert QuantWeight (weight-only quantized experts)."""
+    """w13 / w2: stacked float tensors or QuantExperts (indexed per expert alike)."""
     T, k = topk_ids.shape
     E = len(w13)
     # Group the (token, expert) pairs by expert: one GEMM pair per expert that has tokens, no loop over tokens.
@@ -51,22 +52,30 @@ def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch"):
     _check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(x.dim() == 2, f"x must be [T, D], got {tuple(x.shape)}")
     T, D = x.shape
-    if isinstance(w13, list):  # quantized experts: per-expert quantized GEMMs
-        _check(all(isinstance(w, QuantWeight) for w in w13 + w2) and len(w13) == len(w2), "w13/w2: QuantWeight lists")
-        return moe_experts_reference(x, topk_ids, topk_weights, w13, w2)
+    quantized = isinstance(w13, QuantExperts)
+    if quantized:  # weight-only int8 / int4 experts, stacked (kernels.quantize_experts)
+        _check(isinstance(w2, QuantExperts) and w13.mode == w2.mode and len(w13) == len(w2),
+               "w13 and w2 must both be QuantExperts of one mode")
+        (N13, K13), (N2, K2) = w13.shape, w2.shape
+        shape13, shape2 = (len(w13), N13, K13), (len(w2), N2, K2)
+        _check(x.is_floating_point(), f"x must be float, got {x.dtype}")
+    else:
+        _check(w13.dim() == 3 and w2.dim() == 3, "w13 and w2 must be [E, 2I, D] and [E, D, I]")
+        shape13, shape2 = tuple(w13.shape), tuple(w2.shape)
+        _check(x.dtype == w13.dtype == w2.dtype,
+               f"x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
     _check(topk_ids.dim() == 2 and topk_ids.shape[0] == T and topk_ids.dtype == torch.int64,
            f"topk_ids must be int64 [T={T}, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
     _check(tuple(topk_weights.shape) == tuple(topk_ids.shape) and topk_weights.dtype == torch.float32,
            f"topk_weights must be float32 {tuple(topk_ids.shape)}, got {topk_weights.dtype} {tuple(topk_weights.shape)}")
-    _check(w13.dim() == 3 and w13.shape[2] == D and w13.shape[1] % 2 == 0,
-           f"w13 must be [E, 2I, D={D}], got {tuple(w13.shape)}")
-    E, I = w13.shape[0], w13.shape[1] // 2
-    _check(tuple(w2.shape) == (E, D, I), f"w2 must be [E={E}, D={D}, I={I}], got {tuple(w2.shape)}")
-    _check(x.dtype == w13.dtype == w2.dtype, f"x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    _check(shape13[2] == D and shape13[1] % 2 == 0, f"w13 must be [E, 2I, D={D}], got {shape13}")
+    E, I = shape13[0], shape13[1] // 2
+    _check(shape2 == (E, D, I), f"w2 must be [E={E}, D={D}, I={I}], got {shape2}")
+    stored = [w13.qweight, w13.scales, w2.qweight, w2.scales] if quantized else [w13, w2]
     dev = x.device
-    _check(all(t.device == dev for t in (topk_ids, topk_weights, w13, w2)), "all tensors must be on one device")
+    _check(all(t.device == dev for t in [topk_ids, topk_weights] + stored), "all tensors must be on one device")
     if backend == "triton":
-        _check(all(t.stride(-1) == 1 for t in (x, w13, w2)), "x, w13, w2 must be contiguous in their last dimension")
+        _check(all(t.stride(-1) == 1 for t in [x] + stored), "x, w13, w2 must be contiguous in their last dimension")
         from . import triton_moe
         return triton_moe.moe_experts(x, topk_ids, topk_weights, w13, w2)
     return moe_experts_reference(x, topk_ids, topk_weights, w13, w2)

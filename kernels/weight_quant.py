@@ -89,6 +89,40 @@ def quantize_weight(w: torch.Tensor, mode: str = "int8") -> QuantWeight:
     return QuantWeight(packed.contiguous(), scales.contiguous(), mode, (N, K), G)
 
 
+@dataclass(eq=False)
+class QuantExperts:
+    """A layer's routed experts, weight-only quantized, stacked: qweight [E, N, K | Kp / 2] and scales [E, N | N,
+    Kp / 128] for the grouped Triton MoE, and expert e as a QuantWeight of views into them (experts[e])."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    experts: list[QuantWeight]
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, e: int) -> QuantWeight:
+        return self.experts[e]
+
+    @property
+    def mode(self) -> str:
+        return self.experts[0].mode
+
+    @property
+    def shape(self) -> tuple:
+        """(N, K) of one expert's float weight."""
+        return self.experts[0].shape
+
+
+def quantize_experts(w: torch.Tensor, mode: str = "int8") -> QuantExperts:
+    """Each expert of w [E, N, K] quantized as quantize_weight does it (the same scales), stored stacked."""
+    _check(w.dim() == 3, f"w must be [E, N, K], got {tuple(w.shape)}")
+    each = [quantize_weight(we, mode) for we in w]
+    qweight = torch.stack([q.qweight for q in each])
+    scales = torch.stack([q.scales for q in each])
+    return QuantExperts(qweight, scales, [QuantWeight(qweight[e], scales[e], mode, q.shape, q.group_size)
+                                          for e, q in enumerate(each)])
+
+
 def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int = 132,
                    unit: int = INT4_GROUP, programs_per_sm: int = 4) -> int:
     """How many ranges K is cut into. 1 when the M x N tiles alone fill the SMs; otherwise enough ranges for about

@@ -61,9 +61,9 @@ class MoE:
         return ids, weights
 
     def quantize_weights(self, mode: str):
-        """Per-expert quantized weights (lists); the router stays in float."""
-        self.w13 = [kernels.quantize_weight(w, mode) for w in self.w13]
-        self.w2 = [kernels.quantize_weight(w, mode) for w in self.w2]
+        """Experts quantized each on its own scales, stored stacked (kernels.QuantExperts); the router stays in float."""
+        self.w13 = kernels.quantize_experts(self.w13, mode)
+        self.w2 = kernels.quantize_experts(self.w2, mode)
         if self.shared_w13 is not None:
             self.shared_w13, self.shared_w2 = kernels.quantize_weight(self.shared_w13, mode), kernels.quantize_weight(self.shared_w2, mode)
 

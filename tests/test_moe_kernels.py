@@ -139,3 +139,35 @@ def test_triton_moe_chunks_long_prompts(monkeypatch):
     monkeypatch.setattr(triton_moe, "WORKSPACE_BYTES", 6 * 2 * (4 * D + 4 * I))
     out = moe.moe_experts(x, ids, weights, w13, w2, backend="triton")
     torch.testing.assert_close(out.double(), dense_moe(x, ids, weights, w13, w2), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,k,d,i", [(1, 2, D, I), (7, 3, D, I), (37, 2, 200, 136)])  # 200, 136: two int4 groups
+def test_quantized_experts_match_their_dequantized_weights(T, k, d, i, dtype, mode):
+    """Weight-only int8 / int4 experts (kernels.quantize_experts): the Triton grouped GEMM dequantizes its tiles in
+    registers, the torch path runs each expert's QuantWeight; both equal the dense loop over the dequantized
+    weights."""
+    from kernels import quantize_experts
+    x, ids, weights, w13, w2 = make_layer(T, k, dtype, d=d, i=i, seed=T + k)
+    q13, q2 = quantize_experts(w13.float(), mode), quantize_experts(w2.float(), mode)
+    assert q13.qweight.shape[0] == E and len(q13) == E
+    ref = dense_moe(x, ids, weights, torch.stack([q.dequantize(dtype) for q in q13.experts]),
+                    torch.stack([q.dequantize(dtype) for q in q2.experts]))
+    for backend in ("torch", "triton"):
+        out = moe.moe_experts(x, ids, weights, q13, q2, backend=backend)
+        assert out.shape == (T, d) and out.dtype == dtype
+        # the CPU torch path runs torch's packed kernels on bf16 activations for few rows (kernels/weight_quant.py)
+        tol = TOL[torch.bfloat16] if backend == "torch" and DEV == "cpu" else TOL[dtype]
+        torch.testing.assert_close(out.double(), ref, **tol)
+
+
+def test_quantized_experts_are_each_quantized_on_their_own():
+    from kernels import quantize_experts, quantize_weight
+    w = torch.randn(3, 20, 130)
+    for mode in ("int8", "int4"):
+        q = quantize_experts(w, mode)
+        for e in range(3):
+            alone = quantize_weight(w[e], mode)
+            assert torch.equal(q[e].qweight, alone.qweight) and torch.equal(q[e].scales, alone.scales)
+            assert q[e].qweight.data_ptr() == q.qweight[e].data_ptr()  # views of the stacked tensor
