@@ -271,7 +271,6 @@ def cmd_bench(args):
                 peaks = bench.device_peaks(llm.device, llm.dtype)
                 print(f"roofline: {peaks['tflops']:.2f} TFLOP/s ({str(llm.dtype).removeprefix('torch.')} GEMM), "
                       f"{peaks['gbps']:.1f} GB/s copy", file=sys.stderr)
-            cache_bytes = llm.cache.width * llm.cache.layers[0].element_size() * cfg.num_hidden_layers
             info = dict(model=os.path.basename(os.path.normpath(args.config or args.model)) +
                         (f" ({cfg.num_hidden_layers}L, {cfg.n_routed_experts or 0}E)" if args.config else ""),
                         params=bench.fmt_params(bench.param_count(cfg)),
@@ -285,10 +284,8 @@ def cmd_bench(args):
                 run = (lambda r: lambda: r.pp(n, d, seed=seed)) if kind == "pp" else (lambda r: lambda: r.tg(n, d, b, seed=seed))
                 mean, std = bench.measure(run(ours), args.repetitions)
                 row = dict(info, test=name, tps=mean, tps_std=std)
-                if peaks is not None:  # achieved FLOP/s over the GEMM peak (pp), bytes/s over copy bandwidth (tg)
-                    row["roofline"] = (bench.prompt_flops(cfg, n, d) / n * mean / (peaks["tflops"] * 1e12) if kind == "pp"
-                                       else bench.decode_bytes(cfg, b, d + n / 2, llm.dtype, args.weight_dtype,
-                                                               cache_bytes) * mean / b / (peaks["gbps"] * 1e9))
+                if peaks is not None:
+                    row["roofline"] = bench.roofline_share(llm, peaks, kind, n, d, b, mean, args.weight_dtype)
                 if base is not None:  # transformers does not depend on our mode or cache: measured once per test
                     if name not in baseline:
                         baseline[name] = bench.measure(run(base), args.repetitions)

@@ -263,6 +263,18 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: 
     return total
 
 
+def roofline_share(llm: LLM, peaks: dict, kind: str, n: int, depth: int, batch: int, tps: float,
+                   weight_dtype: str | None) -> float:
+    """pp: achieved model FLOP/s over the GEMM peak; tg: bytes read per second over the copy bandwidth (the cache
+    averaged over the n generated tokens)."""
+    cfg = llm.config
+    if kind == "pp":
+        return prompt_flops(cfg, n, depth) / n * tps / (peaks["tflops"] * 1e12)
+    cache_bytes = llm.cache.width * llm.cache.layers[0].element_size() * cfg.num_hidden_layers  # per token
+    step = decode_bytes(cfg, batch, depth + n / 2, llm.dtype, weight_dtype, cache_bytes)
+    return step * tps / batch / (peaks["gbps"] * 1e9)
+
+
 def param_count(cfg: ModelConfig) -> float:
     return sum(t.numel() for t in DeepseekModel(cfg, dtype=torch.float16, device="meta").weights().values())
 

@@ -85,9 +85,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", back
                     continue  # multi-token-prediction layers (V3): not used for generation
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
-                if cfg.fp8_block and name.endswith(".weight_scale_inv") and name[:-10] in expected:
-                    weight = name[:-10]  # an fp8 weight's block scales: [rows / block rows, cols / block cols]
-                    scales[weight] = file
+                weight = name.removesuffix("_scale_inv")
+                if cfg.fp8_block and name.endswith(".weight_scale_inv") and weight in expected:
+                    scales[weight] = file  # an fp8 weight's block scales: [rows / block rows, cols / block cols]
                     want = tuple(-(-n // b) for n, b in zip(expected[weight].shape, cfg.fp8_block))
                 elif name in expected:
                     where[name] = file
