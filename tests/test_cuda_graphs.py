@@ -56,16 +56,17 @@ def with_graphs(llm, max_batch=5):
     return graphs, seen
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_padded_bucketed_decode_equals_eager(checkpoint, backend, monkeypatch):
+@pytest.mark.parametrize("backend,weight_dtype", [("torch", None), ("triton", None), ("triton", "int4")])
+def test_padded_bucketed_decode_equals_eager(checkpoint, backend, weight_dtype, monkeypatch):
     """Same tokens and logprobs as the eager engine, batches 3, 2, 1 in buckets 4, 2, 1; the padding rows (token 0
     in the padding block) come out finite although the cache is poisoned with NaN, so they read only what they
     wrote; and the real sequences never see the padding rows' writes. The Triton decode kernel splits the KV axis
-    of the static, max_model_len-wide block tables (3 splits, most of them past a sequence's end)."""
+    of the static, max_model_len-wide block tables (3 splits, most of them past a sequence's end); int4 experts go
+    through the grouped MoE, padding rows included."""
     from kernels import triton_decode
     monkeypatch.setattr(triton_decode, "FORCE_SPLITS", 3)
-    want = generate(make(checkpoint))
-    llm = make(checkpoint, backend=backend)
+    want = generate(make(checkpoint, backend=backend, weight_dtype=weight_dtype))
+    llm = make(checkpoint, backend=backend, weight_dtype=weight_dtype)
     for layer in llm.cache.layers:
         layer.fill_(float("nan"))  # an unwritten slot read by anyone poisons its row
     graphs, seen = with_graphs(llm)
