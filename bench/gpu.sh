@@ -2,7 +2,7 @@
 # Everything a GPU session checks and measures, in three calls that each fit the device tool's 10-minute limit:
 #   bash bench/gpu.sh check    # bf16 GPU tests (pytest -m gpu), then the attention kernel benchmark
 #   bash bench/gpu.sh engine   # engine vs transformers on DeepSeek-V2-Lite shapes: PP, TG, with the roofline
-#   bash bench/gpu.sh graphs   # CUDA graphs vs eager TG, pp16384 absorbed vs expanded, the crossover (mla tune)
+#   bash bench/gpu.sh graphs   # CUDA graphs vs eager TG, pp16384 absorbed vs expanded, mla tune, --serve 256
 # Output goes to $OUT (the device tool's folder) or bench/results/gpu, one file per step. The random-weight
 # checkpoint (bf16, LAYERS layers, default all 27) is written once to $CKPT and reused while the machine lives.
 set -uo pipefail
@@ -39,6 +39,7 @@ graphs)
   mla bench -m "$CKPT" -p 0 -n 64 -d 512 -b 1,16,64 -r 3 --roofline --enforce-eager 2>&1 | tee "$out/tg-eager.md"
   mla bench -m "$CKPT" -p 16384 -n 0 -r 3 --attn-mode absorbed,expanded --roofline 2>&1 | tee "$out/pp16384.md"
   mla tune -m "$CKPT" --no-save 2>&1 | tee "$out/tune.md"
+  mla bench -m "$CKPT" --serve 256 --prompt-lens 16,1024 --gen-lens 16,256 2>&1 | tee "$out/serve.txt"
   ;;
 *) echo "usage: bash bench/gpu.sh check|engine|graphs" >&2; exit 2 ;;
 esac
