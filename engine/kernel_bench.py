@@ -143,7 +143,6 @@ def copy_bandwidth(device, timer: Timer, nbytes: int) -> dict:
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = timer(lambda: dst.copy_(src), flush=False)  # far larger than any cache
-    del src, dst
     return dict(bytes=nbytes, time_s=t, gbps=2 * nbytes / t / 1e9)
 
 
@@ -199,7 +198,8 @@ def decode_row(batch: int, ctx: int, fmt: str, dtype, device, backend: str, time
         return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
     g = torch.Generator(device=device).manual_seed(seed)
     per_seq = -(-ctx // BLOCK_SIZE)
-    try:
+
+    def measure():
         cache = _fill_cache(batch * per_seq, fmt, dtype, device, backend, g)
         # each sequence's blocks scattered over the cache, as the block manager leaves them after a while
         perm = torch.randperm(batch * per_seq, device=device, generator=g).to(torch.int32)
@@ -209,20 +209,25 @@ def decode_row(batch: int, ctx: int, fmt: str, dtype, device, backend: str, time
         q_lat = torch.randn(batch, HEADS, KV_LORA_RANK, device=device, generator=g).mul_(KV_LORA_RANK ** -0.5).to(dtype)
         q_pe = torch.randn(batch, HEADS, ROPE_DIM, device=device, generator=g).to(dtype)
         scale = QK_DIM ** -0.5
+        t = timer(lambda: kernels.mla_decode(q_lat, q_pe, cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                                             backend=backend))
+        nbytes = batch * ctx * bpt + batch * HEADS * (KV_LORA_RANK + ROPE_DIM) * elt + batch * HEADS * KV_LORA_RANK * elt
+        return dict(bytes=nbytes, time_s=t, gbps=nbytes / t / 1e9)
+    return _unless_oom(row, device, measure)
 
-        def call():
-            return kernels.mla_decode(q_lat, q_pe, cache, block_tables, cu_seqlens_q, seq_lens, scale, backend=backend)
-        t = timer(call)
-    except RuntimeError as e:  # the estimate of what fits was short: say so in the row, go on with the next
+
+def _unless_oom(row: dict, device, measure) -> dict:
+    """row with measure()'s figures; when the estimate of what fits was short (out of memory), a skipped row, so
+    that the run goes on with the next. measure's tensors are gone when it returns, and CUDA's cache is emptied."""
+    try:
+        return dict(row, skipped=None, **measure())
+    except RuntimeError as e:
         if not _is_oom(e):
             raise
         return dict(row, skipped="out of memory")
     finally:
-        cache = block_tables = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    nbytes = batch * ctx * bpt + batch * HEADS * (KV_LORA_RANK + ROPE_DIM) * elt + batch * HEADS * KV_LORA_RANK * elt
-    return dict(row, skipped=None, bytes=nbytes, time_s=t, gbps=nbytes / t / 1e9)
 
 
 # ---- expanded prefill -----------------------------------------------------------------------------------------------
@@ -268,7 +273,8 @@ def prefill_row(S: int, dtype, device, backend: str, timer: Timer, seed: int = 0
         return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
     g = torch.Generator(device=device).manual_seed(seed)
     blocks = -(-S // BLOCK_SIZE)
-    try:
+
+    def measure():
         cache = _fill_cache(blocks, _dtype_name(dtype), dtype, device, backend, g)
         block_tables = torch.arange(blocks, dtype=torch.int32, device=device)[None]
         cu_seqlens_q = torch.tensor([0, S], dtype=torch.int32, device=device)
@@ -302,16 +308,10 @@ def prefill_row(S: int, dtype, device, backend: str, timer: Timer, seed: int = 0
                 raise
             pad_v = True
         t_sdpa = timer(lambda: sdpa_call(pad_v))
-    except RuntimeError as e:  # the estimate of what fits was short: say so in the row, go on with the next
-        if not _is_oom(e):
-            raise
-        return dict(row, skipped="out of memory")
-    finally:
-        cache = lat = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return dict(row, skipped=None, time_s=t_ours, tflops=fl["total"] / t_ours / 1e12, sdpa_time_s=t_sdpa,
-                sdpa_tflops=fl["total"] / t_sdpa / 1e12, sdpa_v_dim=QK_DIM if pad_v else V_DIM, ratio=t_sdpa / t_ours)
+        return dict(time_s=t_ours, tflops=fl["total"] / t_ours / 1e12, sdpa_time_s=t_sdpa,
+                    sdpa_tflops=fl["total"] / t_sdpa / 1e12, sdpa_v_dim=QK_DIM if pad_v else V_DIM,
+                    ratio=t_sdpa / t_ours)
+    return _unless_oom(row, device, measure)
 
 
 # ---- expansion GEMM vs peak -----------------------------------------------------------------------------------------

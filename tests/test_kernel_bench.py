@@ -78,3 +78,21 @@ def test_bad_values_give_one_line_errors(capsys, argv, needle):
     err = [l for l in out.err.strip().splitlines() if l.strip()]
     assert code != 0 and len(err) == 1 and needle in err[0], out.err
     assert out.out == ""
+
+
+def test_rows_that_run_out_of_memory_are_skipped_not_fatal(monkeypatch):
+    import torch
+    timer = kernel_bench.Timer(torch.device("cpu"), min_reps=1, target_s=0.0)
+
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+    monkeypatch.setattr(kernel_bench, "_fill_cache", oom)
+    for row in (kernel_bench.decode_row(1, 64, "float32", torch.float32, torch.device("cpu"), "torch", timer),
+                kernel_bench.prefill_row(64, torch.float32, torch.device("cpu"), "torch", timer)):
+        assert row["skipped"] == "out of memory"
+
+    def broken(*a, **k):
+        raise RuntimeError("some other failure")
+    monkeypatch.setattr(kernel_bench, "_fill_cache", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        kernel_bench.decode_row(1, 64, "float32", torch.float32, torch.device("cpu"), "torch", timer)
