@@ -1,10 +1,15 @@
 """mla: command-line front end. Argument parsing and printing only; the work is in engine/."""
 import argparse
 import os
+import re
 import sys
 import time
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "default")
+from engine.config import ATTN_MODES, BACKENDS, DTYPES, KV_CACHE_DTYPES, WEIGHT_DTYPES, EngineConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(HERE, "models", "default")
+V2_LITE_CONFIG = os.path.join(HERE, "bench", "configs", "deepseek-v2-lite.json")
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,16 +30,18 @@ def _at_least(lo, cast=int):
     return parse
 
 
+def _device(s):
+    if s == "cpu" or re.fullmatch(r"cuda(:\d+)?", s):
+        return s
+    raise argparse.ArgumentTypeError(f"{s!r} is not cpu, cuda or cuda:N")
+
+
 def _int_at_least(lo):
     return _at_least(lo, int)
 
 
 def _float_at_least(lo):
     return _at_least(lo, float)
-
-
-ATTN_MODES = ["auto", "absorbed", "expanded"]
-CACHE_DTYPES = ["auto", "bfloat16", "float16", "float32", "int8", "fp8"]
 
 
 def _choice_list(allowed):
@@ -50,19 +57,19 @@ def _choice_list(allowed):
 def add_engine_args(p, lists=False):
     """lists: --attn-mode and --kv-cache-dtype take comma-separated lists (bench compares them in one run)."""
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="checkpoint folder (default: the embedded model)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     if lists:
         p.add_argument("--attn-mode", type=_choice_list(ATTN_MODES), default=["auto"], help="e.g. absorbed,expanded,auto")
-        p.add_argument("--kv-cache-dtype", type=_choice_list(CACHE_DTYPES), default=["auto"], help="e.g. auto,int8,fp8")
+        p.add_argument("--kv-cache-dtype", type=_choice_list(KV_CACHE_DTYPES), default=["auto"], help="e.g. auto,int8,fp8")
     else:
         p.add_argument("--attn-mode", default="auto", choices=ATTN_MODES)
-        p.add_argument("--kv-cache-dtype", default="auto", choices=CACHE_DTYPES)
+        p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--mla-threshold", type=_int_at_least(1), default=None,
                    help="query tokens from which auto uses the expanded path")
     p.add_argument("--kv-cache-gib", type=_float_at_least(1e-6), default=None, help="KV cache memory budget in GiB")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
-    p.add_argument("--weight-dtype", default=None, choices=["int8", "int4"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES,
                    help="weight-only quantization of every linear and expert at load")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
@@ -107,7 +114,8 @@ def build_parser():
     b.add_argument("--prompt-lens", type=_int_list(1), default=[16, 512], help="range of prompt lengths (--serve)")
     b.add_argument("--gen-lens", type=_int_list(1), default=[16, 128], help="range of output lengths (--serve)")
     b.add_argument("--kernels", action="store_true",
-                   help="instead of the model: the attention kernels alone vs copy bandwidth, SDPA and matmul peak")
+                   help="instead of the model: the attention kernels alone vs copy bandwidth, SDPA and matmul peak, "
+                        "at the shapes of --config (default: DeepSeek-V2-Lite)")
     b.add_argument("--kernel-batch", type=_int_list(1), default=None,
                    help="decode batch sizes (--kernels; default 1,8,64 on CUDA, 1,8 on the CPU)")
     b.add_argument("--kernel-ctx", type=_int_list(1), default=None,
@@ -138,11 +146,18 @@ def _int_list(lo):
     return parse
 
 
-def make_llm(args):
+def engine_config(args, **overrides) -> EngineConfig:
+    """The engine settings the flags give (the one place that maps flags to EngineConfig fields)."""
+    fields = dict(model=args.model, device=args.device, dtype=args.dtype, attn_mode=args.attn_mode,
+                  kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, mla_threshold=args.mla_threshold,
+                  kv_cache_memory_gib=args.kv_cache_gib, weight_dtype=args.weight_dtype,
+                  enforce_eager=args.enforce_eager)
+    return EngineConfig(**{**fields, **overrides})
+
+
+def make_llm(args, **overrides):
     from engine import LLM
-    return LLM(args.model, device=args.device, dtype=args.dtype, attn_mode=args.attn_mode,
-               kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, mla_threshold=args.mla_threshold,
-               kv_cache_memory_gib=args.kv_cache_gib, weight_dtype=args.weight_dtype, enforce_eager=args.enforce_eager)
+    return LLM(engine_config(args, **overrides))
 
 
 def sampling_params(args):
@@ -157,13 +172,14 @@ def cmd_generate(args):
     ids = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else llm.encode(args.prompt)
     t0 = time.perf_counter()
     t_first = None
-    for delta in llm.stream(ids, params, prompt=args.prompt):
+    stream = llm.stream(ids, params, prompt=args.prompt)
+    for delta in stream:
         if t_first is None:
             t_first = time.perf_counter()  # the first token comes out of the prefill
         sys.stdout.write(delta)
         sys.stdout.flush()
     t_end = time.perf_counter()
-    out = llm.last_output
+    out = stream.output
     sys.stdout.write("\n")
     n = len(out.token_ids)
     pp = len(ids) / (t_first - t0)
@@ -196,13 +212,13 @@ def cmd_chat(args, read=input, out=sys.stdout):
             continue
         messages.append({"role": "user", "content": line})
         ids = llm.chat_prompt(messages)
+        stream = llm.stream(ids, params, session=session, keep_cache=True)
+        session = stream.seq
         try:
-            for delta in llm.stream(ids, params, session=session, keep_cache=True):
+            for delta in stream:
                 out.write(delta)
                 out.flush()
-            session = llm.current
         except KeyboardInterrupt:  # stop this answer, keep the conversation and its cache
-            session = llm.current
             llm.abort(session)
         out.write("\n")
         messages.append({"role": "assistant", "content": session.text})
@@ -211,11 +227,10 @@ def cmd_chat(args, read=input, out=sys.stdout):
 def _bench_model(args, tmp):
     """--model as given, or a random-weight checkpoint of --config's shapes written to tmp."""
     if args.config:
-        import torch
         from engine.bench import random_checkpoint
-        # the dtype the engine will run in (auto: bf16 on CUDA, float32 on the CPU), so auto reads it back
-        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
+        # in the dtype the engine will run in, so that auto reads it back
+        dtype = engine_config(args, model=args.config, attn_mode="auto", kv_cache_dtype="auto").resolve(
+            plan_memory=False).torch_dtype
         return random_checkpoint(args.config, tmp, layers=args.layers, experts=args.experts, dtype=dtype,
                                  need_copies=2 if getattr(args, "baseline", "none") == "transformers" else 1)
     if args.layers or args.experts:
@@ -223,21 +238,28 @@ def _bench_model(args, tmp):
     return args.model
 
 
+def _label(args, model: str) -> str:
+    if not args.config:
+        return os.path.basename(os.path.normpath(model))
+    from models.config import ModelConfig
+    cfg = ModelConfig.from_hf(model)
+    return f"{os.path.basename(args.config)} ({cfg.num_hidden_layers}L, {cfg.n_routed_experts or 0}E)"
+
+
 def cmd_bench(args):
-    import copy
-    import json
     import tempfile
 
     if args.kernels:
         if args.output == "csv":
             raise ValueError("--kernels prints md or json, not csv")
         from engine import kernel_bench
-        r = kernel_bench.run(device=args.device, dtype=args.dtype, backend=args.backend,
-                             kv_cache_dtype=args.kv_cache_dtype, batch=args.kernel_batch, ctx=args.kernel_ctx,
-                             prefill=args.kernel_prefill, min_reps=args.repetitions)
-        print(json.dumps(r, indent=1) if args.output == "json" else kernel_bench.markdown(r))
+        if len(args.kv_cache_dtype) > 1 or len(args.attn_mode) > 1:
+            raise ValueError("--kernels takes one --kv-cache-dtype (auto: the model dtype, int8 and fp8)")
+        config = engine_config(args, model=args.config or V2_LITE_CONFIG, attn_mode="auto", kv_cache_dtype="auto")
+        r = kernel_bench.run(config.resolve(plan_memory=False), args.kv_cache_dtype[0], batch=args.kernel_batch,
+                             ctx=args.kernel_ctx, prefill=args.kernel_prefill, min_reps=args.repetitions)
+        print(kernel_bench.report(r, args.output))
         return
-    import torch
     from engine import bench
     if args.baseline == "transformers" and args.kv_cache_gib is None:
         args.kv_cache_gib = 4.0  # on a GPU the default (85% of free memory) would leave transformers no room
@@ -246,80 +268,18 @@ def cmd_bench(args):
         raise ValueError("--serve takes one --attn-mode and one --kv-cache-dtype")
     tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
     tests += [("tg", n, d, b) for n in args.n_gen if n for d in args.depth for b in args.batch]
-    rows, baseline = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        args.model = _bench_model(args, tmp)
-        base = peaks = None
-        bar = bench.tqdm(total=len(tests) * len(combos), desc="bench", file=sys.stderr, leave=False)
-        for mode, cache in combos:
-            one = copy.copy(args)
-            one.attn_mode, one.kv_cache_dtype = mode, cache
-            llm = make_llm(one)
-            if args.serve:
-                r = bench.serve(llm, args.serve, _range(args.prompt_lens, "--prompt-lens"),
-                                _range(args.gen_lens, "--gen-lens"))
-                print(json.dumps(r, indent=1) if args.output == "json" else
-                      f"{r['requests']} requests, {r['prompt_tokens']} prompt + {r['output_tokens']} output tokens in "
-                      f"{r['wall_s']:.2f} s: {r['total_tps']:.1f} tok/s total, {r['output_tps']:.1f} output tok/s; "
-                      f"TTFT p50/p90/p99 {r['ttft_p50_s']:.2f}/{r['ttft_p90_s']:.2f}/{r['ttft_p99_s']:.2f} s; "
-                      f"latency p50/p90/p99 {r['e2e_p50_s']:.2f}/{r['e2e_p90_s']:.2f}/{r['e2e_p99_s']:.2f} s")
-                return
-            if args.baseline == "transformers" and base is None:
-                base = bench.TransformersRunner(args.model, llm.device, llm.dtype)
-            ours, cfg = bench.EngineRunner(llm), llm.config
-            if args.roofline and peaks is None:
-                peaks = bench.device_peaks(llm.device, llm.dtype)
-                print(f"roofline: {peaks['tflops']:.2f} TFLOP/s ({str(llm.dtype).removeprefix('torch.')} GEMM), "
-                      f"{peaks['gbps']:.1f} GB/s copy", file=sys.stderr)
-            info = dict(model=os.path.basename(os.path.normpath(args.config or args.model)) +
-                        (f" ({cfg.num_hidden_layers}L, {cfg.n_routed_experts or 0}E)" if args.config else ""),
-                        params=bench.fmt_params(bench.param_count(cfg)),
-                        device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
-                        dtype=str(llm.dtype).removeprefix("torch."), weights=args.weight_dtype or "-",
-                        cache=cache if cache in ("int8", "fp8") else str(llm.cache.dtype).removeprefix("torch."),
-                        mode=mode)
-            for kind, n, d, b in tests:
-                name = f"{kind}{n}" + (f" @ d{d}" if d else "") + (f" x{b}" if b > 1 else "")
-                seed = len(rows)
-                run = (lambda r: lambda: r.pp(n, d, seed=seed)) if kind == "pp" else (lambda r: lambda: r.tg(n, d, b, seed=seed))
-                mean, std = bench.measure(run(ours), args.repetitions)
-                row = dict(info, test=name, tps=mean, tps_std=std)
-                if peaks is not None:
-                    row["roofline"] = bench.roofline_share(llm, peaks, kind, n, d, b, mean, args.weight_dtype)
-                if base is not None:  # transformers does not depend on our mode or cache: measured once per test
-                    if name not in baseline:
-                        baseline[name] = bench.measure(run(base), args.repetitions)
-                    ref = baseline[name]
-                    row.update(baseline_tps=ref[0], baseline_std=ref[1],
-                               ratio=mean / ref[0] if ref[0] == ref[0] else float("nan"))
-                rows.append(row)
-                bar.update()
-            del llm, ours
-        bar.close()
-    if args.output == "json":
-        print(json.dumps(rows, indent=1))
-    elif args.output == "csv":
-        keys = list(rows[0])
-        print(",".join(keys))
-        for r in rows:
-            print(",".join(str(r[k]) for k in keys))
-    else:
-        head = ["model", "params", "device", "dtype", "weights", "cache", "mode", "test", "t/s"]
-        if peaks is not None:
-            head += ["roofline"]
-        if base is not None:
-            head += ["transformers t/s", "ratio"]
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in rows:
-            cells = [r[k] for k in ("model", "params", "device", "dtype", "weights", "cache", "mode", "test")]
-            cells.append(f"{r['tps']:.2f} ± {r['tps_std']:.2f}")
-            if peaks is not None:
-                cells.append(f"{100 * r['roofline']:.0f}%")
-            if base is not None:
-                cells += [f"{bench.nan_safe(r['baseline_tps'])} ± {bench.nan_safe(r['baseline_std'])}",
-                          bench.nan_safe(r["ratio"])]
-            print("| " + " | ".join(cells) + " |")
+        model = _bench_model(args, tmp)
+        configs = [engine_config(args, model=model, attn_mode=m, kv_cache_dtype=c) for m, c in combos]
+        if args.serve:
+            from engine import LLM
+            r = bench.serve(LLM(configs[0]), args.serve, _range(args.prompt_lens, "--prompt-lens"),
+                            _range(args.gen_lens, "--gen-lens"))
+            print(bench.serve_report(r, args.output))
+            return
+        rows = bench.run(configs, tests, args.repetitions, _label(args, model),
+                         baseline=args.baseline == "transformers", with_roofline=args.roofline)
+    print(bench.table(rows, args.output))
 
 
 def _range(values, flag):
@@ -331,21 +291,15 @@ def _range(values, flag):
 def cmd_tune(args):
     import tempfile
 
-    from engine import bench
+    from engine import tune
+    from engine.config import save_tuned_threshold
     with tempfile.TemporaryDirectory() as tmp:
-        args.model = _bench_model(args, tmp)
-        args.attn_mode = "auto"
-        llm = make_llm(args)
-        rows = bench.tune(llm, args.depth, args.q_lens, reps=args.repetitions)
-    print("| depth | q tokens | absorbed ms | expanded ms | expanded / absorbed |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['depth']} | {r['q']} | {r['absorbed'] * 1e3:.2f} | {r['expanded'] * 1e3:.2f} | "
-              f"{r['expanded'] / r['absorbed']:.2f} |")
-    threshold = bench.crossover(rows)
+        llm = make_llm(args, model=_bench_model(args, tmp), attn_mode="auto")
+        rows = tune.tune(llm, args.depth, args.q_lens, reps=args.repetitions)
+    print(tune.markdown(rows))
+    threshold = tune.crossover(rows)
     print(f"crossover: expanded from {threshold} query tokens on {llm.device.type}")
     if not args.no_save:
-        from engine.llm import save_tuned_threshold
         print(f"saved to {save_tuned_threshold(llm.device, threshold)}: mla_threshold auto uses it on this device kind")
 
 
@@ -360,10 +314,9 @@ def cmd_perplexity(args):
         raise ValueError(f"--file {args.file}: the file is empty")
     llm = make_llm(args)
     r = perplexity(llm, llm.encode(text), args.ctx)
-    cache = args.kv_cache_dtype if args.kv_cache_dtype in ("int8", "fp8") else str(llm.cache.dtype).removeprefix("torch.")
+    c = llm.config
     print(f"PPL = {r['ppl']:.4f} +/- {r['ppl_stderr']:.4f} ({r['tokens']} tokens scored in {r['chunks']} chunks "
-          f"of {args.ctx}, {str(llm.dtype).removeprefix('torch.')} activations, {args.weight_dtype or 'float'} weights, "
-          f"{cache} KV cache)")
+          f"of {args.ctx}, {c.dtype} activations, {c.weight_dtype or 'float'} weights, {c.kv_cache_dtype} KV cache)")
 
 
 def main(argv=None):

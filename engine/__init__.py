@@ -1,5 +1,6 @@
-from .llm import LLM
+from .config import EngineConfig
+from .llm import LLM, RequestStream
 from .sampling_params import SamplingParams
 from .sequence import Logprob, RequestOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "Logprob"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "RequestStream", "Logprob"]

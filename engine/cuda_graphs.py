@@ -24,13 +24,13 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_caches: list[torch.Tensor], pad_block: int, block_size: int, max_batch: int,
-                 max_blocks: int, capture: bool = True):
+    def __init__(self, model, cache, block_size: int, max_batch: int, max_blocks: int, capture: bool = True):
         """capture=False replays by running the forward pass on the static buffers: the same padding and buffers
         without CUDA, which is how the CPU tests check everything but the capture itself."""
         self.device = dev = model.device
-        self.model, self.kv_caches, self.capture = model, kv_caches, capture
-        self.pad_block, self.block_size = pad_block, block_size
+        self.model, self.cache, self.capture = model, cache, capture
+        self.pad_block = pad_block = cache.pad_block
+        self.block_size = block_size
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         i64, i32 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.int32, device=dev)
         self.tokens = torch.zeros(3, max_batch, **i64)  # input ids, positions, slots
@@ -88,7 +88,7 @@ class DecodeGraphs:
         meta = AttnMetadata(positions=positions, slot_mapping=slots, absorbed=group, expanded=None)
 
         def step():
-            return self.model.forward(ids, meta, self.kv_caches)
+            return self.model.forward(ids, meta, self.cache)
 
         if not self.capture:
             return step

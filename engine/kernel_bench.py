@@ -1,4 +1,5 @@
-"""mla bench --kernels: the attention kernels alone, at DeepSeek-V2-Lite shapes, against what the device can do.
+"""mla bench --kernels: the attention kernels alone, at a model's shapes (--config; DeepSeek-V2-Lite by default), against
+what the device can do.
 
 Four measurements, all in one run on one device (DESIGN.md section 5: speed claims are ratios taken in the same run):
   copy     the device's memory bandwidth, from one large dst.copy_(src): 2 * bytes / time (read + write)
@@ -9,7 +10,9 @@ Four measurements, all in one run on one device (DESIGN.md section 5: speed clai
   gemm     the expansion GEMM alone (torch.matmul), against a large square matmul: the device's reachable peak
 The numbers are medians; on CUDA each call is timed with CUDA events after a write that flushes the L2 cache, so a
 small cache cannot be served from L2 in the second and later repetitions."""
+import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -19,12 +22,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import kernels
-from kvcache.cache import packed_bytes_per_token
+from kernels import CacheFormat
 from models.loader import available_memory
 
-# DeepSeek-V2-Lite attention shapes
-HEADS, KV_LORA_RANK, ROPE_DIM, NOPE_DIM, V_DIM, BLOCK_SIZE = 16, 512, 64, 128, 128, 64
-QK_DIM = NOPE_DIM + ROPE_DIM  # 192
+from .config import EngineConfig
 
 DEFAULTS = {
     "cuda": dict(batch=[1, 8, 64], ctx=[1024, 4096, 16384, 65536], prefill=[512, 4096, 16384],
@@ -34,10 +35,6 @@ DEFAULTS = {
 MAX_REPS = 100
 FILL_CHUNK = 1 << 18  # tokens written into a cache per write_latent call
 MEMORY_MARGIN = 0.85  # use at most this fraction of the free memory
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -84,44 +81,6 @@ class Timer:
         return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
 
 
-def resolve(device=None, dtype="auto", backend="auto"):
-    """(device, model dtype, backend) with the defaults: cuda when present, bf16 there and float32 on the CPU, Triton
-    on CUDA and the torch reference otherwise."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device}: not a device") from None
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device {device}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, dtype)
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda":
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1, which is very slow)")
-    return device, dtype, backend
-
-
-def device_info(device: torch.device, dtype, backend: str) -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return dict(device=device.type, device_name=name, dtype=_dtype_name(dtype), backend=backend,
-                torch=torch.__version__, triton=triton_version, heads=HEADS, kv_lora_rank=KV_LORA_RANK,
-                rope_dim=ROPE_DIM, block_size=BLOCK_SIZE, threads=torch.get_num_threads())
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -146,74 +105,155 @@ def copy_bandwidth(device, timer: Timer, nbytes: int) -> dict:
     return dict(bytes=nbytes, time_s=t, gbps=2 * nbytes / t / 1e9)
 
 
-# ---- absorbed decode ------------------------------------------------------------------------------------------------
-def cache_formats(dtype, kv_cache_dtype="auto") -> list[str]:
-    """The model dtype, int8 and fp8 ("auto"), or the one format asked for."""
-    names = [kv_cache_dtype] if isinstance(kv_cache_dtype, str) else list(kv_cache_dtype)  # bench passes a list
-    if names == ["auto"]:
-        return [_dtype_name(dtype), "int8", "fp8"]
-    return [_dtype_name(dtype) if n == "auto" else n for n in names]
+class KernelBench:
+    """The kernel measurements at one model's attention shapes on one device, dtype and backend."""
 
+    def __init__(self, config: EngineConfig, timer: Timer, block_size: int = 64):
+        cfg = config.model_config
+        self.config, self.timer = config, timer
+        self.device, self.dtype, self.backend = config.torch_device, config.torch_dtype, config.backend
+        self.H, self.R, self.DR = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.DN, self.DV, self.BS = cfg.qk_nope_head_dim, cfg.v_head_dim, block_size
+        self.QK = self.DN + self.DR
 
-def bytes_per_token(fmt: str, dtype) -> int:
-    if fmt in ("int8", "fp8"):
-        return packed_bytes_per_token(fmt, KV_LORA_RANK, ROPE_DIM, dtype)
-    return (KV_LORA_RANK + ROPE_DIM) * getattr(torch, fmt).itemsize
+    def info(self) -> dict:
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        device = self.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+        return dict(device=device.type, device_name=name, dtype=self.config.dtype, backend=self.backend,
+                    torch=torch.__version__, triton=triton_version, model=self.config.model, heads=self.H,
+                    kv_lora_rank=self.R, rope_dim=self.DR, block_size=self.BS, threads=torch.get_num_threads())
 
+    def cache_format(self, name: str) -> CacheFormat:
+        return CacheFormat(name, self.R, self.DR, self.dtype)
 
-def _decode_need(batch: int, ctx: int, fmt: str, dtype, backend: str) -> int:
-    """Bytes one configuration allocates: the cache, the filling chunk, and what the torch path copies."""
-    blocks = batch * -(-ctx // BLOCK_SIZE)
-    cache = blocks * BLOCK_SIZE * bytes_per_token(fmt, dtype)
-    elt = dtype.itemsize
-    need = cache + min(FILL_CHUNK, blocks * BLOCK_SIZE) * (KV_LORA_RANK + ROPE_DIM) * 4 * 2
-    if backend == "torch":
-        if fmt in ("int8", "fp8"):  # the reference runs on the dequantized blocks of the whole batch
-            need += blocks * BLOCK_SIZE * (KV_LORA_RANK + ROPE_DIM) * elt * 2
-        need += ctx * (KV_LORA_RANK + ROPE_DIM) * elt + 3 * HEADS * ctx * 4  # one sequence's gathered rows, scores
-    return need
+    # ---- absorbed decode ----------------------------------------------------------------------------------------
+    def _decode_need(self, batch: int, ctx: int, fmt: CacheFormat) -> int:
+        """Bytes one configuration allocates: the cache, the filling chunk, and what the torch path copies."""
+        blocks = batch * -(-ctx // self.BS)
+        W, elt = self.R + self.DR, self.dtype.itemsize
+        need = blocks * self.BS * fmt.bytes_per_token + min(FILL_CHUNK, blocks * self.BS) * W * 4 * 2
+        if self.backend == "torch":
+            if fmt.packed:  # the reference runs on the dequantized blocks of the whole batch
+                need += blocks * self.BS * W * elt * 2
+            need += ctx * W * elt + 3 * self.H * ctx * 4  # one sequence's gathered rows, scores
+        return need
 
+    def _fill_cache(self, num_blocks: int, fmt: CacheFormat, g: torch.Generator):
+        """A paged cache of num_blocks blocks written with kernels.write_latent from random latents (the float
+        formats too, so that every format is filled the same way)."""
+        dev = self.device
+        cache = torch.empty(num_blocks, self.BS, fmt.width, device=dev, dtype=fmt.dtype)
+        slots = num_blocks * self.BS
+        for s0 in range(0, slots, FILL_CHUNK):
+            s1 = min(slots, s0 + FILL_CHUNK)
+            c_kv = torch.randn(s1 - s0, self.R, device=dev, generator=g).to(self.dtype)  # RMSNorm'd: unit scale
+            k_pe = torch.randn(s1 - s0, self.DR, device=dev, generator=g).to(self.dtype)
+            kernels.write_latent(cache, torch.arange(s0, s1, device=dev), c_kv, k_pe, fmt, backend=self.backend)
+        return cache
 
-def _fill_cache(num_blocks: int, fmt: str, dtype, device, backend: str, g: torch.Generator):
-    """A paged cache of num_blocks blocks written with kernels.write_latent from random latents (the float formats
-    too, so that every format is filled the same way)."""
-    width = bytes_per_token(fmt, dtype) if fmt in ("int8", "fp8") else KV_LORA_RANK + ROPE_DIM
-    cache = torch.empty(num_blocks, BLOCK_SIZE, width, device=device,
-                        dtype=torch.uint8 if fmt in ("int8", "fp8") else getattr(torch, fmt))
-    slots = num_blocks * BLOCK_SIZE
-    for s0 in range(0, slots, FILL_CHUNK):
-        s1 = min(slots, s0 + FILL_CHUNK)
-        c_kv = torch.randn(s1 - s0, KV_LORA_RANK, device=device, generator=g).to(dtype)  # RMSNorm'd: unit scale
-        k_pe = torch.randn(s1 - s0, ROPE_DIM, device=device, generator=g).to(dtype)
-        kernels.write_latent(cache, torch.arange(s0, s1, device=device), c_kv, k_pe, backend=backend)
-    return cache
+    def decode_row(self, batch: int, ctx: int, fmt_name: str, seed: int = 0) -> dict:
+        fmt, dev, H, R, DR = self.cache_format(fmt_name), self.device, self.H, self.R, self.DR
+        elt = self.dtype.itemsize
+        row = dict(batch=batch, ctx=ctx, cache=fmt_name, bytes_per_token=fmt.bytes_per_token)
+        need, free = self._decode_need(batch, ctx, fmt), available_memory(dev)
+        if need > free * MEMORY_MARGIN:
+            return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+        g = torch.Generator(device=dev).manual_seed(seed)
+        per_seq = -(-ctx // self.BS)
 
+        def measure():
+            cache = self._fill_cache(batch * per_seq, fmt, g)
+            # each sequence's blocks scattered over the cache, as the block manager leaves them after a while
+            block_tables = torch.randperm(batch * per_seq, device=dev, generator=g).to(torch.int32).view(batch, per_seq)
+            cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=dev)  # one query token per sequence
+            seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+            q_lat = torch.randn(batch, H, R, device=dev, generator=g).mul_(R ** -0.5).to(self.dtype)
+            q_pe = torch.randn(batch, H, DR, device=dev, generator=g).to(self.dtype)
+            t = self.timer(lambda: kernels.mla_decode(q_lat, q_pe, cache, block_tables, cu_seqlens_q, seq_lens,
+                                                      self.QK ** -0.5, fmt, backend=self.backend))
+            nbytes = batch * ctx * fmt.bytes_per_token + batch * H * (R + DR) * elt + batch * H * R * elt
+            return dict(bytes=nbytes, time_s=t, gbps=nbytes / t / 1e9)
+        return _unless_oom(row, dev, measure)
 
-def decode_row(batch: int, ctx: int, fmt: str, dtype, device, backend: str, timer: Timer, seed: int = 0) -> dict:
-    bpt = bytes_per_token(fmt, dtype)
-    elt = dtype.itemsize
-    row = dict(batch=batch, ctx=ctx, cache=fmt, bytes_per_token=bpt)
-    need, free = _decode_need(batch, ctx, fmt, dtype, backend), available_memory(device)
-    if need > free * MEMORY_MARGIN:
-        return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
-    g = torch.Generator(device=device).manual_seed(seed)
-    per_seq = -(-ctx // BLOCK_SIZE)
+    # ---- expanded prefill ---------------------------------------------------------------------------------------
+    def prefill_flops(self, S: int) -> dict:
+        """Causal attention counts half the S x S score matrix: QK^T 2 * S * S/2 * H * (nope + rope), PV
+        2 * S * S/2 * H * v; the expansion is one GEMM [S, R] x [R, H * (nope + v)]."""
+        attn = 2 * S * S / 2 * self.H * self.QK + 2 * S * S / 2 * self.H * self.DV
+        expand = 2 * S * self.R * self.H * (self.DN + self.DV)
+        return dict(attn=attn, expand=expand, total=attn + expand)
 
-    def measure():
-        cache = _fill_cache(batch * per_seq, fmt, dtype, device, backend, g)
-        # each sequence's blocks scattered over the cache, as the block manager leaves them after a while
-        perm = torch.randperm(batch * per_seq, device=device, generator=g).to(torch.int32)
-        block_tables = perm.view(batch, per_seq)
-        cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=device)  # one query token per sequence
-        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-        q_lat = torch.randn(batch, HEADS, KV_LORA_RANK, device=device, generator=g).mul_(KV_LORA_RANK ** -0.5).to(dtype)
-        q_pe = torch.randn(batch, HEADS, ROPE_DIM, device=device, generator=g).to(dtype)
-        scale = QK_DIM ** -0.5
-        t = timer(lambda: kernels.mla_decode(q_lat, q_pe, cache, block_tables, cu_seqlens_q, seq_lens, scale,
-                                             backend=backend))
-        nbytes = batch * ctx * bpt + batch * HEADS * (KV_LORA_RANK + ROPE_DIM) * elt + batch * HEADS * KV_LORA_RANK * elt
-        return dict(bytes=nbytes, time_s=t, gbps=nbytes / t / 1e9)
-    return _unless_oom(row, device, measure)
+    def _prefill_need(self, S: int) -> int:
+        elt, H, QK, DN, DV = self.dtype.itemsize, self.H, self.QK, self.DN, self.DV
+        need = S * (self.R + self.DR) * elt  # cache
+        need += S * H * (QK * 3 + DV * 3 + DN + DV) * elt  # q, k, v, padded v, expansion, outputs
+        need += min(S, 8192) * H * (DN + DV) * elt * 2  # our workspace / reference chunks
+        if self.device.type == "cpu":  # SDPA's CPU path may build the whole score matrix
+            need += S * S * H * 4 * 2
+        return need
+
+    def prefill_row(self, S: int, seed: int = 0) -> dict:
+        dev, H, R, DR, DN, DV, QK = self.device, self.H, self.R, self.DR, self.DN, self.DV, self.QK
+        fl = self.prefill_flops(S)
+        row = dict(tokens=S, flops=fl["total"], attn_flops=fl["attn"], expand_flops=fl["expand"])
+        need, free = self._prefill_need(S), available_memory(dev)
+        if need > free * MEMORY_MARGIN:
+            return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+        g = torch.Generator(device=dev).manual_seed(seed)
+        blocks = -(-S // self.BS)
+        fmt = self.cache_format(self.config.dtype)
+
+        def measure():
+            cache = self._fill_cache(blocks, fmt, g)
+            block_tables = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
+            cu_seqlens_q = torch.tensor([0, S], dtype=torch.int32, device=dev)
+            seq_lens = torch.tensor([S], dtype=torch.int32, device=dev)
+            q_nope = torch.randn(S, H, DN, device=dev, generator=g).to(self.dtype)
+            q_pe = torch.randn(S, H, DR, device=dev, generator=g).to(self.dtype)
+            w_kv_b = (torch.randn(H * (DN + DV), R, device=dev, generator=g) * R ** -0.5).to(self.dtype)
+            scale = QK ** -0.5
+            t_ours = self.timer(lambda: kernels.mla_prefill(q_nope, q_pe, cache, block_tables, cu_seqlens_q,
+                                                            seq_lens, w_kv_b, scale, fmt, backend=self.backend))
+
+            # the baseline: the same expansion with torch.matmul, K = [k_nope | shared k_pe], then SDPA
+            lat = cache.view(-1, R + DR)[:S]
+            q = torch.cat((q_nope, q_pe), -1).transpose(0, 1)[None]  # [1, H, S, QK], built once: not part of the work
+            backends = _sdpa_backends(dev)
+
+            def sdpa_call(pad_v: bool):
+                kv = (lat[:, :R] @ w_kv_b.T).view(S, H, DN + DV)  # [S, H, nope + v]
+                k = torch.cat((kv[..., :DN], lat[:, None, R:].expand(S, H, DR)), -1)
+                v = kv[..., DN:]
+                if pad_v:  # the fused kernels that want one head dim for Q, K and V
+                    v = F.pad(v, (0, QK - DV))
+                o = _sdpa(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], backends)  # [1, H, S, dv]
+                return o[..., :DV]
+            pad_v = False
+            try:
+                sdpa_call(False)
+            except RuntimeError as e:  # no fused kernel takes V 128 next to Q/K 192 here
+                if _is_oom(e):
+                    raise
+                pad_v = True
+            t_sdpa = self.timer(lambda: sdpa_call(pad_v))
+            return dict(time_s=t_ours, tflops=fl["total"] / t_ours / 1e12, sdpa_time_s=t_sdpa,
+                        sdpa_tflops=fl["total"] / t_sdpa / 1e12, sdpa_v_dim=QK if pad_v else DV,
+                        ratio=t_sdpa / t_ours)
+        return _unless_oom(row, dev, measure)
+
+    # ---- expansion GEMM vs peak ---------------------------------------------------------------------------------
+    def gemm_row(self, S: int, peak_tflops: float) -> dict:
+        g = torch.Generator(device=self.device).manual_seed(2)
+        lat = torch.randn(S, self.R, device=self.device, generator=g).to(self.dtype)
+        w_kv_b = torch.randn(self.H * (self.DN + self.DV), self.R, device=self.device, generator=g).to(self.dtype)
+        t = self.timer(lambda: torch.matmul(lat, w_kv_b.T))  # [S, R] x [R, H * (nope + v)], as the reference expands
+        flops = self.prefill_flops(S)["expand"]
+        return dict(tokens=S, flops=flops, time_s=t, tflops=flops / t / 1e12, frac_peak=flops / t / 1e12 / peak_tflops)
 
 
 def _unless_oom(row: dict, device, measure) -> dict:
@@ -228,25 +268,6 @@ def _unless_oom(row: dict, device, measure) -> dict:
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-# ---- expanded prefill -----------------------------------------------------------------------------------------------
-def prefill_flops(S: int) -> dict:
-    """Causal attention counts half the S x S score matrix: QK^T 2 * S * S/2 * H * 192, PV 2 * S * S/2 * H * 128;
-    the expansion is one GEMM [S, 512] x [512, H * 256]."""
-    attn = 2 * S * S / 2 * HEADS * QK_DIM + 2 * S * S / 2 * HEADS * V_DIM
-    expand = 2 * S * KV_LORA_RANK * HEADS * (NOPE_DIM + V_DIM)
-    return dict(attn=attn, expand=expand, total=attn + expand)
-
-
-def _prefill_need(S: int, dtype, device) -> int:
-    elt = dtype.itemsize
-    need = S * (KV_LORA_RANK + ROPE_DIM) * elt  # cache
-    need += S * HEADS * (QK_DIM * 3 + V_DIM * 3 + NOPE_DIM + V_DIM) * elt  # q, k, v, padded v, expansion, outputs
-    need += min(S, 8192) * HEADS * (NOPE_DIM + V_DIM) * elt * 2  # our workspace / reference chunks
-    if device.type == "cpu":  # SDPA's CPU path may build the whole score matrix
-        need += S * S * HEADS * 4 * 2
-    return need
 
 
 def _sdpa_backends(device):
@@ -265,56 +286,6 @@ def _sdpa(q, k, v, backends):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def prefill_row(S: int, dtype, device, backend: str, timer: Timer, seed: int = 0) -> dict:
-    fl = prefill_flops(S)
-    row = dict(tokens=S, flops=fl["total"], attn_flops=fl["attn"], expand_flops=fl["expand"])
-    need, free = _prefill_need(S, dtype, device), available_memory(device)
-    if need > free * MEMORY_MARGIN:
-        return dict(row, skipped=f"needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
-    g = torch.Generator(device=device).manual_seed(seed)
-    blocks = -(-S // BLOCK_SIZE)
-
-    def measure():
-        cache = _fill_cache(blocks, _dtype_name(dtype), dtype, device, backend, g)
-        block_tables = torch.arange(blocks, dtype=torch.int32, device=device)[None]
-        cu_seqlens_q = torch.tensor([0, S], dtype=torch.int32, device=device)
-        seq_lens = torch.tensor([S], dtype=torch.int32, device=device)
-        q_nope = torch.randn(S, HEADS, NOPE_DIM, device=device, generator=g).to(dtype)
-        q_pe = torch.randn(S, HEADS, ROPE_DIM, device=device, generator=g).to(dtype)
-        w_kv_b = (torch.randn(HEADS * (NOPE_DIM + V_DIM), KV_LORA_RANK, device=device, generator=g)
-                  * KV_LORA_RANK ** -0.5).to(dtype)
-        scale = QK_DIM ** -0.5
-        t_ours = timer(lambda: kernels.mla_prefill(q_nope, q_pe, cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b,
-                                                   scale, backend=backend))
-
-        # the baseline: the same expansion with torch.matmul, K = [k_nope | shared k_pe], then SDPA
-        lat = cache.view(-1, KV_LORA_RANK + ROPE_DIM)[:S]
-        q = torch.cat((q_nope, q_pe), -1).transpose(0, 1)[None]  # [1, H, S, 192], built once: not part of the work
-        backends = _sdpa_backends(device)
-
-        def sdpa_call(pad_v: bool):
-            kv = (lat[:, :KV_LORA_RANK] @ w_kv_b.T).view(S, HEADS, NOPE_DIM + V_DIM)  # [S, H, 256]
-            k = torch.cat((kv[..., :NOPE_DIM], lat[:, None, KV_LORA_RANK:].expand(S, HEADS, ROPE_DIM)), -1)
-            v = kv[..., NOPE_DIM:]
-            if pad_v:  # the fused kernels that want one head dim for Q, K and V
-                v = F.pad(v, (0, QK_DIM - V_DIM))
-            o = _sdpa(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], backends)  # [1, H, S, dv]
-            return o[..., :V_DIM]
-        pad_v = False
-        try:
-            sdpa_call(False)
-        except RuntimeError as e:  # no fused kernel takes V 128 next to Q/K 192 here
-            if _is_oom(e):
-                raise
-            pad_v = True
-        t_sdpa = timer(lambda: sdpa_call(pad_v))
-        return dict(time_s=t_ours, tflops=fl["total"] / t_ours / 1e12, sdpa_time_s=t_sdpa,
-                    sdpa_tflops=fl["total"] / t_sdpa / 1e12, sdpa_v_dim=QK_DIM if pad_v else V_DIM,
-                    ratio=t_sdpa / t_ours)
-    return _unless_oom(row, device, measure)
-
-
-# ---- expansion GEMM vs peak -----------------------------------------------------------------------------------------
 def peak_matmul(n: int, dtype, device, timer: Timer) -> dict:
     g = torch.Generator(device=device).manual_seed(1)
     a = torch.randn(n, n, device=device, generator=g).to(dtype)
@@ -323,19 +294,12 @@ def peak_matmul(n: int, dtype, device, timer: Timer) -> dict:
     return dict(n=n, flops=2 * n ** 3, time_s=t, tflops=2 * n ** 3 / t / 1e12)
 
 
-def gemm_row(S: int, dtype, device, timer: Timer, peak_tflops: float) -> dict:
-    g = torch.Generator(device=device).manual_seed(2)
-    lat = torch.randn(S, KV_LORA_RANK, device=device, generator=g).to(dtype)
-    w_kv_b = torch.randn(HEADS * (NOPE_DIM + V_DIM), KV_LORA_RANK, device=device, generator=g).to(dtype)
-    t = timer(lambda: torch.matmul(lat, w_kv_b.T))  # [S, 512] x [512, H * 256], as the reference expands
-    flops = prefill_flops(S)["expand"]
-    return dict(tokens=S, flops=flops, time_s=t, tflops=flops / t / 1e12, frac_peak=flops / t / 1e12 / peak_tflops)
-
-
 # ---- the whole run --------------------------------------------------------------------------------------------------
-def run(device=None, dtype="auto", backend="auto", kv_cache_dtype="auto", batch=None, ctx=None, prefill=None,
-        min_reps: int = 3, progress: bool = True) -> dict:
-    device, dtype, backend = resolve(device, dtype, backend)
+def run(config: EngineConfig, kv_cache_dtype: str = "auto", batch=None, ctx=None, prefill=None, min_reps: int = 3,
+        progress: bool = True) -> dict:
+    """config: resolved (device, dtype, backend, the model's shapes). kv_cache_dtype "auto": the model dtype, int8
+    and fp8."""
+    device, dtype = config.torch_device, config.torch_dtype
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("--dtype float16: use float32 or bfloat16 on the CPU")
     d = DEFAULTS[device.type]
@@ -346,31 +310,30 @@ def run(device=None, dtype="auto", backend="auto", kv_cache_dtype="auto", batch=
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timer = Timer(device, min_reps, d["target_s"])
-    out = dict(info=device_info(device, dtype, backend))
+    kb = KernelBench(config, timer)
+    out = dict(info=kb.info())
 
     def bar(items, desc):
         return tqdm(items, desc=desc, file=sys.stderr, leave=False, disable=not progress)
 
     out["copy"] = copy_bandwidth(device, timer, d["copy_bytes"])
     bw = out["copy"]["gbps"]
-    configs = [(b, c, f) for b in batch for c in ctx for f in cache_formats(dtype, kv_cache_dtype)]
+    formats = [config.dtype, "int8", "fp8"] if kv_cache_dtype == "auto" else [kv_cache_dtype]
+    configs = [(b, c, f) for b in batch for c in ctx for f in formats]
     out["decode"] = []
     for i, (b, c, f) in enumerate(bar(configs, "decode")):
-        r = decode_row(b, c, f, dtype, device, backend, timer, seed=i)
+        r = kb.decode_row(b, c, f, seed=i)
         if r["skipped"] is None:
             r["frac_copy_bw"] = r["gbps"] / bw
         out["decode"].append(r)
-    out["prefill"] = [prefill_row(S, dtype, device, backend, timer, seed=i)
-                      for i, S in enumerate(bar(prefill, "prefill"))]
-    items = bar([None] + list(prefill), "gemm")
-    peak = None
-    out["gemm"] = []
-    for S in items:
-        if S is None:
-            peak = out["gemm_peak"] = peak_matmul(d["peak_n"], dtype, device, timer)
-        else:
-            out["gemm"].append(gemm_row(S, dtype, device, timer, peak["tflops"]))
+    out["prefill"] = [kb.prefill_row(S, seed=i) for i, S in enumerate(bar(prefill, "prefill"))]
+    out["gemm_peak"] = peak_matmul(d["peak_n"], dtype, device, timer)
+    out["gemm"] = [kb.gemm_row(S, out["gemm_peak"]["tflops"]) for S in bar(prefill, "gemm")]
     return out
+
+
+def report(r: dict, output: str = "md") -> str:
+    return json.dumps(r, indent=1) if output == "json" else markdown(r)
 
 
 def _sig(x: float) -> str:
@@ -388,7 +351,7 @@ def markdown(r: dict) -> str:
     i = r["info"]
     lines = [f"device: {i['device_name']} | dtype {i['dtype']} | backend {i['backend']} | torch {i['torch']} | "
              f"triton {i['triton'] or '-'} | threads {i['threads']}",
-             f"shapes: DeepSeek-V2-Lite attention, {i['heads']} heads, kv_lora_rank {i['kv_lora_rank']}, "
+             f"shapes: {os.path.basename(i['model'])} attention, {i['heads']} heads, kv_lora_rank {i['kv_lora_rank']}, "
              f"rope {i['rope_dim']}, block size {i['block_size']}", ""]
     c = r["copy"]
     lines += ["## copy bandwidth", "", "| bytes | time ms | GB/s (2 x bytes / time) |", "|---|---|---|",

@@ -5,22 +5,23 @@ from kvcache import BlockManager, LatentCache
 from models.attention import AttnMetadata, SeqGroup
 from models.deepseek import DeepseekModel
 
+from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekModel, cache: LatentCache, blocks: BlockManager, attn_mode: str,
-                 mla_threshold: int, max_model_len: int, max_num_seqs: int, cuda_graphs: bool):
+    def __init__(self, model: DeepseekModel, cache: LatentCache, blocks: BlockManager, config: EngineConfig):
         self.model, self.cache, self.blocks = model, cache, blocks
-        self.attn_mode, self.mla_threshold = attn_mode, mla_threshold
+        self.attn_mode, self.mla_threshold = config.attn_mode, config.mla_threshold
         self.device = model.device
-        model.rope.reserve(max_model_len)  # once, so no forward pass grows (moves) the tables
+        model.rope.reserve(config.max_model_len)  # once, so no forward pass grows (moves) the tables
         self.graphs = None
-        # capturable: the Triton kernels read nothing back on the host
-        if cuda_graphs and self.device.type == "cuda" and model.backend == "triton" and not self.uses_expanded(1):
-            self.graphs = DecodeGraphs(model, cache.layers, cache.pad_block, blocks.block_size, max_num_seqs,
-                                       blocks.blocks_for(max_model_len))
+        # decode steps replay CUDA graphs unless enforce_eager; capturable: the Triton kernels read nothing back
+        if (not config.enforce_eager and self.device.type == "cuda" and config.backend == "triton"
+                and not self.uses_expanded(1)):
+            self.graphs = DecodeGraphs(model, cache, blocks.block_size, config.max_num_seqs,
+                                       blocks.blocks_for(config.max_model_len))
 
     def uses_expanded(self, num_query_tokens: int) -> bool:
         """Expanded attention pays for decompressing the cache once; it wins when many queries share it."""
@@ -68,4 +69,4 @@ class ModelRunner:
         meta = AttnMetadata(positions=self._tensor(positions, torch.int64),
                             slot_mapping=self._tensor(slots, torch.int64),
                             absorbed=self._group(absorbed, T), expanded=self._group(expanded, T))
-        return self.model.forward(self._tensor(input_ids, torch.int64), meta, self.cache.layers)
+        return self.model.forward(self._tensor(input_ids, torch.int64), meta, self.cache)

@@ -9,8 +9,8 @@ from tqdm import tqdm
 def perplexity(llm, token_ids: list[int], ctx: int, progress: bool = True) -> dict:
     if ctx < 4:
         raise ValueError(f"--ctx {ctx}: must be at least 4")
-    if ctx > llm.max_model_len - 1:
-        raise ValueError(f"--ctx {ctx}: larger than the model's context ({llm.max_model_len} tokens)")
+    if ctx > llm.config.max_model_len - 1:
+        raise ValueError(f"--ctx {ctx}: larger than the model's context ({llm.config.max_model_len} tokens)")
     n_chunks = len(token_ids) // ctx
     if n_chunks == 0:
         raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one chunk of --ctx {ctx}")

@@ -48,9 +48,18 @@ class Scheduler:
         return batch
 
     def finish(self, seq: Sequence):
+        """A running sequence is done."""
+        self.running.remove(seq)
+        self._release(seq)
+
+    def abort(self, seq: Sequence):
+        """Drop a sequence wherever it is, waiting or running."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence):
         if not seq.keep_cache:
             self.blocks.free(seq.seq_id)

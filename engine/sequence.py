@@ -27,7 +27,7 @@ class RequestOutput:
     text: str
     logprobs: list[dict[int, Logprob]] | None
     prompt_logprobs: list[dict[int, Logprob] | None] | None
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length"
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" | "abort"
 
 
 _ids = count()
@@ -45,7 +45,7 @@ class Sequence:
     text: str = ""
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
-    # incremental detokenisation offsets (see engine.detokenize)
+    # incremental detokenisation offsets (engine/output.py)
     prefix_offset: int = 0
     read_offset: int = 0
     keep_cache: bool = False  # a chat session: the blocks outlive the request, for the next turn

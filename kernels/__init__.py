@@ -1,16 +1,23 @@
 """One dispatch function per kernel: check the arguments, then run the Triton kernel or the torch reference.
 
-`backend` is "torch" (the plain-torch reference) or "triton" (the engine resolves "auto"). The Triton modules are
-imported on first use, so the torch backend never needs a working Triton."""
+`backend` is "torch" or "triton" (the engine resolves "auto"). "torch" runs torch ops: the plain-torch references
+(kernels/reference.py, what every kernel is tested against), except for the expanded prefill on the CPU, which runs
+torch's fused CPU flash attention (kernels/cpu_prefill.py) because the reference's chunked softmax is slower there. A quantized weight
+carries its own backend (kernels/weights.py). The latent cache's CacheFormat (kernels/cache_format.py) is passed
+with the cache; without one, the cache is a plain float cache of its tensor's dtype. The Triton modules are imported
+on first use, so the torch backend never needs a working Triton."""
 import torch
 
-from . import quant, reference
-from .linear import linear
+from . import reference
+from .cache_format import CacheFormat, float_format
+from .cache_format import unpack as _unpack
+from .cache_format import write_latent as _write_packed
+from .matmul import linear, quant_linear
 from .moe import moe_experts
-from .weight_quant import QuantExperts, QuantWeight, quant_linear, quantize_experts, quantize_weight
+from .weights import QuantWeight, WeightFormat, quantize_experts, quantize_weight
 
-__all__ = ["write_latent", "mla_decode", "mla_prefill", "linear", "moe_experts", "QuantWeight", "QuantExperts",
-           "quant_linear", "quantize_weight", "quantize_experts"]
+__all__ = ["write_latent", "mla_decode", "mla_prefill", "linear", "quant_linear", "moe_experts", "CacheFormat",
+           "QuantWeight", "WeightFormat", "quantize_weight", "quantize_experts"]
 BACKENDS = ("torch", "triton")
 
 
@@ -37,56 +44,51 @@ def _check_backend(backend, *tensors):
     return backend == "triton"
 
 
-def _format(kv_cache, R, DR, model_dtype):
-    """None for a float cache [.., R + DR]; for a uint8 (packed int8/fp8) cache, its format, told by its width."""
-    fmt = quant.infer_format(kv_cache, R, DR, model_dtype)
-    if fmt is None:
-        _check(R + DR == kv_cache.shape[-1], f"latent {R} + rope {DR} must equal the cache width {kv_cache.shape[-1]}")
+def _format(fmt, kv_cache, R, DR) -> CacheFormat:
+    fmt = fmt or float_format(kv_cache, R, DR)
+    fmt.check(kv_cache, R, DR)
     return fmt
 
 
-def _unpacked(kv_cache, block_tables, seq_lens, fmt, dtype):
-    """The torch path on a packed cache: the float references over the dequantized blocks of this batch."""
-    if fmt is None:
-        return kv_cache, block_tables
-    return quant.unpack(kv_cache, block_tables, seq_lens, fmt, dtype)
-
-
-def write_latent(kv_cache, slot_mapping, c_kv, k_pe, backend="torch"):
+def write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt: CacheFormat | None = None, backend="torch"):
     _check(c_kv.shape[0] == k_pe.shape[0] == slot_mapping.shape[0], "c_kv, k_pe and slot_mapping disagree on tokens")
-    fmt = _format(kv_cache, c_kv.shape[1], k_pe.shape[1], k_pe.dtype)
+    fmt = _format(fmt, kv_cache, c_kv.shape[1], k_pe.shape[1])
     if _check_backend(backend, kv_cache, c_kv, k_pe, slot_mapping):
         from . import cache_write
         return cache_write.write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt)
-    if fmt is not None:
-        return quant.write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt)
+    if fmt.packed:
+        return _write_packed(kv_cache, slot_mapping, c_kv, k_pe, fmt)
     reference.write_latent(kv_cache, slot_mapping, c_kv, k_pe)
 
 
-def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, backend="torch"):
+def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
+               fmt: CacheFormat | None = None, backend="torch"):
     T, H, R = q_lat.shape
     _check(q_pe.dim() == 3 and q_pe.shape[:2] == (T, H), "q_pe must be [T, H, rope_dim]")
     _check_batch(kv_cache, block_tables, cu_seqlens_q, seq_lens, T)
-    fmt = _format(kv_cache, R, q_pe.shape[2], q_pe.dtype)
+    fmt = _format(fmt, kv_cache, R, q_pe.shape[2])
     if _check_backend(backend, q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens):
         from . import triton_decode
         return triton_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
-                                        fmt=fmt)
-    kv_cache, block_tables = _unpacked(kv_cache, block_tables, seq_lens, fmt, q_lat.dtype)
+                                        fmt)
+    if fmt.packed:  # the float reference over the dequantized blocks of this batch
+        kv_cache, block_tables = _unpack(kv_cache, block_tables, seq_lens, fmt, q_lat.dtype)
     return reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale)
 
 
-def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale, backend="torch"):
+def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale,
+                fmt: CacheFormat | None = None, backend="torch"):
     T, H, dn = q_nope.shape
     _check(q_pe.shape[:2] == (T, H), "q_pe must be [T, H, rope_dim]")
     _check(w_kv_b.shape[0] % H == 0 and w_kv_b.shape[0] // H > dn, "w_kv_b must be [H * (nope + v), kv_lora_rank]")
     _check_batch(kv_cache, block_tables, cu_seqlens_q, seq_lens, T)
-    fmt = _format(kv_cache, w_kv_b.shape[1], q_pe.shape[2], q_pe.dtype)  # w_kv_b's input width is kv_lora_rank
+    fmt = _format(fmt, kv_cache, w_kv_b.shape[1], q_pe.shape[2])  # w_kv_b's input width is kv_lora_rank
     if _check_backend(backend, q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b):
         from . import triton_prefill
         return triton_prefill.mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b,
-                                          softmax_scale, fmt=fmt)
-    kv_cache, block_tables = _unpacked(kv_cache, block_tables, seq_lens, fmt, q_nope.dtype)
+                                          softmax_scale, fmt)
+    if fmt.packed:
+        kv_cache, block_tables = _unpack(kv_cache, block_tables, seq_lens, fmt, q_nope.dtype)
     if q_nope.device.type == "cpu":  # torch's fused CPU flash attention, merged by log-sum-exp
         from . import cpu_prefill
         return cpu_prefill.mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b,

@@ -6,7 +6,6 @@ uint8 row), each loaded as one power-of-two tile with a mask, so widths like 512
 import triton
 import triton.language as tl
 
-from . import quant
 from .triton_common import pow2
 
 
@@ -51,17 +50,15 @@ def _write_latent_kernel(lat, scl, rope, slot_mapping, c_kv, k_pe,
         tl.store(rope + blk * s_rb + off * s_rs + offs_d, p.to(rope.dtype.element_ty), mask=offs_d < DR)
 
 
-def write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt=None):
+def write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt):
     T, R = c_kv.shape
     DR = k_pe.shape[1]
     if T == 0:
         return
-    if fmt is None:
-        lat, scl, rope, ns, qmax = kv_cache[..., :R], kv_cache, kv_cache[..., R:], 0, 1.0
-    else:
-        (lat, scl, rope), ns, qmax = quant.views(kv_cache, fmt), fmt.num_scales, fmt.qmax
+    lat, scl, rope = fmt.views(kv_cache)
+    scl = kv_cache if scl is None else scl  # a float cache has no scales: any pointer, never written
     _write_latent_kernel[(T,)](lat, scl, rope, slot_mapping, c_kv, k_pe,
                                lat.stride(0), lat.stride(1), scl.stride(0), scl.stride(1), rope.stride(0),
-                               rope.stride(1), c_kv.stride(0), k_pe.stride(0), kv_cache.shape[1], R, DR, qmax,
-                               BLOCK_R=pow2(R, 1), BLOCK_DR=pow2(DR, 1), NUM_SCALES=ns,
-                               ROUND=0 if fmt is None else {"int8": 1, "fp8": 2}[fmt.name], num_warps=4)
+                               rope.stride(1), c_kv.stride(0), k_pe.stride(0), kv_cache.shape[1], R, DR, fmt.qmax,
+                               BLOCK_R=pow2(R, 1), BLOCK_DR=pow2(DR, 1), NUM_SCALES=fmt.num_scales,
+                               ROUND={"int8": 1, "fp8": 2}.get(fmt.name, 0), num_warps=4)

@@ -5,7 +5,7 @@
 
 Shapes: x [T, D]; topk_ids [T, k] int64; topk_weights [T, k] float32; w13 [E, 2I, D] (per expert the gate_proj
 rows, then the up_proj rows); w2 [E, D, I] (per expert down_proj); or both weight-only int8 / int4 quantized
-(kernels.QuantExperts, the same shapes per expert).
+(a stacked kernels.QuantWeight, the same shapes per expert).
 
 The torch reference (also the CPU path) sorts the pairs by expert and runs one GEMM pair per expert that has tokens;
 the Triton path (kernels/triton_moe.py) runs all experts of the layer in one grouped GEMM launch per projection.
@@ -13,8 +13,8 @@ The router and the shared experts stay in the model."""
 import torch
 import torch.nn.functional as F
 
-from .linear import linear
-from .weight_quant import QuantExperts
+from .matmul import linear
+from .weights import QuantWeight
 
 BACKENDS = ("torch", "triton")
 
@@ -25,7 +25,7 @@ def _check(cond, msg):
 
 
 def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
-    """w13 / w2: stacked float tensors or QuantExperts (indexed per expert alike)."""
+    """w13 / w2: stacked float tensors or stacked QuantWeights (indexed per expert alike)."""
     T, k = topk_ids.shape
     E = len(w13)
     # Group the (token, expert) pairs by expert: one GEMM pair per expert that has tokens, no loop over tokens.
@@ -52,10 +52,10 @@ def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch"):
     _check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(x.dim() == 2, f"x must be [T, D], got {tuple(x.shape)}")
     T, D = x.shape
-    quantized = isinstance(w13, QuantExperts)
+    quantized = isinstance(w13, QuantWeight)
     if quantized:  # weight-only int8 / int4 experts, stacked (kernels.quantize_experts)
-        _check(isinstance(w2, QuantExperts) and w13.mode == w2.mode and len(w13) == len(w2),
-               "w13 and w2 must both be QuantExperts of one mode")
+        _check(isinstance(w2, QuantWeight) and w13.stacked and w2.stacked and w13.mode == w2.mode
+               and len(w13) == len(w2), "w13 and w2 must both be stacked QuantWeights of one mode")
         (N13, K13), (N2, K2) = w13.shape, w2.shape
         shape13, shape2 = (len(w13), N13, K13), (len(w2), N2, K2)
         _check(x.is_floating_point(), f"x must be float, got {x.dtype}")

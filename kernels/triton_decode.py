@@ -15,13 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import quant
 from .triton_common import INTERPRET, dot_precision, num_sms, pow2
 
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256  # below this a split costs more in merging than it gains in parallelism
 MAX_SPLITS = 64
-FORCE_SPLITS = None  # tests set this to exercise the merge at small sizes
 
 
 @triton.jit
@@ -132,13 +130,13 @@ def _merge_splits_kernel(o_part, lse_part, out, s_xt, s_xh, s_xs, s_lt, s_lh, s_
 
 
 def _choose_splits(programs: int, max_kv: int, device) -> int:
-    if FORCE_SPLITS is not None:
-        return FORCE_SPLITS
     want = triton.cdiv(num_sms(device), max(1, programs))  # enough programs for about one wave
     return max(1, min(want, triton.cdiv(max_kv, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
 
 
-def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, out=None, fmt=None):
+def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt, out=None,
+               num_splits=None):
+    """num_splits: the KV splits per sequence; None chooses them (tests force several at small sizes)."""
     T, H, R = q_lat.shape
     DR = q_pe.shape[2]
     B = block_tables.shape[0]
@@ -158,17 +156,16 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     q_tiles = triton.cdiv(max_q, BLOCK_Q)
     head_groups = triton.cdiv(H, BLOCK_H)
     max_kv = block_tables.shape[1] * block_size  # an upper bound on seq_lens without reading them
-    num_splits = _choose_splits(B * q_tiles * head_groups, max_kv, q_lat.device)
+    if num_splits is None:
+        num_splits = _choose_splits(B * q_tiles * head_groups, max_kv, q_lat.device)
     split = num_splits > 1
     if split:
         o_part = torch.empty(T, H, num_splits, R, dtype=torch.float32, device=q_lat.device)
         lse_part = torch.empty(T, H, num_splits, dtype=torch.float32, device=q_lat.device)
     else:
         o_part = lse_part = out  # unused
-    if fmt is None:
-        lat, scl, rope, ns = kv_cache[..., :R], kv_cache, kv_cache[..., R:], 0
-    else:
-        (lat, scl, rope), ns = quant.views(kv_cache, fmt), fmt.num_scales
+    lat, scl, rope = fmt.views(kv_cache)
+    scl = kv_cache if scl is None else scl  # a float cache has no scales: any pointer, never read
     _mla_decode_kernel[(B * q_tiles, head_groups, num_splits)](
         q_lat, q_pe, lat, rope, scl, block_tables, cu_seqlens_q, seq_lens, out, o_part, lse_part,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), lat.stride(0), lat.stride(1),
@@ -177,7 +174,7 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
         o_part.stride(0) if split else 0, o_part.stride(1) if split else 0, o_part.stride(2) if split else 0,
         lse_part.stride(0) if split else 0, lse_part.stride(1) if split else 0,
         H, R, DR, block_size, q_tiles, num_splits, softmax_scale * LOG2E,
-        BLOCK_Q=BLOCK_Q, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=pow2(R), BLOCK_DR=pow2(DR), NUM_SCALES=ns, SPLIT=split,
+        BLOCK_Q=BLOCK_Q, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=pow2(R), BLOCK_DR=pow2(DR), NUM_SCALES=fmt.num_scales, SPLIT=split,
         PREC=dot_precision(q_lat.dtype), num_warps=4, num_stages=2)
     if split:
         _merge_splits_kernel[(T, H)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),

@@ -15,7 +15,7 @@ scales each row by its router weight in fp32 and writes part[pair, :] ([P, D] fp
 then summed in torch (part.view(T, k, D).sum(1)): deterministic, no atomics, and no bf16 atomics needed. The
 workspaces cost k * (4 D + 2 I) bytes per token in bf16, so long prompts run in chunks of tokens that keep them
 under WORKSPACE_BYTES.
-Weight-only quantized experts (kernels.QuantExperts, int8 per row or int4 per group of 128) run through the same
+Weight-only quantized experts (stacked kernels.QuantWeight, int8 per row or int4 per group of 128) run through the same
 kernels: each weight tile is loaded as integers and dequantized in registers (_weight_tile).
 """
 import torch
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import dot_precision, pow2
-from .weight_quant import INT4_GROUP
+from .weights import INT4_GROUP
 
 
 @triton.jit
@@ -153,7 +153,7 @@ WORKSPACE_BYTES = 256 << 20  # bound on h + part of one launch; longer prompts r
 
 def _operand(w):
     """(stored weights, scales, expert stride, row stride, scales' expert and row strides, GROUP, QUANT) of a float
-    [E, N, K] tensor (scales: unused) or a QuantExperts (int8: one scale per row, GROUP past any k; int4: groups)."""
+    [E, N, K] tensor (scales: unused) or a stacked QuantWeight (int8: one scale per row, GROUP past any k; int4: groups)."""
     if isinstance(w, torch.Tensor):
         return w, w, w.stride(0), w.stride(1), 0, 0, 1, 0
     q, sc = w.qweight, w.scales
@@ -163,7 +163,7 @@ def _operand(w):
 
 def moe_experts(x, topk_ids, topk_weights, w13, w2, h=None, part=None):
     """The grouped-GEMM MoE (arguments checked by kernels.moe.moe_experts); w13 / w2 float [E, N, K] or
-    QuantExperts. h [T * k, I] (x.dtype) and part [T * k, D] (fp32) are the workspaces; pass preallocated ones to
+    stacked QuantWeight. h [T * k, I] (x.dtype) and part [T * k, D] (fp32) are the workspaces; pass preallocated ones to
     reuse them (tests poison them). Without them, a long prompt is cut into chunks of tokens so that the workspaces
     stay under WORKSPACE_BYTES."""
     T, D = x.shape

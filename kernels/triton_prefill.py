@@ -20,12 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import quant
+from .cache_format import dequantize
 from .triton_common import INTERPRET, dot_precision, pow2
 
 LOG2E = 1.4426950408889634
 WORKSPACE_ELEMENTS = 1 << 26  # expanded values per round: 128 MiB in bf16 (8k tokens of V2-Lite, 2k of V3)
-FORCE_WORKSPACE_TOKENS = None  # tests set this to get several rounds at small sizes
 
 
 @triton.jit
@@ -169,11 +168,12 @@ def plan(block_tables, cu_seqlens_q, seq_lens, block_size: int, BLOCK_M: int, BL
     return rounds, ent
 
 
-def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale, out=None,
-                fmt=None):
+def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale, fmt, out=None,
+                workspace_tokens=None):
+    """workspace_tokens: tokens expanded per round; None sizes it from WORKSPACE_ELEMENTS (tests force several
+    rounds at small sizes)."""
     T, H, DN = q_nope.shape
     DR = q_pe.shape[2]
-    R = w_kv_b.shape[1]
     DV = w_kv_b.shape[0] // H - DN
     out = q_nope.new_empty(T, H, DV) if out is None else out
     if T == 0:
@@ -181,7 +181,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
     block_size = kv_cache.shape[1]
     BLOCK_M = 16 if INTERPRET else 64
     BLOCK_N = 16 if INTERPRET else 64
-    ws_tokens = FORCE_WORKSPACE_TOKENS or WORKSPACE_ELEMENTS // (H * (DN + DV))
+    ws_tokens = workspace_tokens or WORKSPACE_ELEMENTS // (H * (DN + DV))
     round_blocks = max(1, ws_tokens // block_size)
     rounds, entries = plan(block_tables, cu_seqlens_q, seq_lens, block_size, BLOCK_M, BLOCK_N, round_blocks)
     merge = len(rounds) > 1
@@ -193,11 +193,9 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
     w_t = w_kv_b.t()
     for blocks, work in rounds:
         lat = kv_cache.index_select(0, blocks).view(-1, kv_cache.shape[-1])  # [nb * block_size, 576 values or bytes]
-        if fmt is None:
-            c_kv, pe_ws = lat[:, :R], lat[:, R:]  # k_pe [tokens, rope]: one row per token for all heads
-        else:
-            q_lat, scales, pe_ws = quant.views(lat, fmt)
-            c_kv = quant.dequantize(q_lat, scales, w_kv_b.dtype)  # [tokens, R] in the weight dtype, only this round's
+        c_kv, scales, pe_ws = fmt.views(lat)  # k_pe [tokens, rope]: one row per token for all heads
+        if scales is not None:
+            c_kv = dequantize(c_kv, scales, w_kv_b.dtype)  # [tokens, R] in the weight dtype, only this round's
         kv_ws = (c_kv.to(w_kv_b.dtype) @ w_t).view(-1, H, DN + DV)  # [tokens, H, nope + v]
         if pe_ws.dtype != q_pe.dtype:
             pe_ws = pe_ws.to(q_pe.dtype)

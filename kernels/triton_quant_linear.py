@@ -8,7 +8,7 @@ fp32 accumulation; the scales are applied to the fp32 accumulator, not to the we
         dot(x, q) * scale[n, group]. The BLOCK_K / 2 bytes of a row hold the even k in the low nibbles and the odd
         k in the high ones, so x is read as its even and its odd columns and the tile costs two dots, no shuffles.
 Split-K (decode): when the M x N tiles cannot fill the GPU, K is cut into `split` ranges of a whole number of
-128-value units (kernels.weight_quant.choose_split_k); each program writes its fp32 partial tile to a workspace
+128-value units (kernels.weights.choose_split_k); each program writes its fp32 partial tile to a workspace
 [split, M, N], summed over split in torch (deterministic, no atomics). With split 1 the same kernel, specialised
 by the SPLIT constexpr, writes y in x.dtype directly.
 """
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .weight_quant import INT4_GROUP, QuantWeight, choose_split_k
+from .weights import INT4_GROUP, QuantWeight, choose_split_k
 from .triton_common import dot_precision, sm_count
 
 CPU_SMS = 132  # SM count used for the split rule where there is no CUDA device (the interpreter)
@@ -89,7 +89,7 @@ def _num_sms(device: torch.device) -> int:
 
 def quant_linear(x: torch.Tensor, qw: QuantWeight, split_k: int | None = None, out: torch.Tensor | None = None,
                  workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T (arguments checked by kernels.weight_quant.quant_linear). split_k None picks by
+    """y = x @ W.T (arguments checked by kernels.matmul.quant_linear). split_k None picks by
     choose_split_k; tests force 1 or more. out [M, N] (x.dtype) and workspace [>= split, M, N] (fp32) may be given
     preallocated."""
     M, K = x.shape

@@ -1,4 +1,6 @@
-from .block_manager import BlockManager
-from .cache import CACHE_DTYPES, PACKED_CACHE_DTYPES, LatentCache, packed_bytes_per_token
+from kernels.cache_format import CacheFormat
 
-__all__ = ["BlockManager", "LatentCache", "CACHE_DTYPES", "PACKED_CACHE_DTYPES", "packed_bytes_per_token"]
+from .block_manager import BlockManager
+from .cache import LatentCache
+
+__all__ = ["BlockManager", "LatentCache", "CacheFormat"]

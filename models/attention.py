@@ -4,6 +4,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from kernels import WeightFormat
 
 from .config import ModelConfig
 from .layers import linear, rms_norm
@@ -29,71 +30,67 @@ class AttnMetadata:
 
 
 class MLAttention:
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype, device, backend: str):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, fmt: WeightFormat):
         H, R = cfg.num_attention_heads, cfg.kv_lora_rank
-        e = dict(dtype=dtype, device=device)
-        self.cfg, self.rope, self.backend = cfg, rope, backend
+        self.cfg, self.rope, self.backend = cfg, rope, fmt.backend
         self.softmax_scale = cfg.softmax_scale
         if cfg.q_lora_rank:
-            self.q_a_proj = torch.empty(cfg.q_lora_rank, cfg.hidden_size, **e)
-            self.q_a_layernorm = torch.empty(cfg.q_lora_rank, **e)
-            self.q_b_proj = torch.empty(H * cfg.qk_head_dim, cfg.q_lora_rank, **e)
+            self.q_a_proj = fmt.linear(cfg.q_lora_rank, cfg.hidden_size)
+            self.q_a_layernorm = fmt.tensor(cfg.q_lora_rank)
+            self.q_b_proj = fmt.linear(H * cfg.qk_head_dim, cfg.q_lora_rank)
         else:
-            self.q_proj = torch.empty(H * cfg.qk_head_dim, cfg.hidden_size, **e)
-        self.kv_a_proj_with_mqa = torch.empty(R + cfg.qk_rope_head_dim, cfg.hidden_size, **e)
-        self.kv_a_layernorm = torch.empty(R, **e)
-        self.kv_b_proj = torch.empty(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R, **e)
-        self.o_proj = torch.empty(cfg.hidden_size, H * cfg.v_head_dim, **e)
+            self.q_proj = fmt.linear(H * cfg.qk_head_dim, cfg.hidden_size)
+        self.kv_a_proj_with_mqa = fmt.linear(R + cfg.qk_rope_head_dim, cfg.hidden_size)
+        self.kv_a_layernorm = fmt.tensor(R)
+        # kv_b_proj stays in the model dtype: the expanded path multiplies the cache by it, and viewed as
+        # [H, nope + v, R] it is W_UK (first nope rows per head) and W_UV for the absorbed path: views, no copies.
+        self.kv_b_proj = fmt.tensor(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R)
+        w = self.kv_b_proj.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, R)
+        self.w_uk, self.w_uv = w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, nope, R], [H, v, R]
+        self.o_proj = fmt.linear(cfg.hidden_size, H * cfg.v_head_dim)
 
-    def weights(self) -> dict[str, torch.Tensor]:
+    def weights(self) -> dict:
         names = ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]
         names += ["q_a_proj", "q_a_layernorm", "q_b_proj"] if self.cfg.q_lora_rank else ["q_proj"]
         return {f"{n}.weight": getattr(self, n) for n in names}
 
-    def split_kv_b(self):
-        """After loading: kv_b_proj viewed as [H, nope + v, R] gives W_UK and W_UV for the absorbed path."""
-        cfg = self.cfg
-        w = self.kv_b_proj.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        self.w_uk = w[:, :cfg.qk_nope_head_dim].contiguous()  # [H, nope, R]
-        self.w_uv = w[:, cfg.qk_nope_head_dim:].contiguous()  # [H, v, R]
+    def absorbed(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
+        """q_nope through W_UK, attention over the latent rows (all heads share them), back through W_UV:
+        q_nope [t, H, nope], q_pe [t, H, rope] -> o [t, H, v]."""
+        q_lat = torch.einsum("thd,hdr->thr", q_nope, self.w_uk)  # [t, H, 512]
+        o_lat = kernels.mla_decode(q_lat, q_pe, kv_cache, group.block_tables, group.cu_seqlens_q, group.seq_lens,
+                                   self.softmax_scale, cache_format, backend=self.backend)
+        return torch.einsum("thr,hvr->thv", o_lat, self.w_uv)  # [t, H, 128]
 
-    def __call__(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+    def expanded(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
+        """The cached latent decompressed through kv_b_proj into per-head K_nope and V, then flash attention."""
+        return kernels.mla_prefill(q_nope, q_pe, kv_cache, group.block_tables, group.cu_seqlens_q, group.seq_lens,
+                                   self.kv_b_proj, self.softmax_scale, cache_format, backend=self.backend)
+
+    def __call__(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor, cache_format) -> torch.Tensor:
         cfg = self.cfg
         T, H = x.shape[0], cfg.num_attention_heads
         if cfg.q_lora_rank:
-            q_a = rms_norm(linear(x, self.q_a_proj, self.backend), self.q_a_layernorm, cfg.rms_norm_eps)
-            q = linear(q_a, self.q_b_proj, self.backend)
+            q = linear(rms_norm(linear(x, self.q_a_proj), self.q_a_layernorm, cfg.rms_norm_eps), self.q_b_proj)
         else:
-            q = linear(x, self.q_proj, self.backend)
+            q = linear(x, self.q_proj)
         q = q.view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)  # [T, H, 128], [T, H, 64]
-        c_kv, k_pe = linear(x, self.kv_a_proj_with_mqa, self.backend).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = linear(x, self.kv_a_proj_with_mqa).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         c_kv = rms_norm(c_kv, self.kv_a_layernorm, cfg.rms_norm_eps)  # [T, 512]
         q_pe = self.rope(q_pe, meta.positions)
         k_pe = self.rope(k_pe, meta.positions)  # [T, 64]: one RoPE key shared by all heads
-        kernels.write_latent(kv_cache, meta.slot_mapping, c_kv, k_pe, backend=self.backend)
+        kernels.write_latent(kv_cache, meta.slot_mapping, c_kv, k_pe, cache_format, backend=self.backend)
 
         out = x.new_empty(T, H, cfg.v_head_dim)
-        for group, absorbed in ((meta.absorbed, True), (meta.expanded, False)):
+        for group, attend in ((meta.absorbed, self.absorbed), (meta.expanded, self.expanded)):
             if group is None:
                 continue
             idx = group.token_index
             qn, qp = (q_nope, q_pe) if idx is None else (q_nope[idx], q_pe[idx])
-            args = (kv_cache, group.block_tables, group.cu_seqlens_q, group.seq_lens)
-            if absorbed:
-                q_lat = torch.einsum("thd,hdr->thr", qn, self.w_uk)  # [t, H, 512]
-                o_lat = kernels.mla_decode(q_lat, qp, *args, self.softmax_scale, backend=self.backend)
-                o = torch.einsum("thr,hvr->thv", o_lat, self.w_uv)  # [t, H, 128]
-            else:
-                o = kernels.mla_prefill(qn, qp, *args, self.kv_b_proj, self.softmax_scale, backend=self.backend)
+            o = attend(qn, qp, kv_cache, group, cache_format)
             if idx is None:
                 out = o
             else:
                 out[idx] = o
-        return linear(out.reshape(T, -1), self.o_proj, self.backend)
-
-    def quantize_weights(self, mode: str):
-        """Weight-only quantization of the projections; kv_b_proj stays in the model dtype (both paths read it)."""
-        names = ["q_a_proj", "q_b_proj"] if self.cfg.q_lora_rank else ["q_proj"]
-        for name in names + ["kv_a_proj_with_mqa", "o_proj"]:
-            setattr(self, name, kernels.quantize_weight(getattr(self, name), mode))
+        return linear(out.reshape(T, -1), self.o_proj)

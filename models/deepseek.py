@@ -2,40 +2,37 @@
 import torch
 import torch.nn.functional as F
 
-import kernels
+from kernels import WeightFormat
+from kernels.weights import stored_bytes
 
 from .attention import AttnMetadata, MLAttention
 from .config import ModelConfig
-from .layers import linear, rms_norm, silu_mlp
+from .layers import fused_rows, linear, rms_norm, silu_mlp
 from .moe import MoE
 from .rope import RotaryEmbedding
 
 
 class DenseMLP:
-    def __init__(self, cfg: ModelConfig, dtype, device, backend: str = "torch"):
-        I = cfg.intermediate_size
-        self.backend = backend
-        self.w13 = torch.empty(2 * I, cfg.hidden_size, dtype=dtype, device=device)
-        self.w2 = torch.empty(cfg.hidden_size, I, dtype=dtype, device=device)
+    def __init__(self, cfg: ModelConfig, fmt: WeightFormat):
+        I = self.I = cfg.intermediate_size
+        self.w13 = fmt.linear(2 * I, cfg.hidden_size)  # [gate_proj; up_proj]
+        self.w2 = fmt.linear(cfg.hidden_size, I)
 
     def weights(self):
-        I = self.w2.shape[1]
-        return {"gate_proj.weight": self.w13[:I], "up_proj.weight": self.w13[I:], "down_proj.weight": self.w2}
-
-    def quantize_weights(self, mode: str):
-        self.w13, self.w2 = kernels.quantize_weight(self.w13, mode), kernels.quantize_weight(self.w2, mode)
+        gate, up = fused_rows(self.w13, self.I)
+        return {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": self.w2}
 
     def __call__(self, x):
-        return silu_mlp(x, self.w13, self.w2, self.backend)
+        return silu_mlp(x, self.w13, self.w2)
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, i: int, rope, dtype, device, backend):
+    def __init__(self, cfg: ModelConfig, i: int, rope, fmt: WeightFormat):
         self.eps = cfg.rms_norm_eps
-        self.input_layernorm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
-        self.post_attention_layernorm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
-        self.self_attn = MLAttention(cfg, rope, dtype, device, backend)
-        self.mlp = (MoE if cfg.is_moe_layer(i) else DenseMLP)(cfg, dtype, device, backend)
+        self.input_layernorm = fmt.tensor(cfg.hidden_size)
+        self.post_attention_layernorm = fmt.tensor(cfg.hidden_size)
+        self.self_attn = MLAttention(cfg, rope, fmt)
+        self.mlp = MoE(cfg, fmt) if cfg.is_moe_layer(i) else DenseMLP(cfg, fmt)
 
     def weights(self):
         w = {"input_layernorm.weight": self.input_layernorm, "post_attention_layernorm.weight": self.post_attention_layernorm}
@@ -43,51 +40,49 @@ class DecoderLayer:
         w.update({f"mlp.{k}": v for k, v in self.mlp.weights().items()})
         return w
 
-    def __call__(self, x, meta: AttnMetadata, kv_cache):
-        x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), meta, kv_cache)
+    def __call__(self, x, meta: AttnMetadata, kv_cache, cache_format):
+        x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), meta, kv_cache, cache_format)
         return x + self.mlp(rms_norm(x, self.post_attention_layernorm, self.eps))
 
 
 class DeepseekModel:
-    """Holds the weights (filled by models.loader) and runs one packed forward pass over T tokens."""
+    """Holds the weights in their stored form (WeightFormat: float, or int8 / int4 linears and experts), filled by
+    models.loader, and runs one packed forward pass over T tokens. Embeddings, norms, the router and kv_b_proj
+    (W_UK, W_UV) always stay in the model dtype."""
 
-    def __init__(self, cfg: ModelConfig, dtype=torch.float32, device="cpu", backend="torch"):
-        self.cfg, self.dtype, self.device, self.backend = cfg, dtype, torch.device(device), backend
-        self.rope = rope = RotaryEmbedding(cfg, device)
-        self.embed_tokens = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = [DecoderLayer(cfg, i, rope, dtype, device, backend) for i in range(cfg.num_hidden_layers)]
-        self.norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else torch.empty_like(self.embed_tokens)
+    def __init__(self, cfg: ModelConfig, fmt: WeightFormat):
+        self.cfg, self.fmt = cfg, fmt
+        self.dtype, self.device = fmt.dtype, torch.device(fmt.device)
+        self.rope = rope = RotaryEmbedding(cfg, fmt.device)
+        self.embed_tokens = fmt.tensor(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i, rope, fmt) for i in range(cfg.num_hidden_layers)]
+        self.norm = fmt.tensor(cfg.hidden_size)
+        tied_float = cfg.tie_word_embeddings and fmt.quant is None
+        self.lm_head = self.embed_tokens if tied_float else fmt.linear(cfg.vocab_size, cfg.hidden_size)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Checkpoint tensor name -> the tensor (or view) that it is loaded into."""
-        w = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
-        if not self.cfg.tie_word_embeddings:
-            w["lm_head.weight"] = self.lm_head
+    def weights(self) -> list[tuple[str, object]]:
+        """(checkpoint tensor name, where it is stored) pairs: a float tensor (or view) or a quantized weight's
+        rows. A name can appear twice: tied embeddings also fill a quantized LM head."""
+        w = [("model.embed_tokens.weight", self.embed_tokens), ("model.norm.weight", self.norm)]
+        if self.lm_head is not self.embed_tokens:
+            w.append(("model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight", self.lm_head))
         for i, layer in enumerate(self.layers):
-            w.update({f"model.layers.{i}.{k}": v for k, v in layer.weights().items()})
+            w += [(f"model.layers.{i}.{k}", v) for k, v in layer.weights().items()]
         return w
 
-    def after_load(self):
-        for layer in self.layers:
-            layer.self_attn.split_kv_b()
-
-    def quantize_weights(self, mode: str):
-        """Weight-only int8 / int4 for every linear and expert, and the LM head; embeddings, norms, the router
-        and kv_b_proj (W_UK, W_UV) stay in the model dtype."""
-        for layer in self.layers:
-            layer.self_attn.quantize_weights(mode)
-            layer.mlp.quantize_weights(mode)
-        self.lm_head = kernels.quantize_weight(self.lm_head, mode)
+    def nbytes(self) -> int:
+        """Bytes of the stored weights (works on the meta device, where nothing is allocated)."""
+        return stored_bytes(w for _, w in self.weights())
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """input_ids [T] -> final hidden states [T, D] (after the last norm)."""
+    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, cache) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, D] (after the last norm). cache: the LatentCache (its per-layer
+        tensors and its format)."""
         x = F.embedding(input_ids, self.embed_tokens)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, meta, kv_cache)
+        for layer, kv_cache in zip(self.layers, cache.layers):
+            x = layer(x, meta, kv_cache, cache.format)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head, self.backend).float()
+        return linear(hidden, self.lm_head).float()

@@ -1,6 +1,7 @@
 """safetensors checkpoint -> DeepseekModel: memory-mapped, tensor by tensor, every tensor checked by name and shape."""
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -9,6 +10,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from kernels.weights import WeightFormat, store
+
 from .config import ModelConfig
 from .deepseek import DeepseekModel
 from .errors import ModelError
@@ -16,6 +19,7 @@ from .errors import ModelError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8}
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -55,28 +59,35 @@ def _listing(names: list[str], limit: int = 5) -> str:
 
 
 def available_memory(device: torch.device) -> int:
+    """Bytes that can be allocated now: free device memory on CUDA; on the CPU the kernel's MemAvailable, which
+    counts the reclaimable page cache (right after copying a checkpoint, most of memory is page cache)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "torch",
-               progress: bool = True, cfg: ModelConfig | None = None) -> DeepseekModel:
+def load_model(path: str, fmt: WeightFormat, cfg: ModelConfig | None = None, progress: bool = True) -> DeepseekModel:
+    """The checkpoint at path in the stored form fmt says. Streaming: each tensor is read from its memory-mapped
+    shard, converted (dtype, quantization) straight into its place in the model, and dropped before the next one,
+    so the float model is never held in memory."""
     if not os.path.isdir(path):
         raise ModelError(f"{path}: no such model folder")
     cfg = cfg or ModelConfig.from_hf(path)
     files = checkpoint_files(path)
-    need = sum(t.numel() for t in DeepseekModel(cfg, dtype=dtype, device="meta").weights().values())
-    need *= torch.empty(0, dtype=dtype).element_size()
-    have = available_memory(torch.device(device))
-    if need > have:
-        raise ModelError(f"{path}: the weights need {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
-                         f"but {torch.device(device)} has {have / 2**30:.1f} GiB free")
-    model = DeepseekModel(cfg, dtype=dtype, device=device, backend=backend)
-    expected = model.weights()
+    model = DeepseekModel(cfg, fmt)
+    expected: dict[str, list] = {}
+    for name, target in model.weights():
+        expected.setdefault(name, []).append(target)
 
     # Pass 1, headers only: every expected tensor present once with its shape, nothing unknown.
-    where, scales, problems = {}, {}, []
+    where, scales, sizes, problems = {}, {}, {}, []
     for file in files:
         with _open(file) as f:
             for name in f.keys():
@@ -88,14 +99,16 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", back
                 weight = name.removesuffix("_scale_inv")
                 if cfg.fp8_block and name.endswith(".weight_scale_inv") and weight in expected:
                     scales[weight] = file  # an fp8 weight's block scales: [rows / block rows, cols / block cols]
-                    want = tuple(-(-n // b) for n, b in zip(expected[weight].shape, cfg.fp8_block))
+                    want = tuple(-(-n // b) for n, b in zip(tuple(expected[weight][0].shape), cfg.fp8_block))
                 elif name in expected:
                     where[name] = file
-                    want = tuple(expected[name].shape)
+                    want = tuple(expected[name][0].shape)  # a QuantWeight's: its float (N, K)
                 else:
                     problems.append(("unexpected", name))
                     continue
                 shape = tuple(f.get_slice(name).get_shape())
+                if name in where:
+                    sizes[name] = math.prod(shape) * _ITEMSIZE.get(f.get_slice(name).get_dtype(), 2)
                 if shape != want:
                     problems.append(("misshapen", f"{name} {list(shape)} (expected {list(want)})"))
     missing = [n for n in expected if n not in where]
@@ -107,14 +120,15 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", back
                 parts.append(f"{kind} tensors: {_listing(names)}")
         raise ModelError(f"{path}: checkpoint does not match config.json: " + "; ".join(parts))
 
-    # Pass 2: copy tensor by tensor from the memory-mapped shards into the model's dtype and device.
+    # Pass 2: tensor by tensor from the memory-mapped shards into the model's stored form.
     by_file = {}
     for name, file in where.items():
         by_file.setdefault(file, []).append(name)
-    bar = tqdm(files, desc="Loading shards", unit="shard", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=sum(sizes.values()), desc="Loading weights", unit="B", unit_scale=True, unit_divisor=1024,
+               disable=not progress, file=sys.stderr, leave=False)
     with contextlib.ExitStack() as shards:
         opened = {file: shards.enter_context(_open(file)) for file in files}
-        for file in bar:
+        for file in files:
             for name in by_file.get(file, []):
                 tensor = _read(opened[file], file, name)
                 if tensor.dtype == torch.float8_e4m3fn:
@@ -123,8 +137,11 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", back
                                          "(and config.json no fp8 quantization_config)")
                     tensor = dequantize_fp8(tensor, _read(opened[scales[name]], scales[name], name + "_scale_inv"),
                                             cfg.fp8_block)
-                expected[name].copy_(tensor)
-    model.after_load()
+                for target in expected[name]:
+                    store(target, tensor)
+                del tensor
+                bar.update(sizes[name])
+    bar.close()
     return model
 
 

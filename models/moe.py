@@ -3,37 +3,35 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import WeightFormat
 
 from .config import ModelConfig
-from .layers import silu_mlp
+from .layers import fused_rows, silu_mlp
 
 
 class MoE:
-    def __init__(self, cfg: ModelConfig, dtype, device, backend: str = "torch"):
+    def __init__(self, cfg: ModelConfig, fmt: WeightFormat):
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        e = dict(dtype=dtype, device=device)
-        self.cfg, self.backend = cfg, backend
-        self.gate = torch.empty(E, D, **e)
-        self.e_score_correction_bias = torch.zeros(E, dtype=torch.float32, device=device)
-        self.w13 = torch.empty(E, 2 * I, D, **e)  # per expert [gate_proj; up_proj]
-        self.w2 = torch.empty(E, D, I, **e)  # per expert down_proj
+        self.cfg, self.backend = cfg, fmt.backend
+        self.gate = fmt.tensor(E, D)  # the router stays in the model dtype (it runs in float32)
+        self.e_score_correction_bias = torch.zeros(E, dtype=torch.float32, device=fmt.device)
+        self.w13 = fmt.linear(2 * I, D, experts=E)  # per expert [gate_proj; up_proj]
+        self.w2 = fmt.linear(D, I, experts=E)  # per expert down_proj
         Is = I * cfg.n_shared_experts
-        self.shared_w13 = torch.empty(2 * Is, D, **e) if Is else None
-        self.shared_w2 = torch.empty(D, Is, **e) if Is else None
+        self.shared_w13 = fmt.linear(2 * Is, D) if Is else None
+        self.shared_w2 = fmt.linear(D, Is) if Is else None
 
-    def weights(self) -> dict[str, torch.Tensor]:
+    def weights(self) -> dict:
         cfg, I = self.cfg, self.cfg.moe_intermediate_size
         w = {"gate.weight": self.gate}
         if cfg.topk_method == "noaux_tc":
             w["gate.e_score_correction_bias"] = self.e_score_correction_bias
         for e in range(cfg.n_routed_experts):
-            w[f"experts.{e}.gate_proj.weight"] = self.w13[e, :I]
-            w[f"experts.{e}.up_proj.weight"] = self.w13[e, I:]
+            w[f"experts.{e}.gate_proj.weight"], w[f"experts.{e}.up_proj.weight"] = fused_rows(self.w13[e], I)
             w[f"experts.{e}.down_proj.weight"] = self.w2[e]
         if self.shared_w13 is not None:
-            Is = self.shared_w2.shape[1]
-            w["shared_experts.gate_proj.weight"] = self.shared_w13[:Is]
-            w["shared_experts.up_proj.weight"] = self.shared_w13[Is:]
+            gate, up = fused_rows(self.shared_w13, I * cfg.n_shared_experts)
+            w["shared_experts.gate_proj.weight"], w["shared_experts.up_proj.weight"] = gate, up
             w["shared_experts.down_proj.weight"] = self.shared_w2
         return w
 
@@ -60,16 +58,9 @@ class MoE:
             weights = weights * cfg.routed_scaling_factor
         return ids, weights
 
-    def quantize_weights(self, mode: str):
-        """Experts quantized each on its own scales, stored stacked (kernels.QuantExperts); the router stays in float."""
-        self.w13 = kernels.quantize_experts(self.w13, mode)
-        self.w2 = kernels.quantize_experts(self.w2, mode)
-        if self.shared_w13 is not None:
-            self.shared_w13, self.shared_w2 = kernels.quantize_weight(self.shared_w13, mode), kernels.quantize_weight(self.shared_w2, mode)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
         out = kernels.moe_experts(x, ids, weights, self.w13, self.w2, backend=self.backend)
         if self.shared_w13 is not None:
-            out = out + silu_mlp(x, self.shared_w13, self.shared_w2, self.backend)
+            out = out + silu_mlp(x, self.shared_w13, self.shared_w2)
         return out

@@ -5,6 +5,7 @@ import pytest
 
 import cli
 from engine import LLM, SamplingParams
+from engine.llm import RequestStream
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +17,9 @@ def test_second_turn_reuses_the_cache_and_matches_a_fresh_run(llm):
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     msgs = [{"role": "user", "content": "the value of the list"}]
     ids1 = llm.chat_prompt(msgs)
-    text1 = "".join(llm.stream(ids1, sp, keep_cache=True))
-    first = llm.current
+    stream = llm.stream(ids1, sp, keep_cache=True)
+    text1 = "".join(stream)
+    first = stream.seq
     assert first.num_cached_tokens == len(ids1) + 5  # the last sampled token is never run
     msgs += [{"role": "assistant", "content": text1}, {"role": "user", "content": "the name"}]
     ids2 = llm.chat_prompt(msgs)
@@ -50,7 +52,7 @@ def test_chat_command_turns_reset_interrupt_and_exit(checkpoints, monkeypatch):
 
     def spy(self, ids, params, prompt=None, session=None, keep_cache=False):
         sessions.append((len(ids), session.num_cached_tokens if session else 0))
-        yield from real_stream(self, ids, params, prompt, session, keep_cache)
+        return real_stream(self, ids, params, prompt, session, keep_cache)
     monkeypatch.setattr(LLM, "stream", spy)
     out = io.StringIO()
     cli.cmd_chat(args, read=lambda _: next(inputs), out=out)
@@ -62,13 +64,17 @@ def test_chat_command_turns_reset_interrupt_and_exit(checkpoints, monkeypatch):
     inputs = iter(["the value", "a list", "/exit"])
     calls = {"n": 0}
 
+    class Interrupted(RequestStream):
+        def __iter__(self):
+            it = super().__iter__()
+            yield next(it)
+            if calls["n"] == 1:
+                raise KeyboardInterrupt
+            yield from it
+
     def interrupting(self, ids, params, prompt=None, session=None, keep_cache=False):
         calls["n"] += 1
-        gen = real_stream(self, ids, params, prompt, session, keep_cache)
-        yield next(gen)
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        yield from gen
+        return Interrupted(self, real_stream(self, ids, params, prompt, session, keep_cache).seq)
     monkeypatch.setattr(LLM, "stream", interrupting)
     out = io.StringIO()
     cli.cmd_chat(args, read=lambda _: next(inputs), out=out)

@@ -58,8 +58,9 @@ def test_bench_markdown_and_csv(capsys, tiny_config):
 
 
 def test_tune_reports_and_saves_the_crossover(capsys, tiny_config, checkpoints, tmp_path, monkeypatch):
+    import engine.config
     import engine.llm
-    monkeypatch.setattr(engine.llm, "TUNED_FILE", str(tmp_path / "tuned.json"))
+    monkeypatch.setattr(engine.config, "TUNED_FILE", str(tmp_path / "tuned.json"))
     code, out = main(capsys, "tune", "--config", tiny_config, "-q", "1,4,32", "-d", "0,20", "-r", "1")
     assert code == 0, out.err
     assert out.out.count("\n| ") >= 6 and "crossover: expanded from" in out.out
@@ -173,22 +174,22 @@ def test_roofline_counts_agree_with_the_model(name):
 
     import torch
 
-    from engine import bench
+    from engine import roofline
     from models.config import ModelConfig
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "configs", name)) as f:
         cfg = ModelConfig.from_dict(json.load(f), name)
     V, D, L, E, k = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok
-    layers = [bench._layer_params(cfg, i) for i in range(L)]
+    layers = [roofline._layer_params(cfg, i) for i in range(L)]
     norms = L * (2 * D + cfg.kv_lora_rank + (cfg.q_lora_rank or 0)) + D
-    assert sum(d + E * e + o for d, e, o in layers) + 2 * V * D + norms == bench.param_count(cfg)
+    assert sum(d + E * e + o for d, e, o in layers) + 2 * V * D + norms == roofline.param_count(cfg)
     active = sum(d + k * e + o for d, e, o in layers) + 2 * V * D
     assert active - V * D == pytest.approx(2.4e9, rel=0.05)
     attention = 2 * L * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)  # one key seen by one query
-    assert bench.prompt_flops(cfg, 1, 0) == pytest.approx(2 * (active - V * D) + attention)
-    assert bench.decode_bytes(cfg, 1, 0, torch.bfloat16, None, 0) == pytest.approx(2 * (active - V * D))
-    every_expert = bench.decode_bytes(cfg, 10**6, 100, torch.bfloat16, None, 1000)
-    assert every_expert == pytest.approx(2 * (bench.param_count(cfg) - V * D - norms) + 10**6 * 100 * 1000)
-    int4 = bench.decode_bytes(cfg, 1, 0, torch.bfloat16, "int4", 0)
+    assert roofline.prompt_flops(cfg, 1, 0) == pytest.approx(2 * (active - V * D) + attention)
+    assert roofline.decode_bytes(cfg, 1, 0, torch.bfloat16, None, 0) == pytest.approx(2 * (active - V * D))
+    every_expert = roofline.decode_bytes(cfg, 10**6, 100, torch.bfloat16, None, 1000)
+    assert every_expert == pytest.approx(2 * (roofline.param_count(cfg) - V * D - norms) + 10**6 * 100 * 1000)
+    int4 = roofline.decode_bytes(cfg, 1, 0, torch.bfloat16, "int4", 0)
     kv_b_router = sum(o for _, _, o in layers)
     assert int4 == pytest.approx(0.5 * (active - V * D - kv_b_router) + 2 * kv_b_router)
 

@@ -37,8 +37,8 @@ def generate(llm):
 
 def with_graphs(llm, max_batch=5):
     """Replays that record the bucket, the real rows and whether the padding rows came out finite."""
-    graphs = DecodeGraphs(llm.model, llm.cache.layers, llm.cache.pad_block, llm.blocks.block_size, max_batch,
-                          llm.blocks.blocks_for(llm.max_model_len), capture=False)
+    graphs = DecodeGraphs(llm.model, llm.cache, llm.blocks.block_size, max_batch,
+                          llm.blocks.blocks_for(llm.config.max_model_len), capture=False)
     seen = []
     capture = graphs._capture
 
@@ -64,7 +64,7 @@ def test_padded_bucketed_decode_equals_eager(checkpoint, backend, weight_dtype, 
     of the static, max_model_len-wide block tables (3 splits, most of them past a sequence's end); int4 experts go
     through the grouped MoE, padding rows included."""
     from kernels import triton_decode
-    monkeypatch.setattr(triton_decode, "FORCE_SPLITS", 3)
+    monkeypatch.setattr(triton_decode, "_choose_splits", lambda *a: 3)
     want = generate(make(checkpoint, backend=backend, weight_dtype=weight_dtype))
     llm = make(checkpoint, backend=backend, weight_dtype=weight_dtype)
     for layer in llm.cache.layers:

@@ -19,7 +19,7 @@ def run(capsys, *argv):
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
-    err = [l for l in err if not l.startswith("Loading shards") and l.strip()]
+    err = [l for l in err if not l.startswith("Loading") and l.strip()]
     return code, err
 
 

@@ -82,17 +82,20 @@ def test_bad_values_give_one_line_errors(capsys, argv, needle):
 
 def test_rows_that_run_out_of_memory_are_skipped_not_fatal(monkeypatch):
     import torch
+
+    from cli import V2_LITE_CONFIG
+    from engine.config import EngineConfig
     timer = kernel_bench.Timer(torch.device("cpu"), min_reps=1, target_s=0.0)
+    kb = kernel_bench.KernelBench(EngineConfig(V2_LITE_CONFIG, device="cpu").resolve(plan_memory=False), timer)
 
     def oom(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
-    monkeypatch.setattr(kernel_bench, "_fill_cache", oom)
-    for row in (kernel_bench.decode_row(1, 64, "float32", torch.float32, torch.device("cpu"), "torch", timer),
-                kernel_bench.prefill_row(64, torch.float32, torch.device("cpu"), "torch", timer)):
+    monkeypatch.setattr(kb, "_fill_cache", oom)
+    for row in (kb.decode_row(1, 64, "float32"), kb.prefill_row(64)):
         assert row["skipped"] == "out of memory"
 
     def broken(*a, **k):
         raise RuntimeError("some other failure")
-    monkeypatch.setattr(kernel_bench, "_fill_cache", broken)
+    monkeypatch.setattr(kb, "_fill_cache", broken)
     with pytest.raises(RuntimeError, match="some other failure"):
-        kernel_bench.decode_row(1, 64, "float32", torch.float32, torch.device("cpu"), "torch", timer)
+        kb.decode_row(1, 64, "float32")

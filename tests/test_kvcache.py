@@ -6,42 +6,40 @@ import pytest
 import torch
 
 from engine import LLM
-from kvcache import BlockManager, LatentCache
+from kvcache import BlockManager, CacheFormat, LatentCache
 from models.config import ModelConfig
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "configs")
 
 
 def lite_config():
-    path = os.path.join(SHARED, "deepseek-v2-lite.json")
-    assert os.path.exists(path), f"{path}: the project's shared/ folder must sit beside the checkout"
-    return ModelConfig.from_hf(path)
+    return ModelConfig.from_hf(os.path.join(CONFIGS, "deepseek-v2-lite.json"))
 
 
 def test_bytes_per_token_is_latent_only_for_v2_lite():
     cfg = lite_config()
     assert cfg.kv_cache_width == 576
-    cache = LatentCache(cfg.num_hidden_layers, num_blocks=3, block_size=64, width=cfg.kv_cache_width,
-                        dtype=torch.bfloat16, device="cpu")
+    fmt = CacheFormat("bfloat16", cfg.kv_lora_rank, cfg.qk_rope_head_dim, torch.bfloat16)
+    cache = LatentCache(cfg.num_hidden_layers, num_blocks=3, block_size=64, fmt=fmt, device="cpu")
     measured = cache.nbytes / (cache.num_tokens + cache.block_size)  # from the allocated tensors (+ the pad block)
-    assert measured == 27 * 576 * 2 == LatentCache.bytes_per_token(27, 576, torch.bfloat16)
+    assert measured == 27 * 576 * 2 == 27 * fmt.bytes_per_token
     assert all(t.shape == (4, 64, 576) for t in cache.layers) and cache.pad_block == 3
 
 
 def test_engine_cache_holds_nothing_but_the_latent(checkpoints):
     llm = LLM(checkpoints["v2_lite"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
-    cfg = llm.config
+    cfg = llm.model_config
     assert all(t.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 576 for t in llm.cache.layers)
     assert llm.cache.nbytes == (llm.cache.num_blocks + 1) * llm.cache.block_size * cfg.num_hidden_layers * 576 * 4
     assert llm.cache.nbytes <= 0.01 * 2**30
 
 
 def test_cache_budget_caps_blocks():
-    c = LatentCache.from_budget(10 * 2 * 64 * 576 * 2, max_tokens=10**9, num_layers=2, block_size=64, width=576,
-                                dtype=torch.bfloat16, device="cpu")
+    fmt = CacheFormat("bfloat16", 512, 64, torch.bfloat16)
+    c = LatentCache.from_budget(10 * 2 * 64 * 576 * 2, max_tokens=10**9, num_layers=2, block_size=64, fmt=fmt,
+                                device="cpu")
     assert c.num_blocks == 9 and c.nbytes == 10 * 2 * 64 * 576 * 2  # the budget holds the padding block too
-    c = LatentCache.from_budget(10**12, max_tokens=130, num_layers=2, block_size=64, width=576,
-                                dtype=torch.bfloat16, device="cpu")
+    c = LatentCache.from_budget(10**12, max_tokens=130, num_layers=2, block_size=64, fmt=fmt, device="cpu")
     assert c.num_blocks == 3  # never more than the sequences can use
 
 

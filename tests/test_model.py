@@ -144,7 +144,7 @@ def test_weight_only_quantization_stays_close(engines, checkpoints, mode, max_di
     q = LLM(checkpoints["v2_lite"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.05,
             weight_dtype=mode)
     import kernels
-    assert isinstance(q.model.lm_head, kernels.QuantWeight) and isinstance(q.model.layers[1].mlp.w13, kernels.QuantExperts)
+    assert isinstance(q.model.lm_head, kernels.QuantWeight) and isinstance(q.model.layers[1].mlp.w13, kernels.QuantWeight) and q.model.layers[1].mlp.w13.stacked
     got = torch.log_softmax(q.prompt_logits(ids), -1)
     assert (got - ref).abs().max().item() < max_diff
     # per-token NLL of the prompt: the quantity perplexity reports

@@ -152,12 +152,12 @@ def test_quantized_experts_match_their_dequantized_weights(T, k, d, i, dtype, mo
     x, ids, weights, w13, w2 = make_layer(T, k, dtype, d=d, i=i, seed=T + k)
     q13, q2 = quantize_experts(w13.float(), mode), quantize_experts(w2.float(), mode)
     assert q13.qweight.shape[0] == E and len(q13) == E
-    ref = dense_moe(x, ids, weights, torch.stack([q.dequantize(dtype) for q in q13.experts]),
-                    torch.stack([q.dequantize(dtype) for q in q2.experts]))
+    ref = dense_moe(x, ids, weights, torch.stack([q.dequantize(dtype) for q in q13]),
+                    torch.stack([q.dequantize(dtype) for q in q2]))
     for backend in ("torch", "triton"):
         out = moe.moe_experts(x, ids, weights, q13, q2, backend=backend)
         assert out.shape == (T, d) and out.dtype == dtype
-        # the CPU torch path runs torch's packed kernels on bf16 activations for few rows (kernels/weight_quant.py)
+        # the CPU torch path runs torch's packed kernels on bf16 activations for few rows (kernels/matmul.py)
         tol = TOL[torch.bfloat16] if backend == "torch" and DEV == "cpu" else TOL[dtype]
         torch.testing.assert_close(out.double(), ref, **tol)
 

@@ -1,4 +1,4 @@
-"""Weight-only quantized linear (kernels/weight_quant.py): quantize/dequantize round trip, the Triton GEMM (split-K
+"""Weight-only quantized linear (kernels/weights.py, kernels/matmul.py): quantize/dequantize round trip, the Triton GEMM (split-K
 forced off and on) and the CPU decode path against the dequantized reference, at awkward sizes (N, K no multiple of
 a tile, K no multiple of the int4 group). On a CPU the Triton kernel runs in the interpreter in float32/float16;
 bf16 and model-sized layers run on a GPU (marked gpu). Outputs and workspaces are poisoned with NaN first."""
@@ -10,7 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
-from kernels import weight_quant as ql  # noqa: E402
+from kernels import matmul as ql  # noqa: E402
+from kernels import weights  # noqa: E402
 from kernels import triton_quant_linear as tql  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,7 +38,7 @@ def assert_close_scaled(y, ref, rel):
 def test_int8_round_trip_error_is_at_most_half_a_step():
     w = rand(N, K, seed=1) * torch.linspace(0.01, 3, N, device=DEV)[:, None]  # rows of very different ranges
     w[7] = 0  # an all-zero row: scale 0, no NaN
-    qw = ql.quantize_weight(w, "int8")
+    qw = weights.quantize_weight(w, "int8")
     assert qw.qweight.dtype == torch.int8 and qw.qweight.shape == (N, K)
     assert qw.scales.dtype == torch.float32 and qw.scales.shape == (N,)
     assert qw.mode == "int8" and qw.shape == (N, K) and qw.group_size == K
@@ -51,7 +52,7 @@ def test_int8_round_trip_error_is_at_most_half_a_step():
 @pytest.mark.parametrize("k", [256, 200, 70])
 def test_int4_round_trip_error_is_at_most_half_a_step_per_group(k):
     w = rand(N, k, seed=2) * torch.linspace(0.01, 3, k, device=DEV)[None, :]  # groups of very different ranges
-    qw = ql.quantize_weight(w, "int4")
+    qw = weights.quantize_weight(w, "int4")
     kp = -(-k // 128) * 128
     assert qw.qweight.dtype == torch.uint8 and qw.qweight.shape == (N, kp // 2)
     assert qw.scales.dtype == torch.float32 and qw.scales.shape == (N, kp // 128)
@@ -68,7 +69,7 @@ def test_int4_nibble_order():
     """k = 2i sits in the low nibble of byte i, k = 2i + 1 in the high one, each stored as q + 8."""
     w = torch.zeros(1, 128, device=DEV)
     w[0, 0], w[0, 1], w[0, 2] = 7.0, -7.0, 1.0
-    qw = ql.quantize_weight(w, "int4")
+    qw = weights.quantize_weight(w, "int4")
     assert qw.qweight[0, 0].item() == (7 + 8) | ((-7 + 8) << 4)
     assert qw.qweight[0, 1].item() == (1 + 8) | (8 << 4)
 
@@ -80,7 +81,7 @@ def test_int4_nibble_order():
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("M", [1, 3, 17, 70])
 def test_triton_quant_linear_matches_dequantized_reference(M, mode, dtype, split):
-    qw = ql.quantize_weight(rand(N, K, seed=M), mode)
+    qw = weights.quantize_weight(rand(N, K, seed=M), mode)
     x = rand(M, K, seed=M + 100, dtype=dtype)
     out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
     ws = torch.full((max(split, 1), M, N), float("nan"), dtype=torch.float32, device=DEV)
@@ -92,15 +93,15 @@ def test_triton_quant_linear_matches_dequantized_reference(M, mode, dtype, split
 
 def test_choose_split_k():
     # decode on an H100-like GPU: 1 x 32 tiles cannot fill 132 SMs, so K is cut into 128-value units
-    s = ql.choose_split_k(1, 2048, 2816, 16, 64, num_sms=132)
+    s = weights.choose_split_k(1, 2048, 2816, 16, 64, num_sms=132)
     assert 1 < s <= 2816 // 128
     # 528 programs / 32 tiles asks for 17 ranges; 86 units at 6 per range make 15
-    assert ql.choose_split_k(1, 2048, 10944, 16, 64, num_sms=132) == 15
-    assert ql.choose_split_k(4096, 4096, 4096, 64, 128, num_sms=132) == 1  # prefill fills the GPU alone
-    assert ql.choose_split_k(1, 64 * 132, 4096, 16, 64, num_sms=132) == 1
-    assert ql.choose_split_k(1, 50, 100, 16, 64, num_sms=132) == 1  # one 128-value unit: nothing to split
+    assert weights.choose_split_k(1, 2048, 10944, 16, 64, num_sms=132) == 15
+    assert weights.choose_split_k(4096, 4096, 4096, 64, 128, num_sms=132) == 1  # prefill fills the GPU alone
+    assert weights.choose_split_k(1, 64 * 132, 4096, 16, 64, num_sms=132) == 1
+    assert weights.choose_split_k(1, 50, 100, 16, 64, num_sms=132) == 1  # one 128-value unit: nothing to split
     for M, n, k in [(1, 100, 200), (3, 2048, 1408), (17, 512, 5000), (70, 64, 4096)]:
-        s = ql.choose_split_k(M, n, k, 16, 64, num_sms=132)
+        s = weights.choose_split_k(M, n, k, 16, 64, num_sms=132)
         units = -(-k // 128)
         per = -(-units // s)
         assert 1 <= s <= units and (s - 1) * per < units  # no empty range
@@ -112,22 +113,22 @@ def test_triton_dispatch_picks_split_k_by_itself(M, mode):
     """The dispatch path (no forced split) with the rule's choice: split > 1 at this size on the interpreter's
     stand-in of 132 SMs, split 1 when the tiles fill them."""
     bm, bn = tql._config(M, torch.device(DEV))[:2]
-    assert ql.choose_split_k(M, N, K, bm, bn, num_sms=tql._num_sms(torch.device(DEV))) > 1
-    assert ql.choose_split_k(M, N, K, bm, bn, num_sms=1) == 1
-    qw = ql.quantize_weight(rand(N, K, seed=7), mode)
+    assert weights.choose_split_k(M, N, K, bm, bn, num_sms=tql._num_sms(torch.device(DEV))) > 1
+    assert weights.choose_split_k(M, N, K, bm, bn, num_sms=1) == 1
+    qw = weights.quantize_weight(rand(N, K, seed=7), mode, backend="triton")
     x = rand(M, K, seed=8)
-    y = ql.quant_linear(x, qw, backend="triton")
+    y = ql.quant_linear(x, qw)
     torch.testing.assert_close(y, ql.quant_linear_reference(x, qw), **TOL[torch.float32])
 
 
 def test_quant_linear_checks_arguments():
-    qw = ql.quantize_weight(rand(N, K), "int8")
+    qw = weights.quantize_weight(rand(N, K), "int8")
     with pytest.raises(ValueError, match="x must be"):
         ql.quant_linear(rand(2, K + 1), qw)
     with pytest.raises(ValueError, match="backend"):
-        ql.quant_linear(rand(2, K), qw, backend="cuda")
+        weights.quantize_weight(rand(N, K), "int8", backend="cuda")
     with pytest.raises(ValueError, match="mode"):
-        ql.quantize_weight(rand(N, K), "int3")
+        weights.quantize_weight(rand(N, K), "int3")
 
 
 # ---------------------------------------------------------------- the torch backend (CPU decode fast path)
@@ -138,9 +139,9 @@ def test_quant_linear_checks_arguments():
 def test_torch_backend_matches_reference(M, n, k, mode, xdtype):
     """On a CPU, M <= 16 runs torch's packed int8/int4 kernels with bf16 activations (K and N padded to what they
     accept); larger M dequantizes. Tolerance: bf16 rounding of the activations and of the output."""
-    qw = ql.quantize_weight(rand(n, k, seed=k), mode)
+    qw = weights.quantize_weight(rand(n, k, seed=k), mode)
     x = rand(M, k, seed=M, dtype=xdtype)
-    y = ql.quant_linear(x, qw, backend="torch")
+    y = ql.quant_linear(x, qw)
     assert y.shape == (M, n) and y.dtype == xdtype
     fast = DEV == "cpu" and M <= ql.CPU_FAST_MAX_M
     assert (f"{mode}_cpu" in qw._packed) == fast  # the path taken is the one intended
@@ -155,9 +156,9 @@ def test_torch_backend_matches_reference(M, n, k, mode, xdtype):
 @pytest.mark.parametrize("M", [1, 16, 300])
 @pytest.mark.parametrize("n,k", [(2048, 2816), (3072, 2048), (2048, 1408)])
 def test_triton_quant_linear_bf16(M, n, k, mode):
-    qw = ql.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, mode)
+    qw = weights.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, mode, backend="triton")
     x = torch.randn(M, k, device=DEV, dtype=torch.bfloat16)
-    y = ql.quant_linear(x, qw, backend="triton")
+    y = ql.quant_linear(x, qw)
     ref = ql.quant_linear_reference(x.float(), qw)
     assert_close_scaled(y, ref, 2e-2)
     for split in (1, 4):

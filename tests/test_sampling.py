@@ -57,7 +57,7 @@ def test_max_tokens_eos_and_ignore_eos(llm):
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
     eos = out.token_ids[2]  # pretend the third greedy token is the end of sequence
     cut = out.token_ids.index(eos) + 1
-    llm.eos_token_ids.add(eos)
+    llm.output.eos_token_ids.add(eos)
     try:
         stopped = llm.generate(prompt_token_ids=[p], sampling_params=SamplingParams(max_tokens=5, temperature=0))[0]
         assert stopped.token_ids == out.token_ids[:cut] and stopped.finish_reason == "stop"
@@ -65,7 +65,7 @@ def test_max_tokens_eos_and_ignore_eos(llm):
             max_tokens=5, temperature=0, ignore_eos=True))[0]
         assert ignored.token_ids == out.token_ids
     finally:
-        llm.eos_token_ids.discard(eos)
+        llm.output.eos_token_ids.discard(eos)
     by_id = llm.generate(prompt_token_ids=[p], sampling_params=SamplingParams(
         max_tokens=5, temperature=0, stop_token_ids=[eos]))[0]
     assert by_id.token_ids == out.token_ids[:cut] and by_id.finish_reason == "stop"
@@ -88,8 +88,9 @@ def test_stop_strings_cut_the_text(llm):
 def test_stream_yields_the_same_text(llm):
     ids = llm.encode("a list of values")
     sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    streamed = "".join(llm.stream(ids, sp))
-    assert streamed == llm.last_output.text == llm.generate(prompt_token_ids=[ids], sampling_params=sp)[0].text
+    stream = llm.stream(ids, sp)
+    streamed = "".join(stream)
+    assert streamed == stream.text == llm.generate(prompt_token_ids=[ids], sampling_params=sp)[0].text
 
 
 def test_chat_template(llm):

@@ -63,22 +63,20 @@ def test_packed_cache_close_to_float_cache(checkpoint, mode, backend, kv_cache_d
 
 
 def test_packed_cache_bytes_per_token():
-    from kernels import quant
-    from kvcache import packed_bytes_per_token
+    from kernels import CacheFormat
     for name, want in (("int8", 644), ("fp8", 656)):
-        assert packed_bytes_per_token(name, 512, 64, torch.bfloat16) == want
-        assert quant.packed_format(name, 512, 64, torch.bfloat16).bytes_per_token == want
+        assert CacheFormat(name, 512, 64, torch.bfloat16).bytes_per_token == want
 
 
 @pytest.mark.parametrize("weight_dtype", ["int8", "int4"])
 def test_weight_quantized_engine_on_triton(checkpoint, weight_dtype, monkeypatch):
-    """--weight-dtype on the Triton backend: the quantized linears and the grouped MoE over QuantExperts (no
+    """--weight-dtype on the Triton backend: the quantized linears and the grouped MoE over stacked QuantWeights (no
     per-expert loop) give the torch backend's tokens; logprobs differ by the torch path's bf16 activations."""
-    from kernels import QuantExperts, triton_moe
+    from kernels import QuantWeight, triton_moe
     calls = []
 
     def counted(x, ids, weights, w13, w2, *a, _f=triton_moe.moe_experts, **k):
-        calls.append(isinstance(w13, QuantExperts))
+        calls.append(isinstance(w13, QuantWeight) and w13.stacked)
         return _f(x, ids, weights, w13, w2, *a, **k)
     monkeypatch.setattr(triton_moe, "moe_experts", counted)
     ours = run(checkpoint, "triton", "float32", "auto", weight_dtype=weight_dtype)

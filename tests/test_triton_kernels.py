@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
-from kernels import cache_write, triton_decode, triton_prefill  # noqa: E402
+from kernels import cache_format, cache_write, triton_decode, triton_prefill  # noqa: E402
+from kernels.cache_format import CacheFormat, float_format  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
@@ -92,21 +93,21 @@ def test_write_latent(dims, dtype):
 def test_write_latent_skips_negative_slots():
     cache = poisoned(2, 4, 24, dtype=torch.float32)
     c_kv, k_pe = torch.randn(3, 16, device=DEV), torch.randn(3, 8, device=DEV)
-    cache_write.write_latent(cache, torch.tensor([5, -1, 2], device=DEV), c_kv, k_pe)
+    cache_write.write_latent(cache, torch.tensor([5, -1, 2], device=DEV), c_kv, k_pe, float_format(cache, 16, 8))
     flat = cache.view(-1, 24)
     torch.testing.assert_close(flat[[5, 2]], torch.cat((c_kv, k_pe), -1)[[0, 2]])
     assert flat.isnan().all(-1).sum() == 8 - 2
 
 
 # ---- absorbed decode --------------------------------------------------------------------------------------------
-def check_decode(q_lens, prefix_lens, dims, dtype, splits=None, seed=0, shared_blocks=0, monkeypatch=None):
-    if monkeypatch is not None:
-        monkeypatch.setattr(triton_decode, "FORCE_SPLITS", splits)
+def check_decode(q_lens, prefix_lens, dims, dtype, splits=None, seed=0, shared_blocks=0):
     batch, T, g = make_batch(q_lens, prefix_lens, dims, dtype, seed, shared_blocks)
     H, R, DR = dims["H"], dims["R"], dims["DR"]
     q_lat, q_pe = rand(g, T, H, R, dtype=dtype, scale=R ** -0.5), rand(g, T, H, DR, dtype=dtype)
     scale = (R + DR) ** -0.5
-    out = triton_decode.mla_decode(q_lat, q_pe, softmax_scale=scale, out=poisoned(T, H, R, dtype=dtype), **batch)
+    fmt = float_format(batch["kv_cache"], R, DR)
+    out = triton_decode.mla_decode(q_lat, q_pe, softmax_scale=scale, fmt=fmt, out=poisoned(T, H, R, dtype=dtype),
+                                   num_splits=splits, **batch)
     want = reference.mla_decode(q_lat.float(), q_pe.float(), softmax_scale=scale, **as_float(batch))
     torch.testing.assert_close(out.float(), want, **TOL[dtype])
 
@@ -114,18 +115,17 @@ def check_decode(q_lens, prefix_lens, dims, dtype, splits=None, seed=0, shared_b
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("q_lens,prefix_lens", CASES)
-def test_decode(q_lens, prefix_lens, splits, dtype, monkeypatch):
-    check_decode(q_lens, prefix_lens, SMALL, dtype, splits, monkeypatch=monkeypatch)
+def test_decode(q_lens, prefix_lens, splits, dtype):
+    check_decode(q_lens, prefix_lens, SMALL, dtype, splits)
 
 
 @pytest.mark.parametrize("dims", [ODD, REAL], ids=["odd", "real"])
-def test_decode_widths(dims, monkeypatch):
-    check_decode([1, 3], [21, 9], dims, torch.float16, splits=2, seed=3, monkeypatch=monkeypatch)
+def test_decode_widths(dims):
+    check_decode([1, 3], [21, 9], dims, torch.float16, splits=2, seed=3)
 
 
-def test_decode_shared_prefix(monkeypatch):
-    check_decode([1, 2, 1], [40, 50, 35], SMALL, torch.float32, splits=2, seed=4, shared_blocks=2,
-                 monkeypatch=monkeypatch)
+def test_decode_shared_prefix():
+    check_decode([1, 2, 1], [40, 50, 35], SMALL, torch.float32, splits=2, seed=4, shared_blocks=2)
 
 
 def test_decode_dispatch_with_strided_queries():
@@ -140,16 +140,15 @@ def test_decode_dispatch_with_strided_queries():
 
 
 # ---- expanded prefill -------------------------------------------------------------------------------------------
-def check_prefill(q_lens, prefix_lens, dims, dtype, ws_tokens=None, seed=0, shared_blocks=0, monkeypatch=None):
-    if monkeypatch is not None:
-        monkeypatch.setattr(triton_prefill, "FORCE_WORKSPACE_TOKENS", ws_tokens)
+def check_prefill(q_lens, prefix_lens, dims, dtype, ws_tokens=None, seed=0, shared_blocks=0):
     batch, T, g = make_batch(q_lens, prefix_lens, dims, dtype, seed, shared_blocks)
     H, R, DR, DN, DV = dims["H"], dims["R"], dims["DR"], dims["DN"], dims["DV"]
     q_nope, q_pe = rand(g, T, H, DN, dtype=dtype), rand(g, T, H, DR, dtype=dtype)
     w_kv_b = rand(g, H * (DN + DV), R, dtype=dtype, scale=R ** -0.5)
     scale = (DN + DR) ** -0.5
     out = triton_prefill.mla_prefill(q_nope, q_pe, w_kv_b=w_kv_b, softmax_scale=scale,
-                                     out=poisoned(T, H, DV, dtype=dtype), **batch)
+                                     fmt=float_format(batch["kv_cache"], R, DR), out=poisoned(T, H, DV, dtype=dtype),
+                                     workspace_tokens=ws_tokens, **batch)
     want = reference.mla_prefill(q_nope.float(), q_pe.float(), w_kv_b=w_kv_b.float(), softmax_scale=scale,
                                  **as_float(batch))
     torch.testing.assert_close(out.float(), want, **TOL[dtype])
@@ -159,22 +158,21 @@ def check_prefill(q_lens, prefix_lens, dims, dtype, ws_tokens=None, seed=0, shar
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("ws_tokens", [None, 32])  # 32: two blocks per workspace round, so several rounds merge
 @pytest.mark.parametrize("q_lens,prefix_lens", CASES)
-def test_prefill(q_lens, prefix_lens, ws_tokens, dtype, monkeypatch):
-    check_prefill(q_lens, prefix_lens, SMALL, dtype, ws_tokens, monkeypatch=monkeypatch)
+def test_prefill(q_lens, prefix_lens, ws_tokens, dtype):
+    check_prefill(q_lens, prefix_lens, SMALL, dtype, ws_tokens)
 
 
 @pytest.mark.parametrize("dims", [ODD, REAL], ids=["odd", "real"])
-def test_prefill_widths(dims, monkeypatch):
-    check_prefill([5, 1], [19, 0], dims, torch.float16, ws_tokens=16, seed=3, monkeypatch=monkeypatch)
+def test_prefill_widths(dims):
+    check_prefill([5, 1], [19, 0], dims, torch.float16, ws_tokens=16, seed=3)
 
 
 @pytest.mark.parametrize("ws_tokens", [None, 48])
-def test_prefill_shared_prefix_skips_other_sequences_tiles(ws_tokens, monkeypatch):
+def test_prefill_shared_prefix_skips_other_sequences_tiles(ws_tokens):
     """Three sequences continue one 3-block prefix: its blocks are expanded once, and in the workspace each query
     tile's list skips the other sequences' tiles that sit between the prefix and its own (fully masked for it)."""
     q_lens, prefix_lens = [18, 1, 7], [30, 60, 49]
-    batch = check_prefill(q_lens, prefix_lens, SMALL, torch.float32, ws_tokens, seed=6, shared_blocks=3,
-                          monkeypatch=monkeypatch)
+    batch = check_prefill(q_lens, prefix_lens, SMALL, torch.float32, ws_tokens, seed=6, shared_blocks=3)
     BS = SMALL["BS"]
     rounds, entries = triton_prefill.plan(batch["block_tables"].cpu(), batch["cu_seqlens_q"].cpu(),
                                           batch["seq_lens"].cpu(), BS, 16, 16, (ws_tokens or 1 << 20) // BS)
@@ -228,8 +226,8 @@ GPU_CASES = [([1] * 8, [1, 70, 300, 1000, 2047, 64, 129, 3000]), ([1, 4, 2], [50
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q_lens,prefix_lens", GPU_CASES)
-def test_decode_gpu(q_lens, prefix_lens, dtype, monkeypatch):
-    check_decode(q_lens, prefix_lens, GPU_DIMS, dtype, monkeypatch=monkeypatch)
+def test_decode_gpu(q_lens, prefix_lens, dtype):
+    check_decode(q_lens, prefix_lens, GPU_DIMS, dtype)
 
 
 @gpu
@@ -237,41 +235,38 @@ def test_decode_gpu(q_lens, prefix_lens, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q_lens,prefix_lens,ws", [([300, 1, 77], [0, 500, 1000], None), ([1000], [3000], 1024),
                                                    ([129, 64], [0, 0], None)])
-def test_prefill_gpu(q_lens, prefix_lens, ws, dtype, monkeypatch):
-    check_prefill(q_lens, prefix_lens, GPU_DIMS, dtype, ws, monkeypatch=monkeypatch)
+def test_prefill_gpu(q_lens, prefix_lens, ws, dtype):
+    check_prefill(q_lens, prefix_lens, GPU_DIMS, dtype, ws)
 
 
 @gpu
 @needs_cuda
-def test_prefill_shared_prefix_gpu(monkeypatch):
-    check_prefill([200, 1, 64], [300, 600, 260], GPU_DIMS, torch.bfloat16, None, shared_blocks=4,
-                  monkeypatch=monkeypatch)
+def test_prefill_shared_prefix_gpu():
+    check_prefill([200, 1, 64], [300, 600, 260], GPU_DIMS, torch.bfloat16, None, shared_blocks=4)
 
 
 # ---- packed (int8 / fp8) latent caches ------------------------------------------------------------------------------
-from kernels import quant  # noqa: E402
-
 PACKED = ["int8", "fp8"]
 
 
 def pack(cache, dims, name, rope_dtype):
     """The float cache's written rows, quantized into a uint8 packed cache of the same blocks."""
-    fmt = quant.packed_format(name, dims["R"], dims["DR"], rope_dtype)
+    fmt = CacheFormat(name, dims["R"], dims["DR"], rope_dtype)
     flat = cache.view(-1, cache.shape[-1]).float()
     packed = torch.zeros(*cache.shape[:2], fmt.bytes_per_token, dtype=torch.uint8, device=cache.device)
     slots = (~flat.isnan().any(-1)).nonzero()[:, 0]
-    quant.write_latent(packed, slots, flat[slots, :dims["R"]], flat[slots, dims["R"]:], fmt)
+    cache_format.write_latent(packed, slots, flat[slots, :dims["R"]], flat[slots, dims["R"]:], fmt)
     return packed, fmt
 
 
 @pytest.mark.parametrize("name", PACKED)
 def test_quantize_round_trip_error(name):
-    fmt = quant.packed_format(name, 512, 64, torch.bfloat16)
+    fmt = CacheFormat(name, 512, 64, torch.bfloat16)
     assert fmt.bytes_per_token == {"int8": 644, "fp8": 656}[name]
     x = torch.randn(33, 512) * torch.logspace(-3, 2, 33)[:, None]
     x[3] = 0  # an all-zero row keeps a finite scale
-    q, s = quant.quantize(x, fmt)
-    err = (quant.dequantize(q, s, torch.float32) - x).abs()
+    q, s = cache_format.quantize(x, fmt)
+    err = (cache_format.dequantize(q, s, torch.float32) - x).abs()
     step = s.repeat_interleave(512 // fmt.num_scales, -1)  # the scale of each value
     bound = step * 0.5 + 1e-7 if name == "int8" else x.abs() / 16 + step * 2 ** -9
     assert (err <= bound).all() and s.isfinite().all()
@@ -282,23 +277,23 @@ def test_quantize_round_trip_error(name):
 def test_write_latent_packed(name, dtype):
     dims = SMALL
     g = torch.Generator().manual_seed(11)
-    fmt = quant.packed_format(name, dims["R"], dims["DR"], dtype)
+    fmt = CacheFormat(name, dims["R"], dims["DR"], dtype)
     T, BS = 9, dims["BS"]
     slots = torch.randperm(3 * BS, generator=g)[:T].to(DEV)
     c_kv, k_pe = rand(g, T, dims["R"], dtype=dtype, scale=3.0), rand(g, T, dims["DR"], dtype=dtype)
     ours = torch.full((3, BS, fmt.bytes_per_token), 0xFF, dtype=torch.uint8, device=DEV)
     want = ours.clone()
-    kernels.write_latent(ours, slots, c_kv, k_pe, backend="triton")
-    kernels.write_latent(want, slots, c_kv, k_pe, backend="torch")
+    kernels.write_latent(ours, slots, c_kv, k_pe, fmt, backend="triton")
+    kernels.write_latent(want, slots, c_kv, k_pe, fmt, backend="torch")
     untouched = torch.ones(3 * BS, dtype=torch.bool, device=DEV)
     untouched[slots] = False
     assert (ours.view(3 * BS, -1)[untouched] == 0xFF).all()
-    (ql, sl, rl), (qw, sw, rw) = quant.views(ours, fmt), quant.views(want, fmt)
+    (ql, sl, rl), (qw, sw, rw) = fmt.views(ours), fmt.views(want)
     ns = fmt.num_scales
     torch.testing.assert_close(sl.reshape(-1, ns)[slots], sw.reshape(-1, ns)[slots], atol=0, rtol=1e-6)
     torch.testing.assert_close(rl.view(-1, dims["DR"])[slots], rw.view(-1, dims["DR"])[slots], atol=0, rtol=0)
-    deq = quant.dequantize(ql, sl, torch.float32).view(-1, dims["R"])[slots]
-    deq_w = quant.dequantize(qw, sw, torch.float32).view(-1, dims["R"])[slots]
+    deq = cache_format.dequantize(ql, sl, torch.float32).view(-1, dims["R"])[slots]
+    deq_w = cache_format.dequantize(qw, sw, torch.float32).view(-1, dims["R"])[slots]
     step = sw.view(-1, fmt.num_scales)[slots].max(-1, keepdim=True).values
     assert ((deq - deq_w).abs() <= step * (1.01 if name == "int8" else 32)).all()  # at most one rounding step
 
@@ -306,16 +301,16 @@ def test_write_latent_packed(name, dtype):
 @pytest.mark.parametrize("name", PACKED)
 @pytest.mark.parametrize("dims", [SMALL, REAL], ids=["small", "real"])
 def test_decode_packed(name, dims, monkeypatch):
-    monkeypatch.setattr(triton_decode, "FORCE_SPLITS", 2)
+    monkeypatch.setattr(triton_decode, "_choose_splits", lambda *a: 2)
     dtype = torch.float16
     batch, T, g = make_batch([1, 3, 1], [21, 9, 0], dims, dtype, seed=12)
     packed, fmt = pack(batch["kv_cache"], dims, name, dtype)
     H, R, DR = dims["H"], dims["R"], dims["DR"]
     q_lat, q_pe = rand(g, T, H, R, dtype=dtype, scale=R ** -0.5), rand(g, T, H, DR, dtype=dtype)
-    args = dict(softmax_scale=(R + DR) ** -0.5, **{**batch, "kv_cache": packed})
+    args = dict(softmax_scale=(R + DR) ** -0.5, fmt=fmt, **{**batch, "kv_cache": packed})
     out = kernels.mla_decode(q_lat, q_pe, backend="triton", **args)
     # the torch path on the packed cache (dequantize, then the float reference), in float32
-    dense, tables = quant.unpack(packed, batch["block_tables"], batch["seq_lens"], fmt, torch.float32)
+    dense, tables = cache_format.unpack(packed, batch["block_tables"], batch["seq_lens"], fmt, torch.float32)
     want = reference.mla_decode(q_lat.float(), q_pe.float(), dense, tables, batch["cu_seqlens_q"], batch["seq_lens"],
                                 args["softmax_scale"])
     torch.testing.assert_close(out.float(), want, **TOL[dtype])
@@ -325,7 +320,7 @@ def test_decode_packed(name, dims, monkeypatch):
 
 @pytest.mark.parametrize("name", PACKED)
 def test_prefill_packed(name, monkeypatch):
-    monkeypatch.setattr(triton_prefill, "FORCE_WORKSPACE_TOKENS", 32)
+    monkeypatch.setattr(triton_prefill, "WORKSPACE_ELEMENTS", 32 * SMALL["H"] * (SMALL["DN"] + SMALL["DV"]))
     dims, dtype = SMALL, torch.float16
     batch, T, g = make_batch([5, 17], [30, 2], dims, dtype, seed=13)
     packed, fmt = pack(batch["kv_cache"], dims, name, dtype)
@@ -333,9 +328,9 @@ def test_prefill_packed(name, monkeypatch):
     q_nope, q_pe = rand(g, T, H, DN, dtype=dtype), rand(g, T, H, DR, dtype=dtype)
     w = rand(g, H * (DN + DV), R, dtype=dtype, scale=R ** -0.5)
     scale = (DN + DR) ** -0.5
-    out = kernels.mla_prefill(q_nope, q_pe, w_kv_b=w, softmax_scale=scale, backend="triton",
+    out = kernels.mla_prefill(q_nope, q_pe, w_kv_b=w, softmax_scale=scale, fmt=fmt, backend="triton",
                               **{**batch, "kv_cache": packed})
-    ref = kernels.mla_prefill(q_nope, q_pe, w_kv_b=w, softmax_scale=scale, backend="torch",
+    ref = kernels.mla_prefill(q_nope, q_pe, w_kv_b=w, softmax_scale=scale, fmt=fmt, backend="torch",
                               **{**batch, "kv_cache": packed})
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
     exact = reference.mla_prefill(q_nope.float(), q_pe.float(), w_kv_b=w.float(), softmax_scale=scale,

@@ -1,0 +1,185 @@
+"""EngineConfig: every setting of an engine in one frozen object, and resolve(), the one place where "auto" is
+settled (device, dtype, backend, attention threshold, cache format, weight format, context, cache budget).
+
+The allowed values of each setting are listed here once; the CLI builds its choices from these tuples."""
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from kernels import CacheFormat, WeightFormat
+from kernels.cache_format import NAMES as CACHE_FORMATS
+from models.config import ModelConfig
+from models.errors import ModelError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTN_MODES = ("auto", "absorbed", "expanded")
+BACKENDS = ("auto", "triton", "torch")
+KV_CACHE_DTYPES = ("auto",) + CACHE_FORMATS
+WEIGHT_DTYPES = ("int8", "int4")  # weight-only quantization of the linears and experts; None keeps the model dtype
+CPU_CACHE_GIB = 4.0  # default KV cache budget on the CPU
+CUDA_CACHE_FRACTION = 0.85  # default on CUDA: this share of what is free after the weights and workspace
+# Query tokens per sequence from which the expanded path serves a forward pass, per device kind, unless `mla tune`
+# measured this device (TUNED_FILE). cpu: measured by `mla tune` (bench/results/tune-cpu.md); cuda: vLLM's
+# FlashMLA crossover until measured on a GPU.
+MLA_THRESHOLD = {"cpu": 256, "cuda": 128}
+TUNED_FILE = os.environ.get("MLA_ENGINE_TUNED", os.path.join(os.path.expanduser("~"), ".cache", "mla-engine",
+                                                              "mla_threshold.json"))
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # checkpoint folder (or, for benches that build no model, a config.json)
+    device: str | None = None  # None: cuda when present
+    dtype: str = "auto"
+    attn_mode: str = "auto"
+    kv_cache_dtype: str = "auto"
+    backend: str = "auto"
+    mla_threshold: int | None = None
+    weight_dtype: str | None = None
+    kv_cache_memory_gib: float | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    block_size: int = 64
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    progress: bool = True
+    model_config: ModelConfig | None = field(default=None, repr=False, compare=False)  # set by resolve()
+
+    def __post_init__(self):
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("attn_mode", self.attn_mode, ATTN_MODES)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.weight_dtype is not None:
+            _choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        if self.mla_threshold is not None and self.mla_threshold < 1:
+            raise ValueError(f"mla_threshold={self.mla_threshold}: must be at least 1")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
+            raise ValueError(f"kv_cache_memory_gib={self.kv_cache_memory_gib}: must be positive")
+
+    # ---- resolution -----------------------------------------------------------------------------------------------
+    def resolve(self, plan_memory: bool = True) -> "EngineConfig":
+        """A copy with every "auto" settled, the model's config read, and (plan_memory) the cache budget set."""
+        if self.model_config is not None:
+            return self
+        model_cfg = ModelConfig.from_hf(self.model)
+        device = self._device()
+        if self.dtype != "auto":
+            dtype = self.dtype
+        else:  # the checkpoint's dtype on CUDA; float32 on the CPU
+            dtype = model_cfg.torch_dtype if device.type == "cuda" else "float32"
+        backend = self.backend if self.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+        if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1")
+        max_len = min(model_cfg.max_position_embeddings, self.max_model_len or model_cfg.max_position_embeddings)
+        resolved = replace(self, device=str(device), dtype=dtype, backend=backend,
+                           kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
+                           mla_threshold=self.mla_threshold or tuned_threshold(device) or MLA_THRESHOLD[device.type],
+                           max_model_len=max_len, model_config=model_cfg)
+        return resolved._plan_memory() if plan_memory else resolved
+
+    def _device(self) -> torch.device:
+        name = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"device={name!r}: not a device (cpu or cuda[:N])") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={name!r}: only cpu and cuda[:N] are supported")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}: CUDA is not available on this machine")
+        return device
+
+    def _plan_memory(self) -> "EngineConfig":
+        """The cache budget, and the check that weights, cache and workspace fit in what the device has free."""
+        from models.loader import available_memory
+        device = self.torch_device
+        free = available_memory(device)
+        weights = self.weight_bytes()
+        gib = self.kv_cache_memory_gib
+        if gib is None:
+            left = free - weights - self.workspace_bytes()
+            gib = CUDA_CACHE_FRACTION * left / 2**30 if device.type == "cuda" else CPU_CACHE_GIB
+        if weights > free:
+            raise ModelError(f"{self.model}: the weights need {weights / 2**30:.1f} GiB in {self.dtype}"
+                             f"{f' with {self.weight_dtype} linears' if self.weight_dtype else ''} but {device} has "
+                             f"{free / 2**30:.1f} GiB free")
+        return replace(self, kv_cache_memory_gib=gib)
+
+    # ---- what the resolved settings stand for ---------------------------------------------------------------------
+    def _need_resolved(self):
+        if self.model_config is None:
+            raise RuntimeError("EngineConfig.resolve() first")
+
+    @property
+    def torch_device(self) -> torch.device:
+        self._need_resolved()
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        self._need_resolved()
+        return getattr(torch, self.dtype)
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.torch_dtype, self.torch_device, self.weight_dtype, self.backend)
+
+    @property
+    def cache_format(self) -> CacheFormat:
+        cfg = self.model_config
+        self._need_resolved()
+        return CacheFormat(self.kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.torch_dtype)
+
+    def weight_bytes(self) -> int:
+        """The model's weights in their stored form, counted on the meta device (nothing allocated)."""
+        from models.deepseek import DeepseekModel
+        meta = replace(self.weight_format, device=torch.device("meta"))
+        return DeepseekModel(self.model_config, meta).nbytes()
+
+    def workspace_bytes(self) -> int:
+        """A bound on the activations of one forward pass of max_num_batched_tokens tokens: the routed experts'
+        gathered rows and their gate/up outputs (k + 1 per token), the hidden state and its residuals, in float32."""
+        cfg = self.model_config
+        T, k = self.max_num_batched_tokens, max(cfg.num_experts_per_tok, 1)
+        inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * k)
+        return T * ((k + 4) * cfg.hidden_size + 3 * inter) * 4
+
+
+# ---- the measured absorbed/expanded threshold, per device kind ------------------------------------------------------
+def device_kind(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def tuned_threshold(device: torch.device) -> int | None:
+    try:
+        with open(TUNED_FILE) as f:
+            value = json.load(f).get(device_kind(device))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def save_tuned_threshold(device: torch.device, threshold: int) -> str:
+    try:
+        with open(TUNED_FILE) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    table = table if isinstance(table, dict) else {}
+    table[device_kind(device)] = threshold
+    os.makedirs(os.path.dirname(TUNED_FILE) or ".", exist_ok=True)
+    with open(TUNED_FILE, "w") as f:
+        json.dump(table, f, indent=1)
+    return TUNED_FILE
