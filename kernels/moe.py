@@ -13,7 +13,8 @@ The router and the shared experts stay in the model."""
 import torch
 import torch.nn.functional as F
 
-from .matmul import linear
+from . import cpu
+from .matmul import CPU_FEW_ROWS, linear
 from .weights import QuantWeight
 
 BACKENDS = ("torch", "triton")
@@ -24,27 +25,45 @@ def _check(cond, msg):
         raise ValueError(f"kernel argument: {msg}")
 
 
-def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
-    """w13 / w2: stacked float tensors or stacked QuantWeights (indexed per expert alike)."""
-    T, k = topk_ids.shape
-    E = len(w13)
-    # Group the (token, expert) pairs by expert: one GEMM pair per expert that has tokens, no loop over tokens.
+def _by_expert(x, topk_ids, E):
+    """The (token, expert) pairs grouped by expert: the token rows in that order [T * k, D], the sort order, and the
+    number of pairs per expert [E]."""
+    k = topk_ids.shape[1]
     flat = topk_ids.flatten()  # [T * k], pair p = t * k + j
     order = flat.argsort(stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=E).tolist()
-    xs = x[token]  # [T * k, D], sorted by expert
+    return x[order // k], order, torch.bincount(flat, minlength=E)
+
+
+def _combine(ys, order, topk_weights):
+    """Undo the sort (each token owns exactly k rows) and take the router-weighted sum per token: [T, D]."""
+    T, k = topk_weights.shape
+    unsorted = torch.empty_like(ys)
+    unsorted[order] = ys
+    return torch.bmm(topk_weights.to(ys.dtype).unsqueeze(1), unsorted.view(T, k, -1)).squeeze(1)
+
+
+def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
+    """w13 / w2: stacked float tensors or stacked QuantWeights (indexed per expert alike). One GEMM pair per expert
+    that has tokens, no loop over tokens."""
+    xs, order, counts = _by_expert(x, topk_ids, len(w13))
     ys = torch.empty_like(xs)
     start = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts.tolist()):
         if n:
             gate, up = linear(xs[start:start + n], w13[e]).chunk(2, dim=-1)  # [n, I] each
             ys[start:start + n] = linear(F.silu(gate) * up, w2[e])
             start += n
-    # Undo the sort (each token owns exactly k rows) and take the router-weighted sum per token.
-    unsorted = torch.empty_like(ys)
-    unsorted[order] = ys
-    return torch.bmm(topk_weights.to(ys.dtype).unsqueeze(1), unsorted.view(T, k, -1)).squeeze(1)  # [T, D]
+    return _combine(ys, order, topk_weights)
+
+
+def moe_experts_cpu(x, topk_ids, topk_weights, w13, w2):
+    """The few tokens of a decode step on the CPU: both projections of every expert the batch picks in one C++ call
+    each (kernels/cpu.py), each expert's weights streamed once for all of its tokens."""
+    xs, order, counts = _by_expert(x, topk_ids, len(w13))
+    offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+    gate, up = cpu.grouped(xs, offsets, w13).chunk(2, dim=-1)  # float32 [P, I] each
+    ys = cpu.grouped(F.silu(gate) * up, offsets, w2)  # [P, D]
+    return _combine(ys, order, topk_weights).to(x.dtype)
 
 
 def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch"):
@@ -78,4 +97,6 @@ def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch"):
         _check(all(t.stride(-1) == 1 for t in [x] + stored), "x, w13, w2 must be contiguous in their last dimension")
         from . import triton_moe
         return triton_moe.moe_experts(x, topk_ids, topk_weights, w13, w2)
+    if dev.type == "cpu" and 0 < T <= CPU_FEW_ROWS and cpu.ext() is not None and cpu.streams(w13) and cpu.streams(w2):
+        return moe_experts_cpu(x, topk_ids, topk_weights, w13, w2)
     return moe_experts_reference(x, topk_ids, topk_weights, w13, w2)

@@ -37,7 +37,6 @@ class QuantWeight:
     shape: tuple  # (N, K) of one float weight
     group_size: int  # values of K per scale: K for int8 (a whole row), 128 for int4
     backend: str = "torch"  # the kernel family that multiplies by it: "torch" | "triton"
-    _packed: dict = field(default_factory=dict, repr=False)  # CPU fast-path layouts, built on first use
     _experts: list | None = field(default=None, repr=False)
 
     @property
@@ -56,7 +55,7 @@ class QuantWeight:
         return self.qweight.shape[0]
 
     def __getitem__(self, e: int) -> "QuantWeight":
-        """Expert e of a stacked weight: views into the stack, made once (each keeps its own CPU layouts)."""
+        """Expert e of a stacked weight: views into the stack, made once."""
         if self._experts is None:
             self._experts = [QuantWeight(self.qweight[i], self.scales[i], self.mode, self.shape, self.group_size,
                                          self.backend) for i in range(len(self))]
@@ -74,7 +73,6 @@ class QuantWeight:
         _check(q.qweight.shape == self.qweight.shape, f"cannot store {tuple(w.shape)} into a weight of {self.shape}")
         self.qweight.copy_(q.qweight)
         self.scales.copy_(q.scales)
-        self._packed.clear()
 
     def to(self, device) -> "QuantWeight":
         return QuantWeight(self.qweight.to(device), self.scales.to(device), self.mode, self.shape, self.group_size,

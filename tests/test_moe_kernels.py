@@ -157,9 +157,13 @@ def test_quantized_experts_match_their_dequantized_weights(T, k, d, i, dtype, mo
     for backend in ("torch", "triton"):
         out = moe.moe_experts(x, ids, weights, q13, q2, backend=backend)
         assert out.shape == (T, d) and out.dtype == dtype
-        # the CPU torch path runs torch's packed kernels on bf16 activations for few rows (kernels/matmul.py)
-        tol = TOL[torch.bfloat16] if backend == "torch" and DEV == "cpu" else TOL[dtype]
-        torch.testing.assert_close(out.double(), ref, **tol)
+        if backend == "torch" and DEV == "cpu":
+            # the C++ kernels quantize the activations to int8 per block of 128 (kernels/cpu_kernels.cpp), here
+            # twice (x, then silu(gate) * up): about 1% of the output's norm, not of each element
+            err = (out.double() - ref).abs().max() / ref.abs().max()
+            assert err < 0.03 and (out.double() - ref).norm() / ref.norm() < 0.02, err
+        else:
+            torch.testing.assert_close(out.double(), ref, **TOL[dtype])
 
 
 def test_quantized_experts_are_each_quantized_on_their_own():

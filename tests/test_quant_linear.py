@@ -135,16 +135,22 @@ def test_quant_linear_checks_arguments():
 
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("M,n,k", [(1, 100, 201), (3, 50, 70), (16, 2048, 2816), (17, 100, 201), (40, 64, 256)])
-def test_torch_backend_matches_reference(M, n, k, mode, xdtype):
-    """On a CPU, M <= 16 runs torch's packed int8/int4 kernels with bf16 activations (K and N padded to what they
-    accept); larger M dequantizes. Tolerance: bf16 rounding of the activations and of the output."""
+@pytest.mark.parametrize("M,n,k", [(1, 100, 201), (3, 50, 70), (16, 2048, 2816), (17, 100, 201), (40, 64, 256),
+                                   (40, 2100, 130)])
+def test_torch_backend_matches_reference(M, n, k, mode, xdtype, monkeypatch):
+    """On a CPU, M <= 16 streams the weight through the C++ kernels (activations quantized per block of 128);
+    larger M dequantizes blocks of rows to bf16 into the GEMM (2100 rows: three blocks). Tolerance: the
+    activations' int8 or bf16 rounding."""
+    from kernels import cpu
+    calls = []
+    if DEV == "cpu" and cpu.ext() is not None:
+        real = cpu.gemv_quant
+        monkeypatch.setattr(cpu, "gemv_quant", lambda *a: calls.append(1) or real(*a))
     qw = weights.quantize_weight(rand(n, k, seed=k), mode)
     x = rand(M, k, seed=M, dtype=xdtype)
     y = ql.quant_linear(x, qw)
     assert y.shape == (M, n) and y.dtype == xdtype
-    fast = DEV == "cpu" and M <= ql.CPU_FAST_MAX_M
-    assert (f"{mode}_cpu" in qw._packed) == fast  # the path taken is the one intended
+    assert bool(calls) == (DEV == "cpu" and cpu.ext() is not None and M <= ql.CPU_FEW_ROWS)  # the intended path
     assert_close_scaled(y, ql.quant_linear_reference(x.float(), qw), 2e-2)
 
 

@@ -1,0 +1,197 @@
+"""mla-engine next to llama.cpp and ik_llama.cpp on the same weights, on this CPU, in one session.
+
+    python bench/llamacpp_compare.py --llama-cpp DIR --ik-llama-cpp DIR [--work DIR] [--formats f32,bf16,q8_0,q4_0]
+                                     [--config bench/configs/deepseek-v2-lite.json --layers 2 --experts 8]
+
+DIR is a source folder of each project with its llama-bench and llama-quantize built in DIR/build/bin. Nothing is
+fetched: the script writes one random-weight bf16 checkpoint of the published config (cut to --layers/--experts)
+with a small byte-level BPE tokenizer, converts it with each project's own convert_hf_to_gguf.py (f32, bf16, q8_0;
+q4_0 through llama-quantize), runs llama-bench on every GGUF and `mla bench` on the safetensors folder, and prints
+one markdown table (tok/s, mean of -r runs) with the ratios. llama-bench's own JSON is kept in --work.
+
+Depth rows: ik_llama.cpp's llama-bench measures tg after a prompt (-gp pp,tg). A llama.cpp build without -d gives
+only -pg pp,tg (prompt and generation together); its tg @ depth is then derived as
+tg / (( pp + tg) / pg - pp / pp_rate), with pp_rate the same build's ppN row. Both are labelled in the table."""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FORMATS = {  # gguf type -> (mla bench flags, label)
+    "f32": (["--dtype", "float32"], "float32"),
+    "bf16": (["--dtype", "bfloat16"], "bf16"),
+    "q8_0": (["--dtype", "bfloat16", "--weight-dtype", "int8"], "int8 / Q8_0"),
+    "q4_0": (["--dtype", "bfloat16", "--weight-dtype", "int4"], "int4 / Q4_0"),
+}
+# The converter hashes the tokenizer's output to name its pre-tokenizer; a tokenizer made here has no known hash,
+# so the converter is told the one DeepSeek-V2 uses. llama-bench never tokenizes text.
+CONVERT = """
+import importlib.util, sys
+sys.path.insert(0, {gguf_py!r})
+spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", {script!r})
+mod = importlib.util.module_from_spec(spec)
+sys.modules["convert_hf_to_gguf"] = mod
+spec.loader.exec_module(mod)
+mod.Model.get_vocab_base_pre = lambda self, tokenizer: "deepseek-llm"
+sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outtype", {outtype!r}, "--outfile", {out!r}]
+mod.main()
+"""
+
+
+def sh(cmd, **kw):
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def make_tokenizer(path: str):
+    """A small byte-level BPE (with merges, which llama.cpp's gpt2 vocab loader needs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [open(os.path.join(ROOT, "README.md")).read()] * 4
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=600, special_tokens=["<bos>", "<eos>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>").save_pretrained(path)
+
+
+def checkpoint(args) -> str:
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from engine.bench import random_checkpoint
+    path = os.path.join(args.work, "model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        random_checkpoint(args.config, path, layers=args.layers, experts=args.experts, dtype=torch.bfloat16,
+                          need_copies=1)
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        cfg.update(bos_token_id=0, eos_token_id=1)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        make_tokenizer(path)
+    return path
+
+
+def gguf(project: str, model: str, fmt: str, work: str) -> str:
+    name = os.path.basename(os.path.normpath(project))
+    out = os.path.join(work, f"{name}-{fmt}.gguf")
+    if os.path.exists(out):
+        return out
+    if fmt == "q4_0":
+        src = gguf(project, model, "bf16", work)
+        sh([os.path.join(project, "build", "bin", "llama-quantize"), src, out, "Q4_0", "2"], stdout=subprocess.DEVNULL)
+        return out
+    code = CONVERT.format(gguf_py=os.path.join(project, "gguf-py"), script=os.path.join(project, "convert_hf_to_gguf.py"),
+                          model=model, outtype=fmt, out=out)
+    sh([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def llama_bench(project: str, model: str, flags: list[str], tests: list[str], reps: int, work: str, tag: str) -> list:
+    out = os.path.join(work, f"{tag}.json")
+    if not os.path.exists(out):
+        cmd = [os.path.join(project, "build", "bin", "llama-bench"), "-m", model, "-t", "2", "-r", str(reps),
+               "-o", "json"] + flags + tests
+        with open(out, "w") as f:
+            sh(cmd, stdout=f, stderr=subprocess.DEVNULL)
+    with open(out) as f:
+        return json.load(f)
+
+
+def best(rows: list, **match) -> dict:
+    """The fastest of the rows that match (over the flag variants: -fa 0/1, -rtr 0/1)."""
+    keep = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return max(keep, key=lambda r: r["avg_ts"]) if keep else None
+
+
+def anchors(args, model: str, fmt: str) -> dict:
+    """tok/s per test name for llama.cpp and ik_llama.cpp."""
+    res = {}
+    lc = llama_bench(args.llama_cpp, gguf(args.llama_cpp, model, fmt, args.work), ["-fa", "0,1"],
+                     ["-p", "512,4096", "-n", "32", "-pg", "512,32", "-pg", "4096,32"], args.reps, args.work,
+                     f"llama.cpp-{fmt}")
+    r = {}
+    for n in (512, 4096):
+        pp = best(lc, n_prompt=n, n_gen=0)
+        r[f"pp{n}"] = pp["avg_ts"] if pp else None
+    tg = best(lc, n_prompt=0, n_gen=32)
+    r["tg32"] = tg["avg_ts"] if tg else None
+    for d in (512, 4096):
+        pg = best(lc, n_prompt=d, n_gen=32)
+        if pg and r.get(f"pp{d}"):  # derived: the generation part of pp + tg
+            t_gen = (d + 32) / pg["avg_ts"] - d / r[f"pp{d}"]
+            r[f"tg32 @ d{d}"] = 32 / t_gen if t_gen > 0 else None
+    res["llama.cpp"] = r
+    ik = llama_bench(args.ik_llama_cpp, gguf(args.ik_llama_cpp, model, fmt, args.work),
+                     ["-mla", "3", "-fa", "1", "-fmoe", "1", "-rtr", "0,1"],
+                     ["-p", "512,4096", "-n", "32", "-gp", "512,32", "-gp", "4096,32"], args.reps, args.work,
+                     f"ik_llama.cpp-{fmt}")
+    r = {}
+    for n in (512, 4096):
+        pp = best(ik, n_prompt=n, n_gen=0)
+        r[f"pp{n}"] = pp["avg_ts"] if pp else None
+    for d in (0, 512, 4096):
+        tg = best(ik, n_prompt=d, n_gen=32)
+        r["tg32" + (f" @ d{d}" if d else "")] = tg["avg_ts"] if tg else None
+    res["ik_llama.cpp"] = r
+    return res
+
+
+def ours(args, model: str, fmt: str) -> dict:
+    flags, _ = FORMATS[fmt]
+    r = {}
+    for tests in (["-p", "512,4096", "-n", "0"], ["-p", "0", "-n", "32", "-d", "0,512,4096"]):
+        cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "bench", "--model", model, "-r", str(args.reps),
+               "--output", "json"] + flags + tests
+        rows = json.loads(sh(cmd, capture_output=True, text=True).stdout)
+        r.update({row["test"]: row["tps"] for row in rows})
+    return r
+
+
+def fmt_ts(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--llama-cpp", required=True)
+    p.add_argument("--ik-llama-cpp", required=True)
+    p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "mla-engine", "compare"))
+    p.add_argument("--config", default=os.path.join(HERE, "configs", "deepseek-v2-lite.json"))
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--formats", default="f32,bf16,q8_0,q4_0")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--skip-ours", action="store_true", help="only the anchors (e.g. to measure them first)")
+    args = p.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    model = checkpoint(args)
+    lines = ["| test | format | mla-engine | llama.cpp | ik_llama.cpp | mla / llama.cpp | mla / ik |", "|---|" * 7]
+    ratios = []
+    for fmt in args.formats.split(","):
+        a = anchors(args, model, fmt)
+        o = {} if args.skip_ours else ours(args, model, fmt)
+        for test in ("pp512", "pp4096", "tg32", "tg32 @ d512", "tg32 @ d4096"):
+            m, lc, ik = o.get(test), a["llama.cpp"].get(test), a["ik_llama.cpp"].get(test)
+            rl = m / lc if m and lc else None
+            ri = m / ik if m and ik else None
+            if ri:
+                ratios.append(ri)
+            derived = " (derived)" if test.startswith("tg32 @") and lc else ""
+            lines.append(f"| {test} | {FORMATS[fmt][1]} | {fmt_ts(m)} | {fmt_ts(lc)}{derived} | {fmt_ts(ik)} | "
+                         f"{fmt_ts(rl) if rl is None else f'{rl:.2f}'} | {fmt_ts(ri) if ri is None else f'{ri:.2f}'} |")
+        print("\n".join(lines[-5:]), file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    if ratios:
+        print(f"\ngeometric mean mla / ik_llama.cpp over {len(ratios)} rows: "
+              f"{statistics.geometric_mean(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
