@@ -1,13 +1,20 @@
 """mla-engine next to llama.cpp and ik_llama.cpp on the same weights, on this CPU, in one session.
 
     python bench/llamacpp_compare.py --llama-cpp DIR --ik-llama-cpp DIR [--work DIR] [--formats f32,bf16,q8_0,q4_0]
-                                     [--config bench/configs/deepseek-v2-lite.json --layers 2 --experts 8]
+                                     [--config bench/configs/deepseek-v2-lite.json --layers 27 --experts 8]
 
 DIR is a source folder of each project with its llama-bench and llama-quantize built in DIR/build/bin. Nothing is
 fetched: the script writes one random-weight bf16 checkpoint of the published config (cut to --layers/--experts)
 with a small byte-level BPE tokenizer, converts it with each project's own convert_hf_to_gguf.py (f32, bf16, q8_0;
 q4_0 through llama-quantize), runs llama-bench on every GGUF and `mla bench` on the safetensors folder, and prints
-one markdown table (tok/s, mean of -r runs) with the ratios. llama-bench's own JSON is kept in --work.
+one markdown table (tok/s, mean of -r runs) with the ratios. llama-bench's own JSON is kept in --work; a GGUF is
+deleted once measured (--keep-gguf keeps them).
+
+Why 27 layers: both projects recognise a DeepSeek-V2 model without q_lora_rank ("lite") only by its layer count (26
+or 27; src/models/deepseek2.cpp), so a cut to fewer layers does not load in either. The 27-layer, 8-expert cut has
+V2-Lite's depth, attention and active parameters per token (top-6 routing): only the unused experts are left out.
+The flag variants (llama.cpp -fa 0/1, ik_llama.cpp -rtr 0/1) are tried on pp512 and tg32; the longer tests run with
+the better one of each.
 
 Depth rows: ik_llama.cpp's llama-bench measures tg after a prompt (-gp pp,tg). A llama.cpp build without -d gives
 only -pg pp,tg (prompt and generation together); its tg @ depth is then derived as
@@ -32,11 +39,15 @@ FORMATS = {  # gguf type -> (mla bench flags, label)
 CONVERT = """
 import importlib.util, sys
 sys.path.insert(0, {gguf_py!r})
+sys.path.insert(0, {root!r})
 spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", {script!r})
 mod = importlib.util.module_from_spec(spec)
 sys.modules["convert_hf_to_gguf"] = mod
 spec.loader.exec_module(mod)
-mod.Model.get_vocab_base_pre = lambda self, tokenizer: "deepseek-llm"
+for m in list(sys.modules.values()):  # the class that defines it (Model, or conversion.base's in newer trees)
+    for v in list(getattr(m, "__dict__", dict()).values()):
+        if isinstance(v, type) and "get_vocab_base_pre" in vars(v):
+            v.get_vocab_base_pre = lambda self, tokenizer: "deepseek-llm"
 sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outtype", {outtype!r}, "--outfile", {out!r}]
 mod.main()
 """
@@ -85,11 +96,14 @@ def gguf(project: str, model: str, fmt: str, work: str) -> str:
         return out
     if fmt == "q4_0":
         src = gguf(project, model, "bf16", work)
-        sh([os.path.join(project, "build", "bin", "llama-quantize"), src, out, "Q4_0", "2"], stdout=subprocess.DEVNULL)
+        sh([os.path.join(project, "build", "bin", "llama-quantize"), src, out, "Q4_0", "2"], stdout=subprocess.DEVNULL,
+           stderr=subprocess.DEVNULL)
         return out
-    code = CONVERT.format(gguf_py=os.path.join(project, "gguf-py"), script=os.path.join(project, "convert_hf_to_gguf.py"),
+    code = CONVERT.format(gguf_py=os.path.join(project, "gguf-py"), root=project, script=os.path.join(project, "convert_hf_to_gguf.py"),
                           model=model, outtype=fmt, out=out)
-    sh([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(work, f"{name}-{fmt}.convert.log")
+    with open(log, "w") as f:
+        sh([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT)
     return out
 
 
@@ -110,36 +124,44 @@ def best(rows: list, **match) -> dict:
     return max(keep, key=lambda r: r["avg_ts"]) if keep else None
 
 
+def variant(rows: list, flag: str) -> str:
+    """The value of flag (-fa, -rtr) whose pp512 + tg32 time is the least."""
+    cost = {}
+    for r in rows:
+        key = str(int(r[flag])) if flag in r else None
+        cost[key] = cost.get(key, 0) + (r["n_prompt"] + r["n_gen"]) / r["avg_ts"]
+    return min(cost, key=cost.get)
+
+
 def anchors(args, model: str, fmt: str) -> dict:
     """tok/s per test name for llama.cpp and ik_llama.cpp."""
     res = {}
-    lc = llama_bench(args.llama_cpp, gguf(args.llama_cpp, model, fmt, args.work), ["-fa", "0,1"],
-                     ["-p", "512,4096", "-n", "32", "-pg", "512,32", "-pg", "4096,32"], args.reps, args.work,
-                     f"llama.cpp-{fmt}")
-    r = {}
-    for n in (512, 4096):
-        pp = best(lc, n_prompt=n, n_gen=0)
-        r[f"pp{n}"] = pp["avg_ts"] if pp else None
-    tg = best(lc, n_prompt=0, n_gen=32)
-    r["tg32"] = tg["avg_ts"] if tg else None
-    for d in (512, 4096):
-        pg = best(lc, n_prompt=d, n_gen=32)
-        if pg and r.get(f"pp{d}"):  # derived: the generation part of pp + tg
-            t_gen = (d + 32) / pg["avg_ts"] - d / r[f"pp{d}"]
-            r[f"tg32 @ d{d}"] = 32 / t_gen if t_gen > 0 else None
-    res["llama.cpp"] = r
-    ik = llama_bench(args.ik_llama_cpp, gguf(args.ik_llama_cpp, model, fmt, args.work),
-                     ["-mla", "3", "-fa", "1", "-fmoe", "1", "-rtr", "0,1"],
-                     ["-p", "512,4096", "-n", "32", "-gp", "512,32", "-gp", "4096,32"], args.reps, args.work,
-                     f"ik_llama.cpp-{fmt}")
-    r = {}
-    for n in (512, 4096):
-        pp = best(ik, n_prompt=n, n_gen=0)
-        r[f"pp{n}"] = pp["avg_ts"] if pp else None
-    for d in (0, 512, 4096):
-        tg = best(ik, n_prompt=d, n_gen=32)
-        r["tg32" + (f" @ d{d}" if d else "")] = tg["avg_ts"] if tg else None
-    res["ik_llama.cpp"] = r
+    for name, project, flags, key, depth_test in (
+            ("llama.cpp", args.llama_cpp, [], "flash_attn", "-d"),
+            ("ik_llama.cpp", args.ik_llama_cpp, ["-mla", "3", "-fa", "1", "-fmoe", "1"], "run_time_repack", "-gp")):
+        path = gguf(project, model, fmt, args.work)
+        flag = "-fa" if name == "llama.cpp" else "-rtr"
+        short = llama_bench(project, path, flags + [flag, "0,1"], ["-p", "512", "-n", "32"], args.reps, args.work,
+                            f"{name}-{fmt}-short")
+        best_value = variant(short, key)
+        flags = flags + [flag, best_value]
+        long = llama_bench(project, path, flags, ["-p", "4096", "-n", "0"], args.reps, args.work, f"{name}-{fmt}-pp4096")
+        if depth_test == "-d":
+            deep = llama_bench(project, path, flags, ["-p", "0", "-n", "32", "-d", "512,4096"], args.reps, args.work,
+                               f"{name}-{fmt}-depth")
+        else:
+            deep = llama_bench(project, path, flags, ["-gp", "512,32", "-gp", "4096,32"], args.reps, args.work,
+                               f"{name}-{fmt}-depth")
+        r = {"flags": " ".join(flags)}
+        for row in short + long + deep:
+            if str(int(row.get(key, 0))) != best_value and row in short:
+                continue
+            depth = row.get("n_depth", 0) or (row["n_prompt"] if row["n_gen"] else 0)
+            test = f"pp{row['n_prompt']}" if not row["n_gen"] else "tg32" + (f" @ d{depth}" if depth else "")
+            r[test] = row["avg_ts"]
+        res[name] = r
+        if not args.keep_gguf:
+            os.remove(path)
     return res
 
 
@@ -164,11 +186,12 @@ def main():
     p.add_argument("--ik-llama-cpp", required=True)
     p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "mla-engine", "compare"))
     p.add_argument("--config", default=os.path.join(HERE, "configs", "deepseek-v2-lite.json"))
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=27)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--formats", default="f32,bf16,q8_0,q4_0")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-ours", action="store_true", help="only the anchors (e.g. to measure them first)")
+    p.add_argument("--keep-gguf", action="store_true")
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)
     model = checkpoint(args)

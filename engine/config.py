@@ -77,8 +77,12 @@ class EngineConfig:
         device = self._device()
         if self.dtype != "auto":
             dtype = self.dtype
-        else:  # the checkpoint's dtype on CUDA; float32 on the CPU
-            dtype = model_cfg.torch_dtype if device.type == "cuda" else "float32"
+        elif device.type == "cuda":
+            dtype = model_cfg.torch_dtype
+        elif model_cfg.torch_dtype == "float32" or not cpu_has_bf16():
+            dtype = "float32"
+        else:  # a bf16 (or fp16) checkpoint on a CPU with bf16 arithmetic: its GEMMs run 3x faster than fp32
+            dtype = "bfloat16"
         backend = self.backend if self.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
         if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1")
@@ -155,6 +159,16 @@ class EngineConfig:
         T, k = self.max_num_batched_tokens, max(cfg.num_experts_per_tok, 1)
         inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * k)
         return T * ((k + 4) * cfg.hidden_size + 3 * inter) * 4
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX), as /proc/cpuinfo lists its flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ---- the measured absorbed/expanded threshold, per device kind ------------------------------------------------------

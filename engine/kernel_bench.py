@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import kernels
 from kernels import CacheFormat
+from kernels.reference import expand
 from models.loader import available_memory
 
 from .config import EngineConfig
@@ -226,9 +227,8 @@ class KernelBench:
             backends = _sdpa_backends(dev)
 
             def sdpa_call(pad_v: bool):
-                kv = (lat[:, :R] @ w_kv_b.T).view(S, H, DN + DV)  # [S, H, nope + v]
-                k = torch.cat((kv[..., :DN], lat[:, None, R:].expand(S, H, DR)), -1)
-                v = kv[..., DN:]
+                k_nope, v = expand(lat[:, :R], w_kv_b, H, DN)  # [S, H, nope], [S, H, v]
+                k = torch.cat((k_nope, lat[:, None, R:].expand(S, H, DR)), -1)
                 if pad_v:  # the fused kernels that want one head dim for Q, K and V
                     v = F.pad(v, (0, QK - DV))
                 o = _sdpa(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], backends)  # [1, H, S, dv]

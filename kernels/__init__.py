@@ -8,7 +8,7 @@ with the cache; without one, the cache is a plain float cache of its tensor's dt
 on first use, so the torch backend never needs a working Triton."""
 import torch
 
-from . import reference
+from . import cpu, reference
 from .cache_format import CacheFormat, float_format
 from .cache_format import unpack as _unpack
 from .cache_format import write_latent as _write_packed
@@ -16,7 +16,7 @@ from .matmul import linear, quant_linear
 from .moe import moe_experts
 from .weights import QuantWeight, WeightFormat, quantize_experts, quantize_weight
 
-__all__ = ["write_latent", "mla_decode", "mla_prefill", "linear", "quant_linear", "moe_experts", "CacheFormat",
+__all__ = ["write_latent", "mla_decode", "mla_prefill", "head_matmul", "rms_norm", "rope_", "silu_mul", "linear", "quant_linear", "moe_experts", "CacheFormat",
            "QuantWeight", "WeightFormat", "quantize_weight", "quantize_experts"]
 BACKENDS = ("torch", "triton")
 
@@ -71,9 +71,52 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
         from . import triton_decode
         return triton_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
                                         fmt)
+    if (q_lat.device.type == "cpu" and cpu.ext() is not None and cpu.decode_kind(fmt) is not None
+            and T <= cpu.MAX_DECODE_QUERIES * block_tables.shape[0]
+            and int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) <= cpu.MAX_DECODE_QUERIES):
+        return cpu.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt)
     if fmt.packed:  # the float reference over the dequantized blocks of this batch
         kv_cache, block_tables = _unpack(kv_cache, block_tables, seq_lens, fmt, q_lat.dtype)
     return reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale)
+
+
+def _cpu_glue(x) -> bool:
+    return x.device.type == "cpu" and cpu.ext() is not None
+
+
+def rms_norm(x, weight, eps: float):
+    """DeepSeek's RMSNorm over the last dim of x [..., D]."""
+    if _cpu_glue(x) and x.dtype == weight.dtype:
+        return cpu.ext().rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+    return reference.rms_norm(x, weight, eps)
+
+
+def rope_(x, positions, cos, sin, interleave: bool):
+    """RoPE in place on x [T, N, rope_dim] (a view: the rope part of q, or k_pe); returns x."""
+    _check(x.dim() == 3 and x.stride(-1) == 1, f"x must be [T, N, rope_dim] with a contiguous last dim")
+    if _cpu_glue(x):
+        cpu.ext().rope_(x, positions, cos, sin, interleave)
+        return x
+    return x.copy_(reference.rope(x, positions, cos, sin, interleave))
+
+
+def silu_mul(h):
+    """SwiGLU's middle: h [M, 2I] (gate | up) -> silu(gate) * up [M, I]."""
+    if _cpu_glue(h):
+        return cpu.ext().silu_mul(h)
+    return reference.silu_mul(h)
+
+
+def head_matmul(x, w, transpose_w: bool = False, backend="torch"):
+    """Per-head products of the absorbed path: y[t, h] = x[t, h] @ w[h] (w [H, A, B]), or x[t, h] @ w[h].T with
+    transpose_w (w [H, B, A]); x [T, H, A] -> [T, H, B] in x.dtype."""
+    _check(x.dim() == 3 and w.dim() == 3 and x.shape[1] == w.shape[0], "x must be [T, H, A] and w [H, ., .]")
+    _check(w.shape[2 if transpose_w else 1] == x.shape[2], f"w {tuple(w.shape)} does not take x {tuple(x.shape)}")
+    if (x.device.type == "cpu" and 0 < x.shape[0] <= cpu.MAX_DECODE_QUERIES and cpu.ext() is not None
+            and cpu.streams(w)):
+        return cpu.head_matmul(x, w, transpose_w)
+    wt = w.transpose(1, 2) if transpose_w else w
+    return torch.bmm(x.transpose(0, 1), wt.to(x.dtype)).transpose(0, 1)
 
 
 def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale,

@@ -37,32 +37,30 @@ def streams(w) -> bool:
     return w.qweight.is_contiguous()
 
 
-def _offsets(M: int, device) -> torch.Tensor:
-    return torch.tensor([0, M], dtype=torch.int64, device=device)
+def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T for a float weight: [M, N] in x.dtype (or into out)."""
+    out = x.new_empty(x.shape[0], w.shape[0]) if out is None else out
+    ext().gemv(x, [0, x.shape[0]], w, out)
+    return out
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K].T for a float weight: [M, N] in x.dtype."""
-    return ext().grouped_gemv_float(x, _offsets(x.shape[0], x.device), w.unsqueeze(0)).to(x.dtype)
+def gemv_quant(x: torch.Tensor, qw, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T for a 2-D QuantWeight: [M, N] in x.dtype (or into out)."""
+    out = x.new_empty(x.shape[0], qw.shape[0]) if out is None else out
+    ext().gemv_quant(x, [0, x.shape[0]], qw.qweight, qw.scales, qw.shape[1], qw.mode == "int4", out)
+    return out
 
 
-def gemv_quant(x: torch.Tensor, qw) -> torch.Tensor:
-    """x [M, K] @ W.T for a 2-D QuantWeight: [M, N] in x.dtype."""
-    int4 = qw.mode == "int4"
-    xq, sx, sxsum = ext().quantize_rows(x, int4)
-    y = ext().grouped_gemv_quant(xq, sx, sxsum, _offsets(x.shape[0], x.device), qw.qweight.unsqueeze(0),
-                                 qw.scales.unsqueeze(0), qw.shape[1], int4)
-    return y.to(x.dtype)
-
-
-def grouped(x: torch.Tensor, offsets: torch.Tensor, w) -> torch.Tensor:
+def grouped(x: torch.Tensor, offsets: list[int], w, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows offsets[g]:offsets[g + 1] of x times expert g of w (stacked float [E, N, K] or stacked QuantWeight):
-    [M, N] float32."""
+    [M, N] in x.dtype (or into out)."""
+    N = w.shape[1] if isinstance(w, torch.Tensor) else w.shape[0]
+    out = x.new_empty(x.shape[0], N) if out is None else out
     if isinstance(w, torch.Tensor):
-        return ext().grouped_gemv_float(x, offsets, w)
-    int4 = w.mode == "int4"
-    xq, sx, sxsum = ext().quantize_rows(x, int4)
-    return ext().grouped_gemv_quant(xq, sx, sxsum, offsets, w.qweight, w.scales, w.shape[1], int4)
+        ext().gemv(x, offsets, w, out)
+    else:
+        ext().gemv_quant(x, offsets, w.qweight, w.scales, w.shape[1], w.mode == "int4", out)
+    return out
 
 
 # ---- plain-torch references of what the C++ computes (tests compare against them) ----------------------------------
@@ -92,3 +90,29 @@ def gemv_quant_reference(x: torch.Tensor, qw) -> torch.Tensor:
     KB = sx.shape[1]
     xd = (xq.view(M, KB, QB).double() * sx[..., None].double()).view(M, KB * QB)[:, :K]
     return (xd @ qw.dequantize(torch.float64).T).float()
+
+
+# ---- absorbed attention (decode) --------------------------------------------------------------------------------------
+MAX_DECODE_QUERIES = 16  # query tokens per sequence up to which the C++ decode attention runs
+
+
+def decode_kind(fmt) -> int | None:
+    """The C++ reader's code for a cache format, or None where it has none (fp8, float16)."""
+    if fmt.name == "float32":
+        return 0
+    if fmt.name == "bfloat16":
+        return 1
+    if fmt.name == "int8" and fmt.model_dtype in (torch.bfloat16, torch.float32):
+        return 2 if fmt.model_dtype == torch.bfloat16 else 3
+    return None
+
+
+def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt) -> torch.Tensor:
+    """kernels/reference.py mla_decode on the C++ kernel: o_lat [T, H, R] in q_lat's dtype."""
+    return ext().mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
+                            decode_kind(fmt)).to(q_lat.dtype)
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor, transpose_w: bool) -> torch.Tensor:
+    """y[t, h] = x[t, h] @ w[h] (w [H, A, B]) or x[t, h] @ w[h].T (w [H, B, A]): [T, H, B] in x's dtype."""
+    return ext().head_matmul(x, w, transpose_w).to(x.dtype)

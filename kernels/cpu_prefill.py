@@ -7,7 +7,7 @@ fused kernel's own is_causal alignment, so no mask is ever built. Workspace: one
 import torch
 import torch.nn.functional as F
 
-from .reference import sequences
+from .reference import expand, sequences
 
 KV_CHUNK = 4096  # cached tokens expanded at a time: K and V of [H, 4096, nope + rope] each
 
@@ -32,9 +32,9 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
         acc = lse = None
         cuts = sorted({0, start, L} | set(range(0, L, KV_CHUNK)))
         for k0, k1 in zip(cuts, cuts[1:]):
-            kv = (lat[k0:k1, :R] @ w_kv_b.T).view(k1 - k0, H, dn + dv).transpose(0, 1)  # [H, c, nope + v]
-            k = torch.cat((kv[..., :dn], lat[k0:k1, R:].expand(H, -1, -1)), dim=-1)  # k_pe shared by the heads
-            v = F.pad(kv[..., dn:], (0, d - dv))
+            k_nope, v = (t.transpose(0, 1) for t in expand(lat[k0:k1, :R], w_kv_b, H, dn))  # [H, c, nope | v]
+            k = torch.cat((k_nope, lat[k0:k1, R:].expand(H, -1, -1)), dim=-1)  # k_pe shared by the heads
+            v = F.pad(v, (0, d - dv))
             i0 = max(0, k0 - start)  # queries before k0 see none of this piece
             o, s = _flash(q[:, i0:], k, v, k0 >= start, softmax_scale)
             o = o[..., :dv].float()

@@ -60,10 +60,9 @@ def moe_experts_cpu(x, topk_ids, topk_weights, w13, w2):
     """The few tokens of a decode step on the CPU: both projections of every expert the batch picks in one C++ call
     each (kernels/cpu.py), each expert's weights streamed once for all of its tokens."""
     xs, order, counts = _by_expert(x, topk_ids, len(w13))
-    offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
-    gate, up = cpu.grouped(xs, offsets, w13).chunk(2, dim=-1)  # float32 [P, I] each
-    ys = cpu.grouped(F.silu(gate) * up, offsets, w2)  # [P, D]
-    return _combine(ys, order, topk_weights).to(x.dtype)
+    offsets = [0] + counts.cumsum(0).tolist()
+    h = cpu.ext().silu_mul(cpu.grouped(xs, offsets, w13))  # [P, I]
+    return _combine(cpu.grouped(h, offsets, w2), order, topk_weights)
 
 
 def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch"):

@@ -6,6 +6,9 @@ Shared conventions (T query tokens packed over B sequences):
   block_tables  [B, max_blocks] int32, cache block ids of each sequence in position order
   cu_seqlens_q  [B + 1] int32, query rows of sequence b are cu_seqlens_q[b]:cu_seqlens_q[b + 1]
   seq_lens      [B] int32, tokens of sequence b in the cache after this step (its cached prefix + its queries)
+  w_kv_b        [H * (nope + v), kv_lora_rank]: kv_b_proj stored split, the W_UK rows of every head (head-major),
+                then the W_UV rows: one GEMM expands the latent, and W_UK / W_UV are contiguous views for the
+                absorbed path (models/attention.py)
 The queries of a sequence are its last q_len tokens: query i sits at position seq_len - q_len + i and
 attends to cache positions 0 .. that position (causal among the new tokens).
 """
@@ -15,6 +18,33 @@ import torch
 SCORE_ELEMENTS = 1 << 24  # absorbed: query rows x heads x keys per chunk
 KV_CHUNK = 1024  # expanded: cached tokens expanded through kv_b_proj at a time
 Q_CHUNK = 1024  # expanded: query tokens scored at a time against one KV chunk
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 and cast back before the weight, exactly as DeepSeek's RMSNorm does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool):
+    """x [T, ..., rope_dim] rotated by the angles of positions [T] (cos / sin [P, rope_dim / 2] float32)."""
+    shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+    cos, sin = cos[positions].view(shape), sin[positions].view(shape)
+    xf = x.float()
+    if interleave:  # DeepSeek layout: pairs (x0, x1), (x2, x3), ... share one frequency
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:  # rotate-half layout
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """h [M, 2I] (gate | up) -> silu(gate) * up [M, I]."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def write_latent(kv_cache, slot_mapping, c_kv, k_pe):
@@ -40,6 +70,12 @@ def sequences(kv_cache, block_tables, cu_seqlens_q, seq_lens, dtype):
     for b, L in enumerate(lens):
         if cu[b + 1] > cu[b]:
             yield cu[b], cu[b + 1], gather_latent(kv_cache, block_tables[b], L).to(dtype)
+
+
+def expand(c_kv, w_kv_b, H: int, dn: int):
+    """The cached latent c_kv [c, R] through kv_b_proj: (k_nope [c, H, nope], v [c, H, v]) as views of one GEMM."""
+    kv = c_kv @ w_kv_b.T  # [c, H * nope + H * v]
+    return kv[:, :H * dn].view(-1, H, dn), kv[:, H * dn:].view(kv.shape[0], H, -1)
 
 
 def _causal_mask(q_pos0: int, nq: int, k_pos0: int, nk: int, device):
@@ -86,8 +122,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
         acc = torch.zeros(H, t, dv, device=q_nope.device)
         for k0 in range(0, L, KV_CHUNK):
             k1 = min(L, k0 + KV_CHUNK)
-            kv = (lat[k0:k1, :R] @ w_kv_b.T).view(k1 - k0, H, dn + dv).transpose(0, 1)  # [H, c, nope + v]
-            k_nope, v = kv[..., :dn], kv[..., dn:]
+            k_nope, v = (t.transpose(0, 1) for t in expand(lat[k0:k1, :R], w_kv_b, H, dn))  # [H, c, nope | v]
             k_pe = lat[k0:k1, R:]  # [c, rope]: one row shared by all heads
             for i in range(max(0, k0 - start), t, Q_CHUNK):  # queries before k0 see none of this chunk
                 j = min(t, i + Q_CHUNK)

@@ -8,7 +8,8 @@
    tiles of its own sequence inside the workspace; the other sequences' tiles sitting between them cost nothing.
 2. Rounds. The distinct blocks, in order of first use, are cut into rounds of at most `workspace_tokens` tokens.
    Each round gathers its blocks' latent rows, expands them with one GEMM through kv_b_proj into
-   K_nope | V per head ([tokens, H, nope + v]); k_pe stays the gathered latent's 64-wide row, shared by all heads.
+   K_nope of every head, then V of every head ([tokens, H * nope + H * v], kv_b_proj's split layout:
+   kernels/reference.py); k_pe stays the gathered latent's 64-wide row, shared by all heads.
    Memory bound: the workspace never holds more than WORKSPACE_ELEMENTS expanded values (plus the gathered
    latent of the same tokens), whatever the prompt length.
 3. Attention kernel, one launch per round. Grid (work item, head): a work item is one query tile's list of KV
@@ -29,7 +30,7 @@ WORKSPACE_ELEMENTS = 1 << 26  # expanded values per round: 128 MiB in bf16 (8k t
 
 @triton.jit
 def _mla_prefill_kernel(q_nope, q_pe, kv_ws, pe_ws, out, o_acc, lse_acc, work, entries,
-                        s_qt, s_qh, s_pt, s_ph, s_wr, s_wh, s_er, s_ot, s_oh, s_at, s_ah, s_lt, s_lh,
+                        s_qt, s_qh, s_pt, s_ph, s_wr, v_off, s_er, s_ot, s_oh, s_at, s_ah, s_lt, s_lh,
                         DN, DR, DV, qk_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DN: tl.constexpr,
                         BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr, MERGE: tl.constexpr, PREC: tl.constexpr):
@@ -62,11 +63,11 @@ def _mla_prefill_kernel(q_nope, q_pe, kv_ws, pe_ws, out, o_acc, lse_acc, work, e
         masked = tl.load(entries + e * 4 + 3)
         n_ok = offs_n < n_valid
         wrow = (ws0 + offs_n).to(tl.int64)
-        k = tl.load(kv_ws + wrow[:, None] * s_wr + h * s_wh + offs_dn[None, :],
+        k = tl.load(kv_ws + wrow[:, None] * s_wr + h * DN + offs_dn[None, :],
                     mask=n_ok[:, None] & (offs_dn < DN)[None, :], other=0.0)  # [N, nope]
         kp = tl.load(pe_ws + wrow[:, None] * s_er + offs_dr[None, :],
                      mask=n_ok[:, None] & (offs_dr < DR)[None, :], other=0.0)  # [N, rope], shared by the heads
-        v = tl.load(kv_ws + wrow[:, None] * s_wr + h * s_wh + DN + offs_dv[None, :],
+        v = tl.load(kv_ws + wrow[:, None] * s_wr + v_off + h * DV + offs_dv[None, :],
                     mask=n_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)  # [N, v]
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         s += tl.dot(qp, tl.trans(kp), input_precision=PREC)
@@ -196,12 +197,12 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
         c_kv, scales, pe_ws = fmt.views(lat)  # k_pe [tokens, rope]: one row per token for all heads
         if scales is not None:
             c_kv = dequantize(c_kv, scales, w_kv_b.dtype)  # [tokens, R] in the weight dtype, only this round's
-        kv_ws = (c_kv.to(w_kv_b.dtype) @ w_t).view(-1, H, DN + DV)  # [tokens, H, nope + v]
+        kv_ws = c_kv.to(w_kv_b.dtype) @ w_t  # [tokens, H * nope + H * v]
         if pe_ws.dtype != q_pe.dtype:
             pe_ws = pe_ws.to(q_pe.dtype)
         _mla_prefill_kernel[(work.shape[0], H)](
             q_nope, q_pe, kv_ws, pe_ws, out, o_acc, lse_acc, work, entries,
-            q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv_ws.stride(0), kv_ws.stride(1),
+            q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv_ws.stride(0), H * DN,
             pe_ws.stride(0), out.stride(0), out.stride(1), o_acc.stride(0), o_acc.stride(1),
             lse_acc.stride(0), lse_acc.stride(1), DN, DR, DV, softmax_scale * LOG2E,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DN=pow2(DN), BLOCK_DR=pow2(DR), BLOCK_DV=pow2(DV),

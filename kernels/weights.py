@@ -182,14 +182,16 @@ def stored_bytes(weights) -> int:
     many views of it (fused rows, stacked experts, a tied head) are given."""
     roots = {}
     for w in weights:
-        for t in (w.qweight, w.scales) if isinstance(w, QuantWeight) else (w,):
+        parts = (w.qweight, w.scales) if isinstance(w, QuantWeight) else getattr(w, "tensors", (w,))
+        for t in parts:
             root = t if t._base is None else t._base
             roots[id(root)] = root.numel() * root.element_size()
     return sum(roots.values())
 
 
 def store(target, w: torch.Tensor):
-    """Write the checkpoint tensor w into its place in the model: a float view, or a quantized weight's rows."""
+    """Write the checkpoint tensor w into its place in the model: a float view, a quantized weight's rows, or an
+    object with copy_ that lays it out (kv_b_proj split into W_UK and W_UV)."""
     if isinstance(target, QuantWeight):
         target.store(w)
     else:

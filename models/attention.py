@@ -29,6 +29,24 @@ class AttnMetadata:
     expanded: SeqGroup | None
 
 
+class KvbSplit:
+    """Where the checkpoint's kv_b_proj ([H * (nope + v), R], each head's W_UK rows then its W_UV rows) is stored:
+    into the split layout, W_UK of all heads, then W_UV of all heads."""
+
+    def __init__(self, attn: "MLAttention"):
+        self.attn, self.shape = attn, tuple(attn.kv_b_proj.shape)
+
+    @property
+    def tensors(self) -> tuple:
+        return (self.attn.kv_b_proj,)
+
+    def copy_(self, w: torch.Tensor):
+        H, dn = self.attn.w_uk.shape[:2]
+        w = w.view(H, -1, self.shape[1])
+        self.attn.w_uk.copy_(w[:, :dn])
+        self.attn.w_uv.copy_(w[:, dn:])
+
+
 class MLAttention:
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, fmt: WeightFormat):
         H, R = cfg.num_attention_heads, cfg.kv_lora_rank
@@ -42,25 +60,26 @@ class MLAttention:
             self.q_proj = fmt.linear(H * cfg.qk_head_dim, cfg.hidden_size)
         self.kv_a_proj_with_mqa = fmt.linear(R + cfg.qk_rope_head_dim, cfg.hidden_size)
         self.kv_a_layernorm = fmt.tensor(R)
-        # kv_b_proj stays in the model dtype: the expanded path multiplies the cache by it, and viewed as
-        # [H, nope + v, R] it is W_UK (first nope rows per head) and W_UV for the absorbed path: views, no copies.
+        # kv_b_proj stays in the model dtype, stored split (kernels/reference.py): every head's W_UK rows, then every
+        # head's W_UV rows. The expanded path multiplies the cache by all of it at once; the absorbed path reads W_UK
+        # and W_UV as contiguous views (a per-head bmm over them copies nothing).
         self.kv_b_proj = fmt.tensor(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R)
-        w = self.kv_b_proj.view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, R)
-        self.w_uk, self.w_uv = w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, nope, R], [H, v, R]
+        self.w_uk = self.kv_b_proj[:H * cfg.qk_nope_head_dim].view(H, cfg.qk_nope_head_dim, R)
+        self.w_uv = self.kv_b_proj[H * cfg.qk_nope_head_dim:].view(H, cfg.v_head_dim, R)
         self.o_proj = fmt.linear(cfg.hidden_size, H * cfg.v_head_dim)
 
     def weights(self) -> dict:
-        names = ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]
+        names = ["kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj"]
         names += ["q_a_proj", "q_a_layernorm", "q_b_proj"] if self.cfg.q_lora_rank else ["q_proj"]
-        return {f"{n}.weight": getattr(self, n) for n in names}
+        return {"kv_b_proj.weight": KvbSplit(self), **{f"{n}.weight": getattr(self, n) for n in names}}
 
     def absorbed(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
         """q_nope through W_UK, attention over the latent rows (all heads share them), back through W_UV:
         q_nope [t, H, nope], q_pe [t, H, rope] -> o [t, H, v]."""
-        q_lat = torch.einsum("thd,hdr->thr", q_nope, self.w_uk)  # [t, H, 512]
+        q_lat = kernels.head_matmul(q_nope, self.w_uk)  # [t, H, 512]
         o_lat = kernels.mla_decode(q_lat, q_pe, kv_cache, group.block_tables, group.cu_seqlens_q, group.seq_lens,
                                    self.softmax_scale, cache_format, backend=self.backend)
-        return torch.einsum("thr,hvr->thv", o_lat, self.w_uv)  # [t, H, 128]
+        return kernels.head_matmul(o_lat, self.w_uv, transpose_w=True)  # [t, H, 128]
 
     def expanded(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
         """The cached latent decompressed through kv_b_proj into per-head K_nope and V, then flash attention."""
@@ -78,8 +97,8 @@ class MLAttention:
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)  # [T, H, 128], [T, H, 64]
         c_kv, k_pe = linear(x, self.kv_a_proj_with_mqa).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         c_kv = rms_norm(c_kv, self.kv_a_layernorm, cfg.rms_norm_eps)  # [T, 512]
-        q_pe = self.rope(q_pe, meta.positions)
-        k_pe = self.rope(k_pe, meta.positions)  # [T, 64]: one RoPE key shared by all heads
+        self.rope(q_pe, meta.positions)  # in place: q_pe and k_pe are views of q and of kv_a's output
+        self.rope(k_pe.unsqueeze(1), meta.positions)  # [T, 64]: one RoPE key shared by all heads
         kernels.write_latent(kv_cache, meta.slot_mapping, c_kv, k_pe, cache_format, backend=self.backend)
 
         out = x.new_empty(T, H, cfg.v_head_dim)

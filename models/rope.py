@@ -3,6 +3,8 @@ import math
 
 import torch
 
+import kernels
+
 from .config import ModelConfig, yarn_mscale
 
 
@@ -54,14 +56,5 @@ class RotaryEmbedding:
         self.sin = torch.sin(freqs) * self.attention_factor
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, ..., rope_dim] by the angles of positions [T] (all below the reserved count)."""
-        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        cos, sin = self.cos[positions].view(shape), self.sin[positions].view(shape)
-        xf = x.float()
-        if self.interleave:  # DeepSeek layout: pairs (x0, x1), (x2, x3), ... share one frequency
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:  # rotate-half layout
-            x1, x2 = xf.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        """Rotate x [T, N, rope_dim] in place by the angles of positions [T] (all below the reserved count)."""
+        return kernels.rope_(x, positions, self.cos, self.sin, self.interleave)

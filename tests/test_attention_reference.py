@@ -79,7 +79,8 @@ def test_mla_prefill(q_lens, prefix_lens, impl, monkeypatch):
     row = 0
     for q, lat in zip(q_lens, latents):
         L = lat.shape[0]
-        kv = (lat[:, :R] @ w_kv_b.T).view(L, H, DN + DV).transpose(0, 1)
+        kv = (lat[:, :R] @ w_kv_b.T)  # kv_b_proj stored split: every head's W_UK rows, then every head's W_UV rows
+        kv = torch.cat((kv[:, :H * DN].view(L, H, DN), kv[:, H * DN:].view(L, H, DV)), -1).transpose(0, 1)
         want = dense([q_nope[row:row + q].transpose(0, 1), q_pe[row:row + q].transpose(0, 1)],
                      [kv[..., :DN], lat[:, R:]], kv[..., DN:], 0.2, q, L)
         torch.testing.assert_close(out[row:row + q], want.transpose(0, 1), atol=1e-5, rtol=1e-5)
