@@ -10,6 +10,7 @@ from engine.config import ATTN_MODES, BACKENDS, DTYPES, KV_CACHE_DTYPES, WEIGHT_
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "models", "default")
 V2_LITE_CONFIG = os.path.join(HERE, "bench", "configs", "deepseek-v2-lite.json")
+V3_CONFIG = os.path.join(HERE, "bench", "configs", "deepseek-v3.json")
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,16 +19,25 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _at_least(lo, cast=int):
+def _at_least(lo, cast=int, hi=None, lo_open=False):
     def parse(s):
         try:
             v = cast(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if cast is int else 'a number'}") from None
-        if not v >= lo:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}")
+        if not (v > lo if lo_open else v >= lo) or (hi is not None and not v <= hi) or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{v} must be {'above' if lo_open else 'at least'} {lo}"
+                                             + (f" and at most {hi}" if hi is not None else "") + " (and finite)")
         return v
     return parse
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("mla-engine")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def _device(s):
@@ -72,24 +82,27 @@ def add_engine_args(p, lists=False):
     p.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES,
                    help="weight-only quantization of every linear and expert at load")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
+                   help="tensor parallelism over N ranks (processes the engine starts; gloo on CPUs, NCCL on GPUs)")
 
 
 def add_sampling_args(p):
     p.add_argument("--max-tokens", "-n", type=_int_at_least(1), default=128)
     p.add_argument("--temperature", type=_float_at_least(0.0), default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=_at_least(0.0, float, hi=1.0, lo_open=True), default=1.0, help="in (0, 1]")
     p.add_argument("--top-k", type=_int_at_least(-1), default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_at_least(-2**63, int, hi=2**64 - 1), default=None)
     p.add_argument("--ignore-eos", action="store_true")
 
 
 def build_parser():
     parser = Parser(prog="mla", description="Inference engine for DeepSeek MLA models")
+    parser.add_argument("--version", action="version", version=f"mla {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="generate text from a prompt, streaming")
     add_engine_args(g)
     add_sampling_args(g)
-    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("--prompt", "-p", required=True, help="the prompt, or - to read it from standard input")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     c = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit; Ctrl-C stops an answer)")
     add_engine_args(c)
@@ -107,15 +120,18 @@ def build_parser():
     b.add_argument("-r", "--repetitions", type=_int_at_least(1), default=3)
     b.add_argument("--baseline", choices=["none", "transformers"], default="none")
     b.add_argument("--roofline", action="store_true",
-                   help="also measure the device's GEMM peak and copy bandwidth, and print each test's share of them")
+                   help="also measure the GEMM peak (pp) and the read bandwidth (tg), and print each test's share of them")
     b.add_argument("--output", choices=["md", "json", "csv"], default="md")
     b.add_argument("--serve", "-N", type=_int_at_least(1), default=None, metavar="N",
                    help="instead of the tests: N requests of random lengths at once, continuous batching")
-    b.add_argument("--prompt-lens", type=_int_list(1), default=[16, 512], help="range of prompt lengths (--serve)")
-    b.add_argument("--gen-lens", type=_int_list(1), default=[16, 128], help="range of output lengths (--serve)")
+    b.add_argument("--prompt-lens", type=_int_range, default=(16, 512), help="MIN,MAX prompt lengths (--serve)")
+    b.add_argument("--gen-lens", type=_int_range, default=(16, 128), help="MIN,MAX output lengths (--serve)")
     b.add_argument("--kernels", action="store_true",
                    help="instead of the model: the attention kernels alone vs copy bandwidth, SDPA and matmul peak, "
                         "at the shapes of --config (default: DeepSeek-V2-Lite)")
+    b.add_argument("--compile-for", type=_choice_list(["sm_80", "sm_90"]), default=None, metavar="sm_80,sm_90",
+                   help="with --kernels: compile every Triton kernel for these GPUs (no GPU needed) and report registers, "
+                        "spills, shared memory, occupancy and a static roofline; exit 1 if any fails")
     b.add_argument("--kernel-batch", type=_int_list(1), default=None,
                    help="decode batch sizes (--kernels; default 1,8,64 on CUDA, 1,8 on the CPU)")
     b.add_argument("--kernel-ctx", type=_int_list(1), default=None,
@@ -131,11 +147,26 @@ def build_parser():
     t.add_argument("-d", "--depth", type=_int_list(0), default=[0, 1024, 4096])
     t.add_argument("-r", "--repetitions", type=_int_at_least(1), default=3)
     t.add_argument("--no-save", action="store_true", help="print the crossover without saving it")
+    pl = sub.add_parser("plan", help="memory and communication per rank under tensor parallelism, from a config")
+    pl.add_argument("--config", required=True, help="a config.json (e.g. bench/configs/deepseek-v3.json)")
+    pl.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N")
+    pl.add_argument("--gpu-mem", type=_float_at_least(1e-3), default=80.0, metavar="GiB", help="memory per rank")
+    pl.add_argument("--dtype", default="bfloat16", choices=[d for d in DTYPES if d != "auto"])
+    pl.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES)
+    pl.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
+    pl.add_argument("--output", choices=["md", "json"], default="md")
     x = sub.add_parser("perplexity", help="perplexity of a text file, llama-perplexity style")
     add_engine_args(x)
     x.add_argument("--file", "-f", required=True, help="UTF-8 text file")
     x.add_argument("--ctx", "-c", type=_int_at_least(4), default=512, help="chunk length; its second half is scored")
     return parser
+
+
+def _int_range(s):
+    values = _int_list(1)(s)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with 1 <= MIN <= MAX, got {s!r}")
+    return tuple(values)
 
 
 def _int_list(lo):
@@ -151,7 +182,7 @@ def engine_config(args, **overrides) -> EngineConfig:
     fields = dict(model=args.model, device=args.device, dtype=args.dtype, attn_mode=args.attn_mode,
                   kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, mla_threshold=args.mla_threshold,
                   kv_cache_memory_gib=args.kv_cache_gib, weight_dtype=args.weight_dtype,
-                  enforce_eager=args.enforce_eager)
+                  enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp)
     return EngineConfig(**{**fields, **overrides})
 
 
@@ -166,13 +197,27 @@ def sampling_params(args):
                           top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
 
 
+def _prompt_text(prompt: str) -> str:
+    if prompt == "-":
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("--prompt: the text is not valid UTF-8") from None
+    return prompt
+
+
 def cmd_generate(args):
+    prompt = _prompt_text(args.prompt)
     llm = make_llm(args)
+    if llm.tokenizer is None:
+        raise ValueError(f"{args.model}: the checkpoint has no tokenizer (tokenizer.json or tokenizer.model), so text "
+                         "prompts cannot be encoded")
     params = sampling_params(args)
-    ids = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else llm.encode(args.prompt)
+    ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode(prompt)
     t0 = time.perf_counter()
     t_first = None
-    stream = llm.stream(ids, params, prompt=args.prompt)
+    stream = llm.stream(ids, params, prompt=prompt)
     for delta in stream:
         if t_first is None:
             t_first = time.perf_counter()  # the first token comes out of the prefill
@@ -183,14 +228,16 @@ def cmd_generate(args):
     sys.stdout.write("\n")
     n = len(out.token_ids)
     pp = len(ids) / (t_first - t0)
-    tg = (n - 1) / (t_end - t_first) if n > 1 else float("nan")
-    print(f"prompt {len(ids)} tokens, generated {n} tokens ({out.finish_reason}), "
-          f"PP {pp:.1f} tok/s, TG {tg:.1f} tok/s", file=sys.stderr)
+    tg = f"{(n - 1) / (t_end - t_first):.1f} tok/s" if n > 1 else "n/a"
+    print(f"prompt {len(ids)} tokens, generated {n} tokens ({out.finish_reason}), PP {pp:.1f} tok/s, TG {tg}",
+          file=sys.stderr)
 
 
 def cmd_chat(args, read=input, out=sys.stdout):
     """The conversation's cache is kept between turns: each turn prefills only what the previous one did not."""
     llm = make_llm(args)
+    if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
+        raise ValueError(f"{args.model}: the checkpoint's tokenizer has no chat template; use mla generate")
     params = sampling_params(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages, session = list(start), None
@@ -210,9 +257,14 @@ def cmd_chat(args, read=input, out=sys.stdout):
             continue
         if not line.strip():
             continue
+        try:
+            ids = llm.chat_prompt(messages + [{"role": "user", "content": _prompt_text(line)}])
+            stream = llm.stream(ids, params, session=session, keep_cache=True)
+        except ValueError as e:  # this turn cannot run (too long for the context, not UTF-8): say so, keep going
+            print(f"mla chat: error: {e}" + ("; /reset starts a new conversation" if "context" in str(e) else ""),
+                  file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
-        ids = llm.chat_prompt(messages)
-        stream = llm.stream(ids, params, session=session, keep_cache=True)
         session = stream.seq
         try:
             for delta in stream:
@@ -224,18 +276,21 @@ def cmd_chat(args, read=input, out=sys.stdout):
         messages.append({"role": "assistant", "content": session.text})
 
 
-def _bench_model(args, tmp):
-    """--model as given, or a random-weight checkpoint of --config's shapes written to tmp."""
+def _bench_model(args, tmp) -> tuple[str, str]:
+    """(model, load_format): --model as given, or --config's shapes with random weights: made straight into the
+    engine's stored form (a dummy load), or written to tmp as a checkpoint when transformers must read it too."""
     if args.config:
-        from engine.bench import random_checkpoint
+        from models.random_checkpoint import cut_config, write_random_checkpoint
         # in the dtype the engine will run in, so that auto reads it back
         dtype = engine_config(args, model=args.config, attn_mode="auto", kv_cache_dtype="auto").resolve(
             plan_memory=False).torch_dtype
-        return random_checkpoint(args.config, tmp, layers=args.layers, experts=args.experts, dtype=dtype,
-                                 need_copies=2 if getattr(args, "baseline", "none") == "transformers" else 1)
+        path = cut_config(args.config, tmp, layers=args.layers, experts=args.experts, dtype=dtype)
+        if getattr(args, "baseline", "none") != "transformers":
+            return path, "dummy"
+        return write_random_checkpoint(path, dtype), "auto"
     if args.layers or args.experts:
         raise ValueError("--layers/--experts apply to --config models only")
-    return args.model
+    return args.model, "auto"
 
 
 def _label(args, model: str) -> str:
@@ -249,6 +304,20 @@ def _label(args, model: str) -> str:
 def cmd_bench(args):
     import tempfile
 
+    if args.compile_for and not args.kernels:
+        raise ValueError("--compile-for goes with --kernels")
+    if args.kernels and args.compile_for:
+        import json
+
+        from engine import gpu_check
+        configs = [args.config] if args.config else [V2_LITE_CONFIG, V3_CONFIG]
+        rows = gpu_check.run(configs, args.compile_for)
+        print(json.dumps(rows, indent=1) if args.output == "json" else gpu_check.markdown(rows))
+        failed = [r for r in rows if r.get("error")]
+        if failed:
+            raise ValueError(f"{len(failed)} of {len(rows)} kernel launches failed the check (first: {failed[0]['kernel']} "
+                             f"{failed[0]['config']} on {failed[0]['target']}: {failed[0]['error']})")
+        return
     if args.kernels:
         if args.output == "csv":
             raise ValueError("--kernels prints md or json, not csv")
@@ -269,23 +338,17 @@ def cmd_bench(args):
     tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
     tests += [("tg", n, d, b) for n in args.n_gen if n for d in args.depth for b in args.batch]
     with tempfile.TemporaryDirectory() as tmp:
-        model = _bench_model(args, tmp)
-        configs = [engine_config(args, model=model, attn_mode=m, kv_cache_dtype=c) for m, c in combos]
+        model, load_format = _bench_model(args, tmp)
+        configs = [engine_config(args, model=model, attn_mode=m, kv_cache_dtype=c, load_format=load_format)
+                   for m, c in combos]
         if args.serve:
             from engine import LLM
-            r = bench.serve(LLM(configs[0]), args.serve, _range(args.prompt_lens, "--prompt-lens"),
-                            _range(args.gen_lens, "--gen-lens"))
+            r = bench.serve(LLM(configs[0]), args.serve, args.prompt_lens, args.gen_lens)
             print(bench.serve_report(r, args.output))
             return
         rows = bench.run(configs, tests, args.repetitions, _label(args, model),
                          baseline=args.baseline == "transformers", with_roofline=args.roofline)
     print(bench.table(rows, args.output))
-
-
-def _range(values, flag):
-    if len(values) != 2 or values[0] > values[1]:
-        raise ValueError(f"{flag}: expected MIN,MAX, got {','.join(map(str, values))}")
-    return values[0], values[1]
 
 
 def cmd_tune(args):
@@ -294,13 +357,22 @@ def cmd_tune(args):
     from engine import tune
     from engine.config import save_tuned_threshold
     with tempfile.TemporaryDirectory() as tmp:
-        llm = make_llm(args, model=_bench_model(args, tmp), attn_mode="auto")
+        model, load_format = _bench_model(args, tmp)
+        llm = make_llm(args, model=model, attn_mode="auto", load_format=load_format)
         rows = tune.tune(llm, args.depth, args.q_lens, reps=args.repetitions)
     print(tune.markdown(rows))
     threshold = tune.crossover(rows)
     print(f"crossover: expanded from {threshold} query tokens on {llm.device.type}")
     if not args.no_save:
         print(f"saved to {save_tuned_threshold(llm.device, threshold)}: mla_threshold auto uses it on this device kind")
+
+
+def cmd_plan(args):
+    import json
+
+    from engine import plan
+    p = plan.plan(args.config, args.tp, args.gpu_mem, args.dtype, args.weight_dtype, args.kv_cache_dtype)
+    print(json.dumps(p, indent=1) if args.output == "json" else plan.markdown(p))
 
 
 def cmd_perplexity(args):
@@ -323,13 +395,24 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from models.errors import ModelError
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "tune": cmd_tune, "perplexity": cmd_perplexity}[args.command](args)
+        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "tune": cmd_tune, "plan": cmd_plan,
+         "perplexity": cmd_perplexity}[args.command](args)
+        sys.stdout.flush()
     except (ModelError, ValueError) as e:
         print(f"mla {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
+    except OSError as e:
+        if e.errno is None:
+            raise
+        print(f"mla {args.command}: error: cannot write the output ({e.strerror})", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -13,8 +13,8 @@ deleted once measured (--keep-gguf keeps them).
 Why 27 layers: both projects recognise a DeepSeek-V2 model without q_lora_rank ("lite") only by its layer count (26
 or 27; src/models/deepseek2.cpp), so a cut to fewer layers does not load in either. The 27-layer, 8-expert cut has
 V2-Lite's depth, attention and active parameters per token (top-6 routing): only the unused experts are left out.
-The flag variants (llama.cpp -fa 0/1, ik_llama.cpp -rtr 0/1) are tried on pp512 and tg32; the longer tests run with
-the better one of each.
+The flag variants (llama.cpp -fa 0/1, ik_llama.cpp -rtr 0/1, which its llama-bench takes one at a time) are tried
+on pp512 and tg32; the longer tests run with the better one of each.
 
 Depth rows: ik_llama.cpp's llama-bench measures tg after a prompt (-gp pp,tg). A llama.cpp build without -d gives
 only -pg pp,tg (prompt and generation together); its tg @ depth is then derived as
@@ -75,11 +75,11 @@ def checkpoint(args) -> str:
     sys.path.insert(0, ROOT)
     import torch
 
-    from engine.bench import random_checkpoint
+    from models.random_checkpoint import cut_config, write_random_checkpoint
     path = os.path.join(args.work, "model")
     if not os.path.exists(os.path.join(path, "config.json")):
-        random_checkpoint(args.config, path, layers=args.layers, experts=args.experts, dtype=torch.bfloat16,
-                          need_copies=1)
+        write_random_checkpoint(cut_config(args.config, path, layers=args.layers, experts=args.experts),
+                                torch.bfloat16)
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
         cfg.update(bos_token_id=0, eos_token_id=1)
@@ -124,41 +124,27 @@ def best(rows: list, **match) -> dict:
     return max(keep, key=lambda r: r["avg_ts"]) if keep else None
 
 
-def variant(rows: list, flag: str) -> str:
-    """The value of flag (-fa, -rtr) whose pp512 + tg32 time is the least."""
-    cost = {}
-    for r in rows:
-        key = str(int(r[flag])) if flag in r else None
-        cost[key] = cost.get(key, 0) + (r["n_prompt"] + r["n_gen"]) / r["avg_ts"]
-    return min(cost, key=cost.get)
-
-
 def anchors(args, model: str, fmt: str) -> dict:
     """tok/s per test name for llama.cpp and ik_llama.cpp."""
     res = {}
-    for name, project, flags, key, depth_test in (
-            ("llama.cpp", args.llama_cpp, [], "flash_attn", "-d"),
-            ("ik_llama.cpp", args.ik_llama_cpp, ["-mla", "3", "-fa", "1", "-fmoe", "1"], "run_time_repack", "-gp")):
+    for name, project, flags, flag, depth_tests in (
+            ("llama.cpp", args.llama_cpp, [], "-fa", ["-p", "0", "-n", "32", "-d", "512,4096"]),
+            ("ik_llama.cpp", args.ik_llama_cpp, ["-mla", "3", "-fa", "1", "-fmoe", "1"], "-rtr",
+             ["-gp", "512,32", "-gp", "4096,32"])):
         path = gguf(project, model, fmt, args.work)
-        flag = "-fa" if name == "llama.cpp" else "-rtr"
-        short = llama_bench(project, path, flags + [flag, "0,1"], ["-p", "512", "-n", "32"], args.reps, args.work,
-                            f"{name}-{fmt}-short")
-        best_value = variant(short, key)
-        flags = flags + [flag, best_value]
+        short = {v: llama_bench(project, path, flags + [flag, v], ["-p", "512", "-n", "32"], args.reps, args.work,
+                                f"{name}-{fmt}-short{flag}{v}") for v in ("0", "1")}
+        cost = {v: sum((r["n_prompt"] + r["n_gen"]) / r["avg_ts"] for r in rows) for v, rows in short.items()}
+        best = min(cost, key=cost.get)
+        flags = flags + [flag, best]
         long = llama_bench(project, path, flags, ["-p", "4096", "-n", "0"], args.reps, args.work, f"{name}-{fmt}-pp4096")
-        if depth_test == "-d":
-            deep = llama_bench(project, path, flags, ["-p", "0", "-n", "32", "-d", "512,4096"], args.reps, args.work,
-                               f"{name}-{fmt}-depth")
-        else:
-            deep = llama_bench(project, path, flags, ["-gp", "512,32", "-gp", "4096,32"], args.reps, args.work,
-                               f"{name}-{fmt}-depth")
+        deep = llama_bench(project, path, flags, depth_tests, args.reps, args.work, f"{name}-{fmt}-depth")
         r = {"flags": " ".join(flags)}
-        for row in short + long + deep:
-            if str(int(row.get(key, 0))) != best_value and row in short:
-                continue
+        for row in short[best] + long + [row for row in deep if row["n_gen"] == 32]:
+            # llama.cpp reports a depth as n_depth; ik_llama.cpp's -gp as the prompt before the generation
             depth = row.get("n_depth", 0) or (row["n_prompt"] if row["n_gen"] else 0)
-            test = f"pp{row['n_prompt']}" if not row["n_gen"] else "tg32" + (f" @ d{depth}" if depth else "")
-            r[test] = row["avg_ts"]
+            test = f"pp{row['n_prompt']}" if not row["n_gen"] else f"tg{row['n_gen']}" + (f" @ d{depth}" if depth else "")
+            r.setdefault(test, row["avg_ts"])
         res[name] = r
         if not args.keep_gguf:
             os.remove(path)

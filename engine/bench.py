@@ -3,71 +3,18 @@ side with transformers on the same weights and against the device's roofline; th
 csv; and the serving benchmark (many requests through continuous batching)."""
 import json
 import math
-import os
 import statistics
 import sys
 import time
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kernels import WeightFormat
-from models.config import ModelConfig
-from models.deepseek import DeepseekModel
-from models.errors import ModelError
-from models.loader import available_memory
 
 from . import roofline
 from .config import EngineConfig
 from .llm import LLM
 from .sampling_params import SamplingParams
-
-
-def random_checkpoint(config_file: str, out_dir: str, layers: int | None = None, experts: int | None = None,
-                      dtype=torch.float32, seed: int = 0, need_copies: int = 2) -> str:
-    """A checkpoint of a published config with random weights (optionally cut to `layers` layers and `experts`
-    routed experts), written with the published tensor names so every loader reads it."""
-    try:
-        with open(config_file) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise ModelError(f"{config_file}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ModelError(f"{config_file}: expected a JSON object")
-    if layers:
-        raw["num_hidden_layers"] = layers
-    if experts:
-        raw["n_routed_experts"] = experts
-        raw["num_experts_per_tok"] = min(raw.get("num_experts_per_tok") or experts, experts)
-        if raw.get("n_group") and experts % raw["n_group"]:
-            raw["n_group"] = raw["topk_group"] = 1
-    raw.pop("quantization_config", None)  # random weights are made in the model dtype
-    cfg = ModelConfig.from_dict(raw, config_file)
-    weights = DeepseekModel(cfg, WeightFormat(dtype, torch.device("meta"))).weights()  # shapes only
-    nbytes = sum(math.prod(t.shape) for _, t in weights) * dtype.itemsize
-    if nbytes * need_copies > available_memory(torch.device("cpu")):
-        raise ModelError(f"{config_file}: {nbytes / 2**30:.1f} GiB of weights x{need_copies} will not fit in memory "
-                         f"({available_memory(torch.device('cpu')) / 2**30:.1f} GiB free); use --layers N")
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, t in weights:
-        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-            tensors[name] = torch.ones(t.shape, dtype=dtype)
-        elif name.endswith("e_score_correction_bias"):
-            tensors[name] = torch.zeros(t.shape, dtype=torch.float32)
-        else:
-            tensors[name] = (torch.randn(t.shape, generator=g) * 0.02).to(dtype)
-    del weights
-    os.makedirs(out_dir, exist_ok=True)
-    raw["architectures"] = [{"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[cfg.arch]]
-    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(raw, f, indent=1)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    return out_dir
 
 
 def _tokens(n: int, vocab: int, seed: int) -> list[int]:
@@ -161,6 +108,22 @@ def measure(fn, reps: int) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def check_tests(llm: LLM, tests: list[tuple]):
+    """Refuse, up front, a test whose tokens the engine cannot hold at once: its throughput would count tokens that
+    were never produced, or sequences that waited for others."""
+    c, capacity = llm.config, llm.cache.num_tokens
+    for kind, n, d, b in tests:
+        name = f"{kind}{n}" + (f" @ d{d}" if d else "") + (f" x{b}" if b > 1 else "")
+        need = d + n + 1 if kind == "pp" else max(d, 1) + n + 1
+        if need > c.max_model_len:
+            raise ValueError(f"{name} needs {need} tokens of context; the model has {c.max_model_len}")
+        if b > c.max_num_seqs:
+            raise ValueError(f"{name}: -b {b} is more than the engine's max_num_seqs ({c.max_num_seqs})")
+        if b * need > capacity:
+            raise ValueError(f"{name} needs {b * need} tokens of KV cache, the cache holds {capacity}; "
+                             "raise --kv-cache-gib")
+
+
 def run(configs: list[EngineConfig], tests: list[tuple], reps: int, label: str, baseline: bool = False,
         with_roofline: bool = False, progress: bool = True) -> list[dict]:
     """Every test (kind "pp" | "tg", tokens, depth, batch) on an engine per config, one row each; transformers
@@ -175,8 +138,9 @@ def run(configs: list[EngineConfig], tests: list[tuple], reps: int, label: str, 
             base = TransformersRunner(c.model, llm.device, llm.dtype)
         if with_roofline and peaks is None:
             peaks = roofline.device_peaks(llm.device, llm.dtype)
-            print(f"roofline: {peaks['tflops']:.2f} TFLOP/s ({c.dtype} GEMM), {peaks['gbps']:.1f} GB/s copy",
-                  file=sys.stderr)
+            print(f"roofline: pp limit {peaks['tflops'] * 1e3:.0f} GFLOP/s ({c.dtype} GEMM), tg limit "
+                  f"{peaks['gbps']:.1f} GB/s (read)", file=sys.stderr)
+        check_tests(llm, tests)
         ours, cfg = EngineRunner(llm), llm.model_config
         info = dict(model=label, params=roofline.fmt_params(roofline.param_count(cfg)),
                     device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",

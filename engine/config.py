@@ -4,6 +4,7 @@ settled (device, dtype, backend, attention threshold, cache format, weight forma
 The allowed values of each setting are listed here once; the CLI builds its choices from these tuples."""
 import json
 import os
+import sys
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -17,6 +18,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_MODES = ("auto", "absorbed", "expanded")
 BACKENDS = ("auto", "triton", "torch")
 KV_CACHE_DTYPES = ("auto",) + CACHE_FORMATS
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the config's shapes (no weight files read)
 WEIGHT_DTYPES = ("int8", "int4")  # weight-only quantization of the linears and experts; None keeps the model dtype
 CPU_CACHE_GIB = 4.0  # default KV cache budget on the CPU
 CUDA_CACHE_FRACTION = 0.85  # default on CUDA: this share of what is free after the weights and workspace
@@ -51,6 +53,8 @@ class EngineConfig:
     enforce_eager: bool = False
     seed: int = 0
     progress: bool = True
+    load_format: str = "auto"
+    tensor_parallel_size: int = 1
     model_config: ModelConfig | None = field(default=None, repr=False, compare=False)  # set by resolve()
 
     def __post_init__(self):
@@ -58,11 +62,12 @@ class EngineConfig:
         _choice("attn_mode", self.attn_mode, ATTN_MODES)
         _choice("backend", self.backend, BACKENDS)
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
         if self.weight_dtype is not None:
             _choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         if self.mla_threshold is not None and self.mla_threshold < 1:
             raise ValueError(f"mla_threshold={self.mla_threshold}: must be at least 1")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
@@ -87,11 +92,27 @@ class EngineConfig:
         if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1")
         max_len = min(model_cfg.max_position_embeddings, self.max_model_len or model_cfg.max_position_embeddings)
+        self._check_split(model_cfg)
+        n = self.tensor_parallel_size
+        if n > 1 and device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + n:
+            raise ValueError(f"tensor_parallel_size={n} needs {n} CUDA devices, {torch.cuda.device_count()} present")
         resolved = replace(self, device=str(device), dtype=dtype, backend=backend,
                            kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
                            mla_threshold=self.mla_threshold or tuned_threshold(device) or MLA_THRESHOLD[device.type],
                            max_model_len=max_len, model_config=model_cfg)
         return resolved._plan_memory() if plan_memory else resolved
+
+    def _check_split(self, cfg: ModelConfig):
+        """Over several ranks every split dimension must divide evenly (models/parallel.py)."""
+        n = self.tensor_parallel_size
+        dims = {"num_attention_heads": cfg.num_attention_heads, "vocab_size": cfg.vocab_size,
+                "intermediate_size": cfg.intermediate_size}
+        if cfg.n_routed_experts:
+            dims.update({"n_routed_experts": cfg.n_routed_experts,
+                         "moe_intermediate_size * n_shared_experts": cfg.moe_intermediate_size * cfg.n_shared_experts})
+        for name, v in dims.items():
+            if v % n:
+                raise ModelError(f"{self.model}: {name}={v} cannot be split over tensor_parallel_size={n}")
 
     def _device(self) -> torch.device:
         name = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,20 +127,42 @@ class EngineConfig:
         return device
 
     def _plan_memory(self) -> "EngineConfig":
-        """The cache budget, and the check that weights, cache and workspace fit in what the device has free."""
+        """The cache budget, and the check that weights, workspace and cache fit in what the device has available
+        (MemAvailable on the CPU, free memory on CUDA). The default CPU budget shrinks to what is left, and says so."""
         from models.loader import available_memory
         device = self.torch_device
         free = available_memory(device)
-        weights = self.weight_bytes()
+        weights, work, least = self.weight_bytes(), self.workspace_bytes(), self.least_cache_bytes()
+        left = free - weights - work
         gib = self.kv_cache_memory_gib
         if gib is None:
-            left = free - weights - self.workspace_bytes()
-            gib = CUDA_CACHE_FRACTION * left / 2**30 if device.type == "cuda" else CPU_CACHE_GIB
-        if weights > free:
-            raise ModelError(f"{self.model}: the weights need {weights / 2**30:.1f} GiB in {self.dtype}"
-                             f"{f' with {self.weight_dtype} linears' if self.weight_dtype else ''} but {device} has "
-                             f"{free / 2**30:.1f} GiB free")
+            if device.type == "cuda":
+                gib = CUDA_CACHE_FRACTION * left / 2**30
+            else:
+                gib = min(CPU_CACHE_GIB, 0.9 * left / 2**30)  # a tenth of what is left stays for everything else
+                if least <= gib * 2**30 < CPU_CACHE_GIB * 2**30 and self.progress:
+                    print(f"mla: KV cache {gib:.2f} GiB, what is left after the weights (the default is "
+                          f"{CPU_CACHE_GIB:g} GiB)", file=sys.stderr)
+        small = self.kv_cache_memory_gib is None and gib * 2**30 < least  # an explicit budget is the user's to size
+        if small or weights + work + gib * 2**30 > free:
+            raise ModelError(self._does_not_fit(free, least))
         return replace(self, kv_cache_memory_gib=gib)
+
+    def _does_not_fit(self, free: int, least: int) -> str:
+        def need(c):
+            return (c.weight_bytes() + c.workspace_bytes() + least) / 2**30
+        name = os.path.basename(os.path.normpath(self.model))
+        msg = (f"{name} needs {need(self):.1f} GiB in {self.dtype}"
+               f"{f' with {self.weight_dtype} weights' if self.weight_dtype else ''} (weights, workspace and the "
+               f"least KV cache), {free / 2**30:.1f} GiB available on {self.device}")
+        others = [f"--weight-dtype {w} needs {need(replace(self, weight_dtype=w)):.1f} GiB" for w in WEIGHT_DTYPES
+                  if w != self.weight_dtype]
+        return msg + ("; " + ", ".join(others) if others else "")
+
+    def least_cache_bytes(self) -> int:
+        """The least default cache: one sequence of up to 4096 tokens (or the whole context, if shorter)."""
+        tokens = -(-min(self.max_model_len, 4096) // self.block_size) * self.block_size + self.block_size  # + pad
+        return tokens * self.model_config.num_hidden_layers * self.cache_format.bytes_per_token
 
     # ---- what the resolved settings stand for ---------------------------------------------------------------------
     def _need_resolved(self):
@@ -149,8 +192,9 @@ class EngineConfig:
     def weight_bytes(self) -> int:
         """The model's weights in their stored form, counted on the meta device (nothing allocated)."""
         from models.deepseek import DeepseekModel
+        from models.parallel import Parallel
         meta = replace(self.weight_format, device=torch.device("meta"))
-        return DeepseekModel(self.model_config, meta).nbytes()
+        return DeepseekModel(self.model_config, meta, Parallel(0, self.tensor_parallel_size)).nbytes()  # per rank
 
     def workspace_bytes(self) -> int:
         """A bound on the activations of one forward pass of max_num_batched_tokens tokens: the routed experts'

@@ -22,9 +22,13 @@ def load_tokenizer(path: str):
         return None
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
-        raise ModelError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = " ".join(str(e).split()) or type(e).__name__  # the whole message, on one line
+        raise ModelError(f"{path}: cannot load the tokenizer ({why})") from None
+    # the context limit is the engine's to enforce (max_model_len); transformers' own warns about longer texts
+    tokenizer.model_max_length = int(1e30)
+    return tokenizer
 
 
 class RequestStream:
@@ -58,13 +62,17 @@ class LLM:
     def __init__(self, model: str | EngineConfig, **kwargs):
         """LLM(path, dtype=..., ...) with EngineConfig's fields as keywords, or LLM(EngineConfig(...))."""
         config = model if isinstance(model, EngineConfig) else EngineConfig(model, **kwargs)
-        if not os.path.isdir(config.model):
+        if not os.path.isdir(config.model) and not (config.load_format == "dummy" and os.path.isfile(config.model)):
             raise ModelError(f"{config.model}: no such model folder")
         self.config = c = config.resolve()
         self.model_config = mc = c.model_config
         self.device, self.dtype = c.torch_device, c.torch_dtype
-        self.model = load_model(c.model, c.weight_format, mc, c.progress)
-        self.tokenizer = load_tokenizer(c.model)
+        if c.tensor_parallel_size > 1:  # this process is rank 0; it starts the others (engine/parallel.py)
+            from .parallel import ParallelModel
+            self.model = ParallelModel(c)
+        else:
+            self.model = load_model(c.model, c.weight_format, mc, c.progress, dummy=c.load_format == "dummy")
+        self.tokenizer = load_tokenizer(c.model) if os.path.isdir(c.model) else None
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -77,36 +85,58 @@ class LLM:
         self.generators: dict[int, torch.Generator] = {}
         self._seeds = torch.Generator().manual_seed(c.seed)
 
+    def close(self):
+        """Stop the other ranks (tensor parallelism); the engine cannot run after."""
+        if hasattr(self.model, "close"):
+            self.model.close()
+
     # ---- requests -------------------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: pass prompt_token_ids")
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the prompt is not valid UTF-8 text") from None
         return self.tokenizer(prompt).input_ids
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this checkpoint's tokenizer has no chat template")
+        for m in messages:
+            self.encode(m["content"])  # the same checks as a plain prompt (type, UTF-8)
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def check_request(self, token_ids, params: SamplingParams):
+        """Everything about one request that can be wrong, before any of it is queued."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        params.check_vocab(self.model_config.vocab_size)
+        if not isinstance(token_ids, (list, tuple)) or not token_ids:
+            raise ValueError("a prompt must be a non-empty list of token ids")
+        vocab, max_len = self.model_config.vocab_size, self.config.max_model_len
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"prompt token ids must be integers, got {t!r}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t} is outside the vocabulary (0..{vocab - 1})")
+        if len(token_ids) > max_len - 1:
+            raise ValueError(f"prompt has {len(token_ids)} tokens but the model's context is {max_len} "
+                             "(max_position_embeddings), leaving no room to generate")
 
     def add_request(self, token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     session: Sequence | None = None, keep_cache: bool = False) -> Sequence:
         """Queue a request. With `session` (an earlier request made with keep_cache=True), the new request takes
         over its cache: the longest cached prefix it shares with token_ids is reused, only the rest is prefilled."""
-        max_len = self.config.max_model_len
-        if not token_ids:
-            raise ValueError("empty prompt")
-        if len(token_ids) > max_len - 1:
-            raise ValueError(f"prompt has {len(token_ids)} tokens but the model's context is {max_len} "
-                             "(max_position_embeddings), leaving no room to generate")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        self.check_request(token_ids, params)
         if session is not None and not session.keep_cache:
             raise ValueError("session: the earlier request was not made with keep_cache=True")
-        seq = Sequence(list(token_ids), params, min(len(token_ids) + params.max_tokens, max_len), prompt,
-                       keep_cache=keep_cache)
+        seq = Sequence(list(token_ids), params, min(len(token_ids) + params.max_tokens, self.config.max_model_len),
+                       prompt, keep_cache=keep_cache)
+        self.scheduler.check(seq)
         if session is not None:
             self.abort(session)
             seq.seq_id = session.seq_id  # the block table is keyed by it
@@ -134,20 +164,27 @@ class LLM:
     def step(self) -> list[tuple[Sequence, str]]:
         """One forward pass over the scheduled tokens; returns (sequence, new text) for each sampled sequence."""
         batch = self.scheduler.schedule()
-        hidden = self.runner.forward(batch)
-        due, rows, row = [], [], 0  # the sequences whose next token is due, and their last rows
+        try:
+            hidden = self.runner.forward(batch)
+            due, rows, row = [], [], 0  # the sequences whose next token is due, and their last rows
+            for seq, n in batch:
+                if seq.in_prefill:
+                    self.output.prompt(seq, hidden[row:row + n], self.model.logits)
+                row += n
+                if seq.num_cached_tokens + n == len(seq):
+                    due.append(seq)
+                    rows.append(row - 1)
+            if due:
+                logits = self.model.logits(hidden[rows])  # [B, V] float32
+                tokens = sample(logits, [s.params for s in due], [self.generators[s.seq_id] for s in due])
+        except BaseException:  # the step's requests end here (their blocks freed); the engine stays usable
+            for seq, _ in batch:
+                self.abort(seq)
+            raise
         for seq, n in batch:
-            if seq.in_prefill:
-                self.output.prompt(seq, hidden[row:row + n], self.model.logits)
             seq.num_cached_tokens += n
-            row += n
-            if seq.num_cached_tokens == len(seq):
-                due.append(seq)
-                rows.append(row - 1)
         if not due:
             return []
-        logits = self.model.logits(hidden[rows])  # [B, V] float32
-        tokens = sample(logits, [s.params for s in due], [self.generators[s.seq_id] for s in due])
         events = [(seq, self.output.append(seq, token, logits[i])) for i, (seq, token) in enumerate(zip(due, tokens))]
         for seq, _ in events:
             if seq.finished:
@@ -163,11 +200,16 @@ class LLM:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             ids = [self.encode(p) for p in prompts]
         else:
-            ids = [prompt_token_ids] if prompt_token_ids and isinstance(prompt_token_ids[0], int) else list(prompt_token_ids)
+            if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
+                raise ValueError("prompt_token_ids must be a list of token ids or a list of such lists")
+            one = not isinstance(prompt_token_ids[0], (list, tuple))
+            ids = [prompt_token_ids] if one else list(prompt_token_ids)
             prompts = [None] * len(ids)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(ids)
         if len(params) != len(ids):
             raise ValueError(f"{len(params)} sampling params for {len(ids)} prompts")
+        for i, p in zip(ids, params):  # all of it checked before any of it is queued
+            self.check_request(i, p)
         return list(zip(ids, params, prompts))
 
     def generate(self, prompts: str | list[str] | None = None,
@@ -175,9 +217,16 @@ class LLM:
                  prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:
         """Runs all prompts together (different lengths batched, long prompts prefilled in chunks)."""
         requests = self._requests(prompts, sampling_params, prompt_token_ids)
-        seqs = [self.add_request(ids, p, prompt) for ids, p, prompt in requests]
-        while not self.scheduler.idle:
-            self.step()
+        seqs = []
+        try:
+            for ids, p, prompt in requests:
+                seqs.append(self.add_request(ids, p, prompt))
+            while not all(s.finished for s in seqs):
+                self.step()
+        except BaseException:  # nothing of this call stays queued
+            for s in seqs:
+                self.abort(s)
+            raise
         return [s.output() for s in seqs]
 
     def prompt_logits(self, prompt_token_ids: list[int]) -> torch.Tensor:

@@ -19,7 +19,7 @@ class ModelRunner:
         self.graphs = None
         # decode steps replay CUDA graphs unless enforce_eager; capturable: the Triton kernels read nothing back
         if (not config.enforce_eager and self.device.type == "cuda" and config.backend == "triton"
-                and not self.uses_expanded(1)):
+                and not self.uses_expanded(1) and config.tensor_parallel_size == 1):
             self.graphs = DecodeGraphs(model, cache, blocks.block_size, config.max_num_seqs,
                                        blocks.blocks_for(config.max_model_len))
 

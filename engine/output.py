@@ -8,6 +8,12 @@ from .sequence import Sequence
 PROMPT_CONTEXT = 5  # prompt tokens decoded along, so a first token's leading space is kept (sentencepiece)
 
 
+def _held_back(text: str, stops: list[str]) -> int:
+    """The longest end of text that is a proper beginning of a stop string."""
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:k])), default=0)
+
+
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int]):
         self.tokenizer, self.eos_token_ids = tokenizer, eos_token_ids
@@ -45,14 +51,16 @@ class OutputProcessor:
             seq.finish_reason = "stop"
         elif len(seq) >= seq.max_len:
             seq.finish_reason = "length"
-        delta = self._next_text(seq, final=seq.finished)
         old = len(seq.text)
-        seq.text += delta
+        seq.text += self._next_text(seq, final=seq.finished)
         for stop in p.stop:
             i = seq.text.find(stop, max(0, old - len(stop) + 1))
             if i >= 0:
                 seq.text, seq.finish_reason = seq.text[:i], "stop"
-                return seq.text[old:]
+                break
+        # Text that could be the start of a stop string is held back until the next tokens tell.
+        end = len(seq.text) if seq.finished else len(seq.text) - _held_back(seq.text, p.stop)
+        delta, seq.sent = seq.text[seq.sent:max(end, seq.sent)], max(end, seq.sent)
         return delta
 
     def _decode_one(self, token: int) -> str | None:

@@ -10,7 +10,8 @@ def perplexity(llm, token_ids: list[int], ctx: int, progress: bool = True) -> di
     if ctx < 4:
         raise ValueError(f"--ctx {ctx}: must be at least 4")
     if ctx > llm.config.max_model_len - 1:
-        raise ValueError(f"--ctx {ctx}: larger than the model's context ({llm.config.max_model_len} tokens)")
+        raise ValueError(f"--ctx {ctx}: at most {llm.config.max_model_len - 1} (the model's context is "
+                         f"{llm.config.max_model_len} tokens, one of which the scoring leaves free)")
     n_chunks = len(token_ids) // ctx
     if n_chunks == 0:
         raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one chunk of --ctx {ctx}")

@@ -10,12 +10,14 @@ from models.deepseek import DeepseekModel
 
 
 def device_peaks(device: torch.device, dtype) -> dict:
-    """Matrix throughput (one square GEMM in the model dtype) and copy bandwidth of this device, measured now."""
-    from .kernel_bench import Timer, copy_bandwidth, peak_matmul
+    """The two limits of this device, measured now: matrix throughput (one square GEMM in the dtype the prompt's
+    GEMMs run in: the model dtype; quantized weights are dequantized into it) and the read bandwidth (a sum over a
+    large array: a decode step only reads)."""
+    from .kernel_bench import Timer, peak_matmul, read_bandwidth
     cuda = device.type == "cuda"
     timer = Timer(device, min_reps=5, target_s=0.5)
     return dict(tflops=peak_matmul(8192 if cuda else 2048, dtype, device, timer)["tflops"],
-                gbps=copy_bandwidth(device, timer, (2 << 30) if cuda else (512 << 20))["gbps"])
+                gbps=read_bandwidth(device, timer, (2 << 30) if cuda else (1 << 30))["gbps"])
 
 
 def _layer_params(cfg: ModelConfig, i: int) -> tuple[int, int, int]:
@@ -60,7 +62,7 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: 
 
 def roofline_share(llm, peaks: dict, kind: str, n: int, depth: int, batch: int, tps: float,
                    weight_dtype: str | None) -> float:
-    """pp: achieved model FLOP/s over the GEMM peak; tg: bytes read per second over the copy bandwidth (the cache
+    """pp: achieved model FLOP/s over the GEMM peak; tg: bytes read per second over the read bandwidth (the cache
     averaged over the n generated tokens)."""
     cfg = llm.model_config
     if kind == "pp":

@@ -14,11 +14,14 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    def add(self, seq: Sequence):
+    def check(self, seq: Sequence):
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if seq.max_len > capacity:
             raise ValueError(f"request needs {seq.max_len} tokens of KV cache but the cache holds {capacity}; "
                              "lower max_tokens or raise the KV cache memory")
+
+    def add(self, seq: Sequence):
+        self.check(seq)
         self.waiting.append(seq)
 
     @property

@@ -43,6 +43,7 @@ class Sequence:
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     text: str = ""
+    sent: int = 0  # characters of text already returned by a step (the rest may be a stop string's start)
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     # incremental detokenisation offsets (engine/output.py)

@@ -93,7 +93,7 @@ def rms_norm(x, weight, eps: float):
 
 def rope_(x, positions, cos, sin, interleave: bool):
     """RoPE in place on x [T, N, rope_dim] (a view: the rope part of q, or k_pe); returns x."""
-    _check(x.dim() == 3 and x.stride(-1) == 1, f"x must be [T, N, rope_dim] with a contiguous last dim")
+    _check(x.dim() == 3 and x.stride(-1) == 1, "x must be [T, N, rope_dim] with a contiguous last dim")
     if _cpu_glue(x):
         cpu.ext().rope_(x, positions, cos, sin, interleave)
         return x

@@ -3,6 +3,7 @@
 Grid: one program per new token. The latent and the rope values go through separate views (for a float cache,
 two slices of one row; for a packed cache, the int8/fp8 latent, its float32 scales and the k_pe bytes of one
 uint8 row), each loaded as one power-of-two tile with a mask, so widths like 512 + 64 need no 1024-wide tile."""
+import torch
 import triton
 import triton.language as tl
 
@@ -40,12 +41,18 @@ def _write_latent_kernel(lat, scl, rope, slot_mapping, c_kv, k_pe,
             if ROUND == 1:  # int8: round half up and clamp
                 y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -qmax), qmax)
             elif ROUND == 2:
-                # fp8 e4m3: round onto its grid (3 mantissa bits, subnormal step 2^-9) first, so the conversion
-                # below is exact. The GPU converts correctly anyway; Triton's interpreter (3.9) gets the rounding
-                # carry wrong (127.9 -> 64).
+                # fp8 e4m3, written as its bits (the latent is passed as uint8): sm_80 has no fp8 conversion, and
+                # Triton's interpreter (3.9) gets the conversion's rounding carry wrong (127.9 -> 64). First round
+                # onto the grid (3 mantissa bits, subnormal step 2^-9), then take sign, exponent and the top three
+                # mantissa bits from the float32's own bits.
                 e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(y), 1e-30))), -6.0)
                 step = tl.exp2(e - 3.0)
                 y = tl.floor(y / step + 0.5) * step
+                f = y.to(tl.int32, bitcast=True)
+                ex = ((f >> 23) & 0xFF) - 127  # the rounded value's own binade
+                normal = (((ex + 7) << 3) | ((f >> 20) & 7)) & 0x7F
+                sub = (tl.abs(y) * 512.0 + 0.5).to(tl.int32)  # below 2^-6: multiples of 2^-9
+                y = tl.where(ex < -6, sub, normal) | tl.where(f < 0, 0x80, 0)
             tl.store(lat + blk * s_lb + off * s_ls + offs_r, y.to(lat.dtype.element_ty), mask=r_ok)
         tl.store(rope + blk * s_rb + off * s_rs + offs_d, p.to(rope.dtype.element_ty), mask=offs_d < DR)
 
@@ -56,6 +63,8 @@ def write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt):
     if T == 0:
         return
     lat, scl, rope = fmt.views(kv_cache)
+    if fmt.name == "fp8":
+        lat = lat.view(torch.uint8)  # the kernel writes the e4m3 bits itself
     scl = kv_cache if scl is None else scl  # a float cache has no scales: any pointer, never written
     _write_latent_kernel[(T,)](lat, scl, rope, slot_mapping, c_kv, k_pe,
                                lat.stride(0), lat.stride(1), scl.stride(0), scl.stride(1), rope.stride(0),

@@ -1,11 +1,39 @@
-"""Small helpers shared by the Triton kernels: tile widths, device facts, dot precision."""
+"""Small helpers shared by the Triton kernels: tile widths, the target the launchers configure for, dot precision."""
+import contextlib
 import functools
-import os
+from dataclasses import dataclass
 
 import torch
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+@dataclass(frozen=True)
+class Target:
+    """What a launcher sizes its tiles and grid for: a GPU with num_sms SMs, or Triton's interpreter on the CPU
+    (gpu False: small tiles, few programs)."""
+    gpu: bool
+    num_sms: int
+
+
+_COMPILE_FOR: list[Target] = []  # set by compiling_for: the launchers configure for a GPU that is not here
+
+
+def target(device: torch.device) -> Target:
+    if _COMPILE_FOR:
+        return _COMPILE_FOR[-1]
+    if device.type == "cuda":
+        return Target(True, sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+    return Target(False, 4)
+
+
+@contextlib.contextmanager
+def compiling_for(t: Target):
+    """Launchers called inside choose what they would on a GPU of t's kind (engine/gpu_check.py compiles that)."""
+    _COMPILE_FOR.append(t)
+    try:
+        yield
+    finally:
+        _COMPILE_FOR.pop()
 
 
 def pow2(n: int, least: int = 16) -> int:
@@ -16,13 +44,6 @@ def pow2(n: int, least: int = 16) -> int:
 @functools.lru_cache(maxsize=None)
 def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors to fill; under the interpreter (CPU) a small stand-in so splits stay few."""
-    if device.type != "cuda":
-        return 4
-    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def dot_precision(dtype: torch.dtype) -> str:

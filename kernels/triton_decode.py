@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, dot_precision, num_sms, pow2
+from .triton_common import dot_precision, pow2, target
 
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256  # below this a split costs more in merging than it gains in parallelism
@@ -76,9 +76,16 @@ def _mla_decode_kernel(q_lat, q_pe, lat, rope, scl, block_tables, cu_q, seq_lens
                 sc = tl.load(scl + blk * s_sb + off * s_ss, mask=n_ok, other=0.0)
                 ckv = (ckv.to(tl.float32) * sc[:, None]).to(q.dtype)
             elif NUM_SCALES > 1:  # fp8: one scale per group of R / NUM_SCALES values
-                sc = tl.load(scl + (blk * s_sb + off * s_ss)[:, None] + (offs_r // (R // NUM_SCALES))[None, :],
-                             mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-                ckv = (ckv.to(tl.float32) * sc).to(q.dtype)
+                sc = tl.load(scl + (blk * s_sb + off * s_ss)[:, None] + tl.arange(0, NUM_SCALES)[None, :],
+                             mask=n_ok[:, None], other=0.0)  # [N, NUM_SCALES]
+                # e4m3 decoded from its bits (the latent is passed as uint8): sm_80 has no fp8 conversion
+                bits = ckv.to(tl.int32)
+                ex = (bits >> 3) & 15
+                mt = bits & 7
+                mag = tl.where(ex == 0, mt.to(tl.float32) * 0.001953125, ((8 + mt) << ex).to(tl.float32) * 0.0009765625)
+                val = tl.where((bits >> 7) == 1, -mag, mag)
+                ckv = tl.reshape(tl.reshape(val, (BLOCK_N, NUM_SCALES, BLOCK_R // NUM_SCALES)) * sc[:, :, None],
+                                 (BLOCK_N, BLOCK_R)).to(q.dtype)
             else:
                 ckv = ckv.to(q.dtype)
             s = tl.dot(q, tl.trans(ckv), input_precision=PREC)
@@ -130,7 +137,7 @@ def _merge_splits_kernel(o_part, lse_part, out, s_xt, s_xh, s_xs, s_lt, s_lh, s_
 
 
 def _choose_splits(programs: int, max_kv: int, device) -> int:
-    want = triton.cdiv(num_sms(device), max(1, programs))  # enough programs for about one wave
+    want = triton.cdiv(target(device).num_sms, max(1, programs))  # enough programs for about one wave
     return max(1, min(want, triton.cdiv(max_kv, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
 
 
@@ -147,12 +154,16 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     # Every sequence has at least one query, so T == B means one each: no host sync, which a decode step captured
     # as a CUDA graph needs. Otherwise one small sync sizes the grid.
     max_q = 1 if T == B else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    BLOCK_H = min(pow2(H, 1), 16 if INTERPRET else 32)
+    gpu = target(q_lat.device).gpu
+    # a packed tile is dequantized to float32 in registers: with 32 rows (heads) x [32, 512] key values it spilled on
+    # sm_80/sm_90 (255 registers; 168 B of spills for int8, 688 B for fp8, at 4 warps and at 8: engine/gpu_check.py)
+    BLOCK_H = min(pow2(H, 1), 32 if gpu and not fmt.packed else 16)
     # query tokens of one sequence share the tile too; rows = BLOCK_Q x BLOCK_H, at least 16 for tl.dot
     BLOCK_Q = max(16 // BLOCK_H, 1)
     while BLOCK_Q * BLOCK_H < 32 and BLOCK_Q < max_q:
         BLOCK_Q *= 2
-    BLOCK_N = 16 if INTERPRET else 32
+    BLOCK_N = 16 if not gpu or fmt.packed else 32
+    warps = 8 if gpu and fmt.packed else 4
     q_tiles = triton.cdiv(max_q, BLOCK_Q)
     head_groups = triton.cdiv(H, BLOCK_H)
     max_kv = block_tables.shape[1] * block_size  # an upper bound on seq_lens without reading them
@@ -165,6 +176,8 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     else:
         o_part = lse_part = out  # unused
     lat, scl, rope = fmt.views(kv_cache)
+    if fmt.name == "fp8":
+        lat = lat.view(torch.uint8)  # decoded from its bits in the kernel
     scl = kv_cache if scl is None else scl  # a float cache has no scales: any pointer, never read
     _mla_decode_kernel[(B * q_tiles, head_groups, num_splits)](
         q_lat, q_pe, lat, rope, scl, block_tables, cu_seqlens_q, seq_lens, out, o_part, lse_part,
@@ -175,7 +188,7 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
         lse_part.stride(0) if split else 0, lse_part.stride(1) if split else 0,
         H, R, DR, block_size, q_tiles, num_splits, softmax_scale * LOG2E,
         BLOCK_Q=BLOCK_Q, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=pow2(R), BLOCK_DR=pow2(DR), NUM_SCALES=fmt.num_scales, SPLIT=split,
-        PREC=dot_precision(q_lat.dtype), num_warps=4, num_stages=2)
+        PREC=dot_precision(q_lat.dtype), num_warps=warps, num_stages=2)
     if split:
         _merge_splits_kernel[(T, H)](o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                      lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1),

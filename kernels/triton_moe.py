@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import dot_precision, pow2
+from .triton_common import dot_precision, pow2, target
 from .weights import INT4_GROUP
 
 
@@ -32,15 +32,19 @@ def _weight_tile(w_rows, s_rows, k0, k, k_ok, n_ok, GROUP, QUANT: tl.constexpr, 
     int8 / int4 dequantized in registers, integer times its fp32 scale (s_rows: the rows' scales) rounded once to
     dtype, as QuantWeight.dequantize does it. A K tile never straddles two scale groups (BLOCK_K divides 128)."""
     mask = k_ok[:, None] & n_ok
+    # one return at the end: with an early return the compiler (not the interpreter) still builds the integer
+    # branches for a float weight, and fails on them (found by engine/gpu_check.py)
     if QUANT == 0:
-        return tl.load(w_rows + k[:, None], mask=mask, other=0.0)
-    if QUANT == 1:
-        q = tl.load(w_rows + k[:, None], mask=mask, other=0).to(tl.float32)
-    else:  # two values per byte: even k in the low nibble, odd k in the high one
-        b = tl.load(w_rows + (k // 2)[:, None], mask=mask, other=0x88)
-        q = (tl.where((k % 2 == 0)[:, None], b & 0xF, b >> 4).to(tl.int32) - 8).to(tl.float32)
-    sc = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0)  # [1, N]
-    return (q * sc).to(dtype)
+        w = tl.load(w_rows + k[:, None], mask=mask, other=0.0)
+    else:
+        if QUANT == 1:
+            q = tl.load(w_rows + k[:, None], mask=mask, other=0).to(tl.float32)
+        else:  # two values per byte: even k in the low nibble, odd k in the high one
+            b = tl.load(w_rows + (k // 2)[:, None], mask=mask, other=0x88)
+            q = (tl.where((k % 2 == 0)[:, None], b & 0xF, b >> 4).to(tl.int32) - 8).to(tl.float32)
+        sc = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0)  # [1, N]
+        w = (q * sc).to(dtype)
+    return w
 
 
 @triton.jit
@@ -116,7 +120,7 @@ def _config(num_pairs: int, E: int, D: int, I: int, device: torch.device):
     tl.dot tile, since the rows are padded per expert; prefill: 64-row tiles to reuse each weight tile."""
     per_expert = num_pairs / max(1, min(E, num_pairs))
     bm = 16 if per_expert <= 16 else (32 if per_expert <= 48 else 64)
-    if device.type != "cuda":  # interpreter: few, small programs
+    if not target(device).gpu:  # interpreter: few, small programs
         return bm, min(64, pow2(max(D, I))), 32, 4, 1
     bn = 64 if bm <= 32 else 128
     return bm, bn, 64, 4, 3 if bm <= 32 else 4

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .cache_format import dequantize
-from .triton_common import INTERPRET, dot_precision, pow2
+from .triton_common import dot_precision, pow2, target
 
 LOG2E = 1.4426950408889634
 WORKSPACE_ELEMENTS = 1 << 26  # expanded values per round: 128 MiB in bf16 (8k tokens of V2-Lite, 2k of V3)
@@ -180,8 +180,9 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
     if T == 0:
         return out
     block_size = kv_cache.shape[1]
-    BLOCK_M = 16 if INTERPRET else 64
-    BLOCK_N = 16 if INTERPRET else 64
+    gpu = target(q_nope.device).gpu
+    BLOCK_M = 64 if gpu else 16
+    BLOCK_N = 64 if gpu else 16
     ws_tokens = workspace_tokens or WORKSPACE_ELEMENTS // (H * (DN + DV))
     round_blocks = max(1, ws_tokens // block_size)
     rounds, entries = plan(block_tables, cu_seqlens_q, seq_lens, block_size, BLOCK_M, BLOCK_N, round_blocks)

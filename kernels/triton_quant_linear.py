@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .weights import INT4_GROUP, QuantWeight, choose_split_k
-from .triton_common import dot_precision, sm_count
+from .triton_common import dot_precision, target
 
 CPU_SMS = 132  # SM count used for the split rule where there is no CUDA device (the interpreter)
 
@@ -78,13 +78,12 @@ def _config(M: int, device: torch.device):
         return 16, 64, 128, 4, 4
     if M <= 64:
         return 32, 64, 128, 4, 4
-    return 64, 128, 64, 8 if device.type == "cuda" else 4, 3
+    return 64, 128, 64, 8 if target(device).gpu else 4, 3
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return CPU_SMS
+    t = target(device)
+    return t.num_sms if t.gpu else CPU_SMS
 
 
 def quant_linear(x: torch.Tensor, qw: QuantWeight, split_k: int | None = None, out: torch.Tensor | None = None,

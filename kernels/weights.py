@@ -18,6 +18,7 @@ import torch.nn.functional as F
 BACKENDS = ("torch", "triton")
 MODES = ("int8", "int4")
 INT4_GROUP = 128
+STORE_ROWS = 4096  # rows quantized at a time by QuantWeight.store
 
 
 def _check(cond, msg):
@@ -68,11 +69,13 @@ class QuantWeight:
                            self.group_size, self.backend)
 
     def store(self, w: torch.Tensor):
-        """Quantize the float w [N, K] into this weight's storage (a view of the model's)."""
-        q = quantize_weight(w, self.mode)
-        _check(q.qweight.shape == self.qweight.shape, f"cannot store {tuple(w.shape)} into a weight of {self.shape}")
-        self.qweight.copy_(q.qweight)
-        self.scales.copy_(q.scales)
+        """Quantize the float w [N, K] into this weight's storage (a view of the model's), STORE_ROWS rows at a time,
+        so that the float temporaries stay small however large the weight (a 102400-row LM head)."""
+        _check(tuple(w.shape) == tuple(self.shape), f"cannot store {tuple(w.shape)} into a weight of {self.shape}")
+        for r in range(0, w.shape[0], STORE_ROWS):
+            q = quantize_weight(w[r:r + STORE_ROWS], self.mode)
+            self.qweight[r:r + STORE_ROWS].copy_(q.qweight)
+            self.scales[r:r + STORE_ROWS].copy_(q.scales)
 
     def to(self, device) -> "QuantWeight":
         return QuantWeight(self.qweight.to(device), self.scales.to(device), self.mode, self.shape, self.group_size,

@@ -8,6 +8,7 @@ from kernels import WeightFormat
 
 from .config import ModelConfig
 from .layers import linear, rms_norm
+from .parallel import Parallel
 from .rope import RotaryEmbedding
 
 
@@ -48,9 +49,10 @@ class KvbSplit:
 
 
 class MLAttention:
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, fmt: WeightFormat):
-        H, R = cfg.num_attention_heads, cfg.kv_lora_rank
-        self.cfg, self.rope, self.backend = cfg, rope, fmt.backend
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, fmt: WeightFormat, par: Parallel = Parallel()):
+        self.h0, h1 = par.span(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
+        H, R = self.H, _ = h1 - self.h0, cfg.kv_lora_rank
+        self.cfg, self.rope, self.backend, self.par = cfg, rope, fmt.backend, par
         self.softmax_scale = cfg.softmax_scale
         if cfg.q_lora_rank:
             self.q_a_proj = fmt.linear(cfg.q_lora_rank, cfg.hidden_size)
@@ -69,9 +71,17 @@ class MLAttention:
         self.o_proj = fmt.linear(cfg.hidden_size, H * cfg.v_head_dim)
 
     def weights(self) -> dict:
-        names = ["kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj"]
-        names += ["q_a_proj", "q_a_layernorm", "q_b_proj"] if self.cfg.q_lora_rank else ["q_proj"]
-        return {"kv_b_proj.weight": KvbSplit(self), **{f"{n}.weight": getattr(self, n) for n in names}}
+        cfg, par, h0, H = self.cfg, self.par, self.h0, self.H
+        HF = cfg.num_attention_heads
+        names = ["kv_a_proj_with_mqa", "kv_a_layernorm"] + (["q_a_proj", "q_a_layernorm"] if cfg.q_lora_rank else [])
+        w = {f"{n}.weight": getattr(self, n) for n in names}  # per token, not per head: every rank holds them
+        q, qk, kv = ("q_b_proj", cfg.q_lora_rank) if cfg.q_lora_rank else ("q_proj", cfg.hidden_size), cfg.qk_head_dim, \
+            cfg.qk_nope_head_dim + cfg.v_head_dim
+        w[f"{q[0]}.weight"] = par.part(getattr(self, q[0]), 0, h0 * qk, (h0 + H) * qk, (HF * qk, q[1]))
+        w["kv_b_proj.weight"] = par.part(KvbSplit(self), 0, h0 * kv, (h0 + H) * kv, (HF * kv, cfg.kv_lora_rank))
+        w["o_proj.weight"] = par.part(self.o_proj, 1, h0 * cfg.v_head_dim, (h0 + H) * cfg.v_head_dim,
+                                      (cfg.hidden_size, HF * cfg.v_head_dim))
+        return w
 
     def absorbed(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
         """q_nope through W_UK, attention over the latent rows (all heads share them), back through W_UV:
@@ -88,7 +98,7 @@ class MLAttention:
 
     def __call__(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor, cache_format) -> torch.Tensor:
         cfg = self.cfg
-        T, H = x.shape[0], cfg.num_attention_heads
+        T, H = x.shape[0], self.H
         if cfg.q_lora_rank:
             q = linear(rms_norm(linear(x, self.q_a_proj), self.q_a_layernorm, cfg.rms_norm_eps), self.q_b_proj)
         else:
@@ -112,4 +122,4 @@ class MLAttention:
                 out = o
             else:
                 out[idx] = o
-        return linear(out.reshape(T, -1), self.o_proj)
+        return self.par.all_reduce(linear(out.reshape(T, -1), self.o_proj))  # each rank: its heads' share

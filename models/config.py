@@ -53,6 +53,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     fp8_block: tuple[int, int] | None = None  # DeepSeek-V3's fp8 checkpoints: weight blocks dequantized at load
+    num_nextn_predict_layers: int = 0  # V3's multi-token-prediction layers: in the checkpoint, not used here
 
     @property
     def qk_head_dim(self) -> int:
@@ -90,15 +91,36 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, file: str = "config.json") -> "ModelConfig":
-        def bad(field, why):
-            return ModelError(f"{file}: {field}={raw.get(field)!r}: {why}")
+        def bad(field, why, value=None):
+            value = raw.get(field) if value is None else value
+            return ModelError(f"{file}: {field}={value!r}: {why}")
 
-        def need(field):
-            if raw.get(field) is None:
-                raise ModelError(f"{file}: required field {field} is missing")
-            return raw[field]
+        def num(field, kind=int, lo=None, default=None, required=False, obj=None, name=None):
+            """A number field, checked for type and range where it is read (obj: a nested object)."""
+            src, name = (raw if obj is None else obj), name or field
+            v = src.get(field)
+            if v is None:
+                if required:
+                    raise ModelError(f"{file}: required field {name} is missing")
+                return default
+            ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok or (kind is float and not math.isfinite(v)):
+                raise ModelError(f"{file}: {name}={v!r}: must be {'an integer' if kind is int else 'a number'}")
+            if lo is not None and v < lo:
+                raise ModelError(f"{file}: {name}={v!r}: must be at least {lo}")
+            return kind(v)
+
+        def flag(field, default):
+            v = raw.get(field, default)
+            if v is None:
+                return default
+            if not isinstance(v, bool):
+                raise bad(field, "must be true or false")
+            return v
 
         archs = raw.get("architectures") or []
+        if not isinstance(archs, list):
+            raise bad("architectures", "must be a list")
         arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if arch is None:
             arch = {"deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3"}.get(raw.get("model_type"))
@@ -124,100 +146,109 @@ class ModelConfig:
             raise bad("mlp_bias", "MLP biases are not supported")
         if raw.get("hidden_act", "silu") != "silu":
             raise bad("hidden_act", "only silu is supported")
-        if raw.get("num_key_value_heads", raw.get("num_attention_heads")) != raw.get("num_attention_heads"):
+        heads = num("num_attention_heads", lo=1, required=True)
+        if num("num_key_value_heads", lo=1, default=heads) != heads:
             raise bad("num_key_value_heads", "MLA needs num_key_value_heads == num_attention_heads")
-        for field in ("pretraining_tp",):
-            if raw.get(field, 1) != 1:
-                raise bad(field, "only 1 is supported")
+        if num("pretraining_tp", lo=1, default=1) != 1:
+            raise bad("pretraining_tp", "only 1 is supported")
 
         # RoPE: DeepSeek writes rope_scaling + rope_theta; transformers 5 writes rope_parameters.
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise bad("rope_scaling", "expected an object")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
         field = "rope_parameters" if "rope_parameters" in raw else "rope_scaling"
+        if not isinstance(rope, dict):
+            raise bad(field, "expected an object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "yarn"):
             raise ModelError(f"{file}: {field}.type={rope_type!r}: unsupported (supported: default, yarn)")
-        theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
-        max_pos = int(need("max_position_embeddings"))
+        theta = num("rope_theta", float, default=None, obj=rope, name=f"{field}.rope_theta")
+        theta = theta if theta is not None else num("rope_theta", float, default=10000.0)
+        if not theta > 0:
+            raise bad("rope_theta", "must be positive", theta)
+        max_pos = num("max_position_embeddings", lo=2, required=True)
         if rope_type == "yarn":
             if rope.get("factor") is None or rope.get("original_max_position_embeddings") is None:
                 raise ModelError(f"{file}: {field}: yarn needs factor and original_max_position_embeddings")
             if rope.get("attention_factor") is not None:
                 raise ModelError(f"{file}: {field}.attention_factor: not supported (DeepSeek derives it from mscale)")
-            yarn = dict(rope_factor=float(rope["factor"]),
-                        rope_original_max_position=int(rope["original_max_position_embeddings"]),
-                        rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
-                        rope_mscale=float(rope.get("mscale") or 0), rope_mscale_all_dim=float(rope.get("mscale_all_dim") or 0))
+            r = lambda key, lo, default=None, kind=float: num(key, kind, lo=lo, default=default, obj=rope,  # noqa: E731
+                                                             name=f"{field}.{key}")
+            yarn = dict(rope_factor=r("factor", 1.0), rope_original_max_position=r("original_max_position_embeddings", 1,
+                                                                                   kind=int),
+                        rope_beta_fast=r("beta_fast", 0.0, 32.0) or 32.0, rope_beta_slow=r("beta_slow", 0.0, 1.0) or 1.0,
+                        rope_mscale=r("mscale", 0.0, 0.0), rope_mscale_all_dim=r("mscale_all_dim", 0.0, 0.0))
         else:
             yarn = dict(rope_factor=1.0, rope_original_max_position=max_pos, rope_beta_fast=32.0, rope_beta_slow=1.0,
                         rope_mscale=0.0, rope_mscale_all_dim=0.0)
 
-        n_routed = raw.get("n_routed_experts")
+        n_routed = num("n_routed_experts", lo=0)
         topk_method = raw.get("topk_method", "noaux_tc" if arch == "deepseek_v3" else "greedy")
         if topk_method not in TOPK_METHODS:
             raise bad("topk_method", f"unsupported (supported: {', '.join(TOPK_METHODS)})")
         scoring = raw.get("scoring_func", "sigmoid" if arch == "deepseek_v3" else "softmax")
         if scoring not in SCORING_FUNCS:
             raise bad("scoring_func", f"unsupported (supported: {', '.join(SCORING_FUNCS)})")
-        n_group = raw.get("n_group") or 1
-        topk_group = raw.get("topk_group") or 1
+        n_group = num("n_group", lo=1, default=1)
+        topk_group = num("topk_group", lo=1, default=1)
+        per_tok = num("num_experts_per_tok", lo=1, default=0)
         if n_routed:
             if n_routed % n_group:
                 raise bad("n_group", f"must divide n_routed_experts={n_routed}")
             if topk_group > n_group:
                 raise bad("topk_group", f"must be at most n_group={n_group}")
-            if not 0 < need("num_experts_per_tok") <= n_routed:
-                raise bad("num_experts_per_tok", f"must be in 1..n_routed_experts={n_routed}")
+            if not 0 < per_tok <= n_routed:
+                raise bad("num_experts_per_tok", f"must be in 1..n_routed_experts={n_routed}", per_tok)
+            num("moe_intermediate_size", lo=1, required=True)
 
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
         if dtype not in DTYPES:
             raise ModelError(f"{file}: torch_dtype={dtype!r}: unsupported (supported: {', '.join(DTYPES)})")
         eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        rope_interleave = raw.get("rope_interleave", True)  # DeepSeek checkpoints store RoPE dims as pairs
-        q_lora_rank = raw.get("q_lora_rank")
+        eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos_list):
+            raise bad("eos_token_id", "must be a token id or a list of token ids")
+        vocab = num("vocab_size", lo=1, required=True)
+        layers = num("num_hidden_layers", lo=1, required=True)
+        dense = num("first_k_dense_replace", lo=0, default=0)
+        rope_dim = num("qk_rope_head_dim", lo=2, required=True)
+        if rope_dim % 2:
+            raise bad("qk_rope_head_dim", "must be even")
 
-        cfg = cls(
+        return cls(
             arch=arch,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=int(need("hidden_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
-            num_attention_heads=int(need("num_attention_heads")),
-            q_lora_rank=int(q_lora_rank) if q_lora_rank else None,
-            kv_lora_rank=int(need("kv_lora_rank")),
-            qk_nope_head_dim=int(need("qk_nope_head_dim")),
-            qk_rope_head_dim=int(need("qk_rope_head_dim")),
-            v_head_dim=int(need("v_head_dim")),
-            intermediate_size=int(need("intermediate_size")),
-            moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),
-            n_routed_experts=int(n_routed) if n_routed else None,
-            n_shared_experts=int(raw.get("n_shared_experts") or 0),
-            num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0),
-            first_k_dense_replace=int(raw.get("first_k_dense_replace", 0)),
-            moe_layer_freq=int(raw.get("moe_layer_freq", 1)),
+            vocab_size=vocab,
+            hidden_size=num("hidden_size", lo=1, required=True),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            q_lora_rank=num("q_lora_rank", lo=0) or None,
+            kv_lora_rank=num("kv_lora_rank", lo=1, required=True),
+            qk_nope_head_dim=num("qk_nope_head_dim", lo=1, required=True),
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=num("v_head_dim", lo=1, required=True),
+            intermediate_size=num("intermediate_size", lo=1, required=True),
+            moe_intermediate_size=num("moe_intermediate_size", lo=0, default=0),
+            n_routed_experts=n_routed or None,
+            n_shared_experts=num("n_shared_experts", lo=0, default=0),
+            num_experts_per_tok=per_tok,
+            first_k_dense_replace=dense,
+            moe_layer_freq=num("moe_layer_freq", lo=1, default=1),
             topk_method=topk_method,
             scoring_func=scoring,
-            n_group=int(n_group),
-            topk_group=int(topk_group),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            n_group=n_group,
+            topk_group=topk_group,
+            norm_topk_prob=flag("norm_topk_prob", False),
+            routed_scaling_factor=num("routed_scaling_factor", float, lo=0.0, default=1.0),
+            rms_norm_eps=num("rms_norm_eps", float, lo=0.0, default=1e-6),
+            tie_word_embeddings=flag("tie_word_embeddings", False),
             max_position_embeddings=max_pos,
             rope_theta=theta,
-            rope_interleave=bool(rope_interleave),
+            rope_interleave=flag("rope_interleave", True),  # DeepSeek checkpoints store RoPE dims as pairs
             torch_dtype=dtype,
             fp8_block=fp8_block,
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            bos_token_id=num("bos_token_id", lo=0),
+            eos_token_ids=tuple(eos_list),
+            num_nextn_predict_layers=num("num_nextn_predict_layers", lo=0, default=0),
             **yarn,
         )
-        if cfg.qk_rope_head_dim % 2:
-            raise bad("qk_rope_head_dim", "must be even")
-        if cfg.moe_layer_freq < 1:
-            raise bad("moe_layer_freq", "must be at least 1")
-        return cfg
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

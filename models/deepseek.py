@@ -7,32 +7,19 @@ from kernels.weights import stored_bytes
 
 from .attention import AttnMetadata, MLAttention
 from .config import ModelConfig
-from .layers import fused_rows, linear, rms_norm, silu_mlp
+from .layers import DenseMLP, linear, rms_norm
 from .moe import MoE
+from .parallel import Parallel
 from .rope import RotaryEmbedding
 
 
-class DenseMLP:
-    def __init__(self, cfg: ModelConfig, fmt: WeightFormat):
-        I = self.I = cfg.intermediate_size
-        self.w13 = fmt.linear(2 * I, cfg.hidden_size)  # [gate_proj; up_proj]
-        self.w2 = fmt.linear(cfg.hidden_size, I)
-
-    def weights(self):
-        gate, up = fused_rows(self.w13, self.I)
-        return {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": self.w2}
-
-    def __call__(self, x):
-        return silu_mlp(x, self.w13, self.w2)
-
-
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, i: int, rope, fmt: WeightFormat):
+    def __init__(self, cfg: ModelConfig, i: int, rope, fmt: WeightFormat, par: Parallel):
         self.eps = cfg.rms_norm_eps
         self.input_layernorm = fmt.tensor(cfg.hidden_size)
         self.post_attention_layernorm = fmt.tensor(cfg.hidden_size)
-        self.self_attn = MLAttention(cfg, rope, fmt)
-        self.mlp = MoE(cfg, fmt) if cfg.is_moe_layer(i) else DenseMLP(cfg, fmt)
+        self.self_attn = MLAttention(cfg, rope, fmt, par)
+        self.mlp = MoE(cfg, fmt, par) if cfg.is_moe_layer(i) else DenseMLP(cfg, fmt, par)
 
     def weights(self):
         w = {"input_layernorm.weight": self.input_layernorm, "post_attention_layernorm.weight": self.post_attention_layernorm}
@@ -50,39 +37,50 @@ class DeepseekModel:
     models.loader, and runs one packed forward pass over T tokens. Embeddings, norms, the router and kv_b_proj
     (W_UK, W_UV) always stay in the model dtype."""
 
-    def __init__(self, cfg: ModelConfig, fmt: WeightFormat):
-        self.cfg, self.fmt = cfg, fmt
+    def __init__(self, cfg: ModelConfig, fmt: WeightFormat, par: Parallel = Parallel()):
+        self.cfg, self.fmt, self.par = cfg, fmt, par
         self.dtype, self.device = fmt.dtype, torch.device(fmt.device)
         self.rope = rope = RotaryEmbedding(cfg, fmt.device)
-        self.embed_tokens = fmt.tensor(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [DecoderLayer(cfg, i, rope, fmt) for i in range(cfg.num_hidden_layers)]
+        self.v0, v1 = par.span(cfg.vocab_size, "vocab_size")  # this rank's rows of the embedding and the LM head
+        self.embed_tokens = fmt.tensor(v1 - self.v0, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i, rope, fmt, par) for i in range(cfg.num_hidden_layers)]
         self.norm = fmt.tensor(cfg.hidden_size)
         tied_float = cfg.tie_word_embeddings and fmt.quant is None
-        self.lm_head = self.embed_tokens if tied_float else fmt.linear(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = self.embed_tokens if tied_float else fmt.linear(v1 - self.v0, cfg.hidden_size)
 
     def weights(self) -> list[tuple[str, object]]:
-        """(checkpoint tensor name, where it is stored) pairs: a float tensor (or view) or a quantized weight's
-        rows. A name can appear twice: tied embeddings also fill a quantized LM head."""
-        w = [("model.embed_tokens.weight", self.embed_tokens), ("model.norm.weight", self.norm)]
+        """(checkpoint tensor name, where it is stored) pairs: a float tensor (or view), a quantized weight's rows,
+        a rank's part of either, or None for a tensor another rank holds. A name can appear twice: tied embeddings
+        also fill a quantized LM head."""
+        V, D, v0, n = self.cfg.vocab_size, self.cfg.hidden_size, self.v0, self.embed_tokens.shape[0]
+        rows = lambda t: self.par.part(t, 0, v0, v0 + n, (V, D))  # noqa: E731
+        w = [("model.embed_tokens.weight", rows(self.embed_tokens)), ("model.norm.weight", self.norm)]
         if self.lm_head is not self.embed_tokens:
-            w.append(("model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight", self.lm_head))
+            w.append(("model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight",
+                      rows(self.lm_head)))
         for i, layer in enumerate(self.layers):
             w += [(f"model.layers.{i}.{k}", v) for k, v in layer.weights().items()]
         return w
 
     def nbytes(self) -> int:
         """Bytes of the stored weights (works on the meta device, where nothing is allocated)."""
-        return stored_bytes(w for _, w in self.weights())
+        return stored_bytes(w for _, w in self.weights() if w is not None)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, cache) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, D] (after the last norm). cache: the LatentCache (its per-layer
         tensors and its format)."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        if self.par.size == 1:
+            x = F.embedding(input_ids, self.embed_tokens)
+        else:  # each rank looks up the ids in its rows of the vocabulary, zeros elsewhere; the sum is the lookup
+            local = input_ids - self.v0
+            mine = (local >= 0) & (local < self.embed_tokens.shape[0])
+            x = self.par.all_reduce(F.embedding(local.clamp(0, self.embed_tokens.shape[0] - 1), self.embed_tokens)
+                                    * mine[:, None].to(self.dtype))
         for layer, kv_cache in zip(self.layers, cache.layers):
             x = layer(x, meta, kv_cache, cache.format)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head).float()
+        return self.par.all_gather(linear(hidden, self.lm_head)).float()

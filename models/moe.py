@@ -6,20 +6,22 @@ import kernels
 from kernels import WeightFormat
 
 from .config import ModelConfig
-from .layers import fused_rows, silu_mlp
+from .layers import DenseMLP, fused_rows
+from .parallel import Parallel
 
 
 class MoE:
-    def __init__(self, cfg: ModelConfig, fmt: WeightFormat):
-        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.cfg, self.backend = cfg, fmt.backend
-        self.gate = fmt.tensor(E, D)  # the router stays in the model dtype (it runs in float32)
-        self.e_score_correction_bias = torch.zeros(E, dtype=torch.float32, device=fmt.device)
+    def __init__(self, cfg: ModelConfig, fmt: WeightFormat, par: Parallel = Parallel()):
+        D, I = cfg.hidden_size, cfg.moe_intermediate_size
+        self.e0, e1 = par.span(cfg.n_routed_experts, "n_routed_experts")  # this rank's whole experts
+        E = e1 - self.e0
+        self.cfg, self.backend, self.par = cfg, fmt.backend, par
+        self.gate = fmt.tensor(cfg.n_routed_experts, D)  # the router: every rank routes every token (float32)
+        self.e_score_correction_bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=fmt.device)
         self.w13 = fmt.linear(2 * I, D, experts=E)  # per expert [gate_proj; up_proj]
         self.w2 = fmt.linear(D, I, experts=E)  # per expert down_proj
         Is = I * cfg.n_shared_experts
-        self.shared_w13 = fmt.linear(2 * Is, D) if Is else None
-        self.shared_w2 = fmt.linear(D, Is) if Is else None
+        self.shared = DenseMLP(cfg, fmt, par, Is, "moe_intermediate_size * n_shared_experts") if Is else None
 
     def weights(self) -> dict:
         cfg, I = self.cfg, self.cfg.moe_intermediate_size
@@ -27,12 +29,13 @@ class MoE:
         if cfg.topk_method == "noaux_tc":
             w["gate.e_score_correction_bias"] = self.e_score_correction_bias
         for e in range(cfg.n_routed_experts):
-            w[f"experts.{e}.gate_proj.weight"], w[f"experts.{e}.up_proj.weight"] = fused_rows(self.w13[e], I)
-            w[f"experts.{e}.down_proj.weight"] = self.w2[e]
-        if self.shared_w13 is not None:
-            gate, up = fused_rows(self.shared_w13, I * cfg.n_shared_experts)
-            w["shared_experts.gate_proj.weight"], w["shared_experts.up_proj.weight"] = gate, up
-            w["shared_experts.down_proj.weight"] = self.shared_w2
+            local = e - self.e0
+            mine = 0 <= local < len(self.w13)
+            gate, up = fused_rows(self.w13[local], I) if mine else (None, None)  # None: another rank's expert
+            w[f"experts.{e}.gate_proj.weight"], w[f"experts.{e}.up_proj.weight"] = gate, up
+            w[f"experts.{e}.down_proj.weight"] = self.w2[local] if mine else None
+        if self.shared is not None:
+            w.update({f"shared_experts.{k}": v for k, v in self.shared.weights().items()})
         return w
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +63,15 @@ class MoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
-        out = kernels.moe_experts(x, ids, weights, self.w13, self.w2, backend=self.backend)
-        if self.shared_w13 is not None:
-            out = out + silu_mlp(x, self.shared_w13, self.shared_w2)
-        return out
+        if self.par.size == 1:
+            out = kernels.moe_experts(x, ids, weights, self.w13, self.w2, backend=self.backend)
+        else:  # the (token, expert) pairs of this rank's experts, each as a token of its own
+            t, j = ((ids >= self.e0) & (ids < self.e0 + len(self.w13))).nonzero(as_tuple=True)
+            out = torch.zeros_like(x)
+            if t.numel():
+                y = kernels.moe_experts(x[t], (ids[t, j] - self.e0)[:, None], weights[t, j][:, None], self.w13,
+                                        self.w2, backend=self.backend)
+                out.index_add_(0, t, y)
+        if self.shared is not None:
+            out = out + self.shared.partial(x)
+        return self.par.all_reduce(out)
