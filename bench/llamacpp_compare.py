@@ -131,7 +131,9 @@ def anchors(args, model: str, fmt: str) -> dict:
             ("llama.cpp", args.llama_cpp, [], "-fa", ["-p", "0", "-n", "32", "-d", "512,4096"]),
             ("ik_llama.cpp", args.ik_llama_cpp, ["-mla", "3", "-fa", "1", "-fmoe", "1"], "-rtr",
              ["-gp", "512,32", "-gp", "4096,32"])):
-        path = gguf(project, model, fmt, args.work)
+        tags = [f"{name}-{fmt}-short{flag}0", f"{name}-{fmt}-short{flag}1", f"{name}-{fmt}-pp4096", f"{name}-{fmt}-depth"]
+        measured = all(os.path.exists(os.path.join(args.work, f"{t}.json")) for t in tags)
+        path = None if measured else gguf(project, model, fmt, args.work)  # measured before: no GGUF needed
         short = {v: llama_bench(project, path, flags + [flag, v], ["-p", "512", "-n", "32"], args.reps, args.work,
                                 f"{name}-{fmt}-short{flag}{v}") for v in ("0", "1")}
         cost = {v: sum((r["n_prompt"] + r["n_gen"]) / r["avg_ts"] for r in rows) for v, rows in short.items()}
@@ -146,7 +148,7 @@ def anchors(args, model: str, fmt: str) -> dict:
             test = f"pp{row['n_prompt']}" if not row["n_gen"] else f"tg{row['n_gen']}" + (f" @ d{depth}" if depth else "")
             r.setdefault(test, row["avg_ts"])
         res[name] = r
-        if not args.keep_gguf:
+        if path and not args.keep_gguf:
             os.remove(path)
     return res
 

@@ -18,6 +18,8 @@ import tempfile
 
 import torch
 
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said aloud (it warns otherwise)
+
 TARGETS = {  # per SM: 64K registers, 64 warps, 32 blocks; shared memory per block (opt-in) and per SM
     "sm_80": dict(arch=80, gpu="A100", sms=108, smem_block=163 << 10, smem_sm=164 << 10, bw=2.0e12, flops=312e12),
     "sm_90": dict(arch=90, gpu="H100", sms=132, smem_block=227 << 10, smem_sm=228 << 10, bw=3.35e12, flops=989e12),
@@ -123,7 +125,7 @@ def _meta(*shape, dtype):
 
 def scenarios(cfg, dtype) -> list:
     """(kernel family, configuration, launcher call, bytes, FLOPs) for the launches the engine makes with this model:
-    decode (one token of 1 and 64 sequences over 4096 cached tokens) and a 2048-token prompt, every cache format,
+    decode (one token of 1 and 64 sequences over 4096 cached tokens) and a 256-token prompt, every cache format,
     weight-only int8 / int4 linears (a decode row and a prompt) and the grouped MoE (float, int8, int4)."""
     from kernels import cache_write, triton_decode, triton_moe, triton_prefill, triton_quant_linear
     from kernels.cache_format import CacheFormat
@@ -152,7 +154,7 @@ def scenarios(cfg, dtype) -> list:
                                          torch.full((B,), ctx, dtype=torch.int32), DR ** -0.5, fmt)
             out.append(("absorbed decode", f"{dname} {cname} batch {B} ctx {ctx}", decode,
                         B * ctx * fmt.bytes_per_token + B * H * (2 * R + DR) * elt, 2 * B * H * ctx * (2 * R + DR)))
-        S = 2048
+        S = 256  # tiles of 64 queries and keys; the launcher expands the cache on the CPU (fp16 GEMMs are slow there)
 
         def prefill(fmt=fmt):  # the launcher gathers and expands the cache in torch: real (small) tensors
             nb = S // BS

@@ -106,6 +106,15 @@ def copy_bandwidth(device, timer: Timer, nbytes: int) -> dict:
     return dict(bytes=nbytes, time_s=t, gbps=2 * nbytes / t / 1e9)
 
 
+def read_bandwidth(device, timer: Timer, nbytes: int) -> dict:
+    """A read-only stream, the limit of a decode step (it reads its weights and writes little): the sum of a large
+    float32 array (a copy writes as much as it reads, and on this CPU runs slower than reading alone)."""
+    nbytes = min(nbytes, int(available_memory(device) * MEMORY_MARGIN))
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    t = timer(lambda: x.sum(), flush=False)
+    return dict(bytes=x.nbytes, time_s=t, gbps=x.nbytes / t / 1e9)
+
+
 class KernelBench:
     """The kernel measurements at one model's attention shapes on one device, dtype and backend."""
 
@@ -132,16 +141,7 @@ class KernelBench:
     def cache_format(self, name: str) -> CacheFormat:
         return CacheFormat(name, self.R, self.DR, self.dtype)
 
-    def read_bandwidth(device, timer: Timer, nbytes: int) -> dict:
-    """A read-only stream, the limit of a decode step (it reads its weights and writes little): the sum of a large
-    float32 array (a copy writes as much as it reads, and on this CPU runs slower than reading alone)."""
-    nbytes = min(nbytes, int(available_memory(device) * MEMORY_MARGIN))
-    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
-    t = timer(lambda: x.sum(), flush=False)
-    return dict(bytes=x.nbytes, time_s=t, gbps=x.nbytes / t / 1e9)
-
-
-# ---- absorbed decode ----------------------------------------------------------------------------------------
+    # ---- absorbed decode ----------------------------------------------------------------------------------------
     def _decode_need(self, batch: int, ctx: int, fmt: CacheFormat) -> int:
         """Bytes one configuration allocates: the cache, the filling chunk, and what the torch path copies."""
         blocks = batch * -(-ctx // self.BS)

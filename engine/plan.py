@@ -47,7 +47,7 @@ def markdown(p: dict) -> str:
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     lines = [f"{p['model']}: tensor parallel over {p['tp']} ranks of {p['memory_gib']:g} GiB, {p['dtype']} "
              f"activations, {p['weight_dtype']} weights, {p['kv_cache_dtype']} KV cache", "",
-             f"| per rank | |", "|---|---|",
+             "| per rank | |", "|---|---|",
              f"| weights | {gib(p['weights_per_rank'])} |", f"| workspace (one {4096}-token step) | {gib(p['workspace'])} |",
              f"| KV cache per token (every rank holds the whole latent) | {p['cache_bytes_per_token'] / 1024:.1f} KiB |",
              f"| tokens of KV cache that fit | {p['tokens_per_rank']:,} |"]
