@@ -280,11 +280,18 @@ def _bench_model(args, tmp) -> tuple[str, str]:
     """(model, load_format): --model as given, or --config's shapes with random weights: made straight into the
     engine's stored form (a dummy load), or written to tmp as a checkpoint when transformers must read it too."""
     if args.config:
+        from models.errors import ModelError
         from models.random_checkpoint import cut_config, write_random_checkpoint
         # in the dtype the engine will run in, so that auto reads it back
         dtype = engine_config(args, model=args.config, attn_mode="auto", kv_cache_dtype="auto").resolve(
             plan_memory=False).torch_dtype
         path = cut_config(args.config, tmp, layers=args.layers, experts=args.experts, dtype=dtype)
+        try:  # the memory plan, before anything is written or allocated
+            engine_config(args, model=path, attn_mode="auto", kv_cache_dtype="auto", load_format="dummy").resolve()
+        except ModelError as e:
+            name = os.path.basename(os.path.normpath(path))
+            raise ModelError(f"{args.config}: {str(e).removeprefix(name + ' ')}; --layers N / --experts N "
+                             f"cut it") from None
         if getattr(args, "baseline", "none") != "transformers":
             return path, "dummy"
         return write_random_checkpoint(path, dtype), "auto"

@@ -16,9 +16,8 @@ V2-Lite's depth, attention and active parameters per token (top-6 routing): only
 The flag variants (llama.cpp -fa 0/1, ik_llama.cpp -rtr 0/1, which its llama-bench takes one at a time) are tried
 on pp512 and tg32; the longer tests run with the better one of each.
 
-Depth rows: ik_llama.cpp's llama-bench measures tg after a prompt (-gp pp,tg). A llama.cpp build without -d gives
-only -pg pp,tg (prompt and generation together); its tg @ depth is then derived as
-tg / (( pp + tg) / pg - pp / pp_rate), with pp_rate the same build's ppN row. Both are labelled in the table."""
+Depth rows: llama.cpp's llama-bench measures tg with D tokens already cached (-d D), ik_llama.cpp's after a D-token
+prompt (-gp D,32), mla-engine's with -d D. mla-engine's JSON is kept in --work as well, so an interrupted run resumes."""
 import argparse
 import json
 import os
@@ -156,11 +155,16 @@ def anchors(args, model: str, fmt: str) -> dict:
 def ours(args, model: str, fmt: str) -> dict:
     flags, _ = FORMATS[fmt]
     r = {}
-    for tests in (["-p", "512,4096", "-n", "0"], ["-p", "0", "-n", "32", "-d", "0,512,4096"]):
-        cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "bench", "--model", model, "-r", str(args.reps),
-               "--output", "json"] + flags + tests
-        rows = json.loads(sh(cmd, capture_output=True, text=True).stdout)
-        r.update({row["test"]: row["tps"] for row in rows})
+    for i, tests in enumerate((["-p", "512,4096", "-n", "0"], ["-p", "0", "-n", "32", "-d", "0,512,4096"])):
+        out = os.path.join(args.work, f"mla-engine-{fmt}-{('pp', 'tg')[i]}.json")
+        if not os.path.exists(out):
+            cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "bench", "--model", model, "-r", str(args.reps),
+                   "--output", "json"] + flags + tests
+            text = sh(cmd, stdout=subprocess.PIPE, text=True).stdout
+            with open(out, "w") as f:
+                f.write(text)
+        with open(out) as f:
+            r.update({row["test"]: row["tps"] for row in json.load(f)})
     return r
 
 
@@ -194,8 +198,7 @@ def main():
             ri = m / ik if m and ik else None
             if ri:
                 ratios.append(ri)
-            derived = " (derived)" if test.startswith("tg32 @") and lc else ""
-            lines.append(f"| {test} | {FORMATS[fmt][1]} | {fmt_ts(m)} | {fmt_ts(lc)}{derived} | {fmt_ts(ik)} | "
+            lines.append(f"| {test} | {FORMATS[fmt][1]} | {fmt_ts(m)} | {fmt_ts(lc)} | {fmt_ts(ik)} | "
                          f"{fmt_ts(rl) if rl is None else f'{rl:.2f}'} | {fmt_ts(ri) if ri is None else f'{ri:.2f}'} |")
         print("\n".join(lines[-5:]), file=sys.stderr, flush=True)
     print("\n".join(lines))

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 BACKENDS = ("torch", "triton")
 MODES = ("int8", "int4")
 INT4_GROUP = 128
-STORE_ROWS = 4096  # rows quantized at a time by QuantWeight.store
+STORE_ROWS = 1024  # rows quantized at a time by QuantWeight.store: 8 MiB float32 temporaries at K=2048 (4096
+# rows left about 0.2 GB more resident after loading V2-Lite's cut: glibc keeps freed blocks of that size in its heap)
 
 
 def _check(cond, msg):
@@ -68,12 +69,15 @@ class QuantWeight:
         return QuantWeight(self.qweight[start:end], self.scales[start:end], self.mode, (end - start, K),
                            self.group_size, self.backend)
 
-    def store(self, w: torch.Tensor):
+    def store(self, w: torch.Tensor, row_absmax: torch.Tensor | None = None):
         """Quantize the float w [N, K] into this weight's storage (a view of the model's), STORE_ROWS rows at a time,
-        so that the float temporaries stay small however large the weight (a 102400-row LM head)."""
+        so that the float temporaries stay small however large the weight (a 102400-row LM head). row_absmax [N]
+        (int8): the largest |value| of each whole row when w holds only some of its columns (a rank's share), so
+        that every rank quantizes on the scales one rank would use."""
         _check(tuple(w.shape) == tuple(self.shape), f"cannot store {tuple(w.shape)} into a weight of {self.shape}")
         for r in range(0, w.shape[0], STORE_ROWS):
-            q = quantize_weight(w[r:r + STORE_ROWS], self.mode)
+            amax = None if row_absmax is None else row_absmax[r:r + STORE_ROWS]
+            q = quantize_weight(w[r:r + STORE_ROWS], self.mode, row_absmax=amax)
             self.qweight[r:r + STORE_ROWS].copy_(q.qweight)
             self.scales[r:r + STORE_ROWS].copy_(q.scales)
 
@@ -112,7 +116,8 @@ def empty_quant(shape: tuple, mode: str, device, backend: str = "torch", experts
                        INT4_GROUP, backend)
 
 
-def quantize_weight(w: torch.Tensor, mode: str = "int8", backend: str = "torch") -> QuantWeight:
+def quantize_weight(w: torch.Tensor, mode: str = "int8", backend: str = "torch",
+                    row_absmax: torch.Tensor | None = None) -> QuantWeight:
     """Symmetric weight-only quantization of a linear weight w [N, K], or of stacked experts w [E, N, K] each on its
     own scales (any float dtype; scales in fp32)."""
     _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
@@ -126,7 +131,7 @@ def quantize_weight(w: torch.Tensor, mode: str = "int8", backend: str = "torch")
     N, K = w.shape
     wf = w.float()
     if mode == "int8":
-        scales = wf.abs().amax(dim=1) / 127  # [N]
+        scales = (wf.abs().amax(dim=1) if row_absmax is None else row_absmax.float()) / 127  # [N]
         q = torch.round(wf / scales.clamp(min=1e-30)[:, None]).clamp_(-127, 127).to(torch.int8)
         return QuantWeight(q.contiguous(), scales.contiguous(), mode, (N, K), K, backend)
     G = INT4_GROUP

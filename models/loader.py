@@ -26,6 +26,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 MAX_HEADER = 100 << 20
+PROGRESS_DELAY = 1.0  # seconds before a progress bar appears: a load that takes less prints nothing
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -174,7 +175,8 @@ def load_model(path: str, fmt: WeightFormat, cfg: ModelConfig | None = None, pro
 
         # Pass 2: tensor by tensor, shard by shard, into the model's stored form.
         bar = tqdm(total=sum(s.nbytes(n) for n, s in where.items()), desc="Loading weights", unit="B",
-                   unit_scale=True, unit_divisor=1024, disable=not progress, file=sys.stderr, leave=False)
+                   unit_scale=True, unit_divisor=1024, disable=not progress, file=sys.stderr, leave=False,
+                   delay=PROGRESS_DELAY)
         for shard in shards:
             for name in [n for n, s in where.items() if s is shard]:
                 tensor = shard.read(name)
@@ -209,7 +211,7 @@ def random_tensor(name: str, shape: tuple) -> torch.Tensor:
 def _fill_random(expected: dict, progress: bool):
     """Random weights made and stored one tensor at a time: never a float model in memory."""
     bar = tqdm(expected.items(), desc="Random weights", unit="tensor", disable=not progress, file=sys.stderr,
-               leave=False)
+               leave=False, delay=PROGRESS_DELAY)
     for name, targets in bar:
         t = random_tensor(name, tuple(targets[0].shape))
         for target in targets:

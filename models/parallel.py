@@ -56,5 +56,10 @@ class Part:
         return (t.qweight, t.scales) if hasattr(t, "qweight") else getattr(t, "tensors", (t,))
 
     def copy_(self, w: torch.Tensor):
-        from kernels.weights import store
-        store(self.target, w.narrow(self.dim, self.start, self.stop - self.start))
+        from kernels.weights import QuantWeight, store
+        share = w.narrow(self.dim, self.start, self.stop - self.start)
+        t = self.target
+        if isinstance(t, QuantWeight) and t.mode == "int8" and self.dim == w.dim() - 1:
+            t.store(share, row_absmax=w.abs().amax(-1))  # one scale per whole row, as on one rank (int4's groups
+            return                                         # of 128 columns never straddle two ranks' shares)
+        store(t, share)

@@ -98,7 +98,7 @@ def test_bench_model_too_large_for_memory(capsys, tmp_path):
     cfg.update(architectures=["DeepseekV2ForCausalLM"], vocab_size=4_000_000, hidden_size=4096)  # ~130 GB of embeddings
     p = tmp_path / "huge.json"
     p.write_text(json.dumps(cfg))
-    expect_error(capsys, ["bench", "--config", str(p)], "huge.json", "will not fit", "--layers")
+    expect_error(capsys, ["bench", "--config", str(p)], "huge.json: needs", "GiB available", "--layers")
 
 
 def test_perplexity_runs_and_rejects_bad_input(capsys, checkpoints, tmp_path):
@@ -153,7 +153,7 @@ def test_bench_serve_continuous_batching(capsys, checkpoints):
 def test_bench_compares_modes_and_cache_formats_in_one_run(capsys, tiny_config):
     code, out = main(capsys, "bench", "--config", tiny_config, "-p", "12", "-n", "2", "-r", "1",
                      "--attn-mode", "absorbed,expanded", "--kv-cache-dtype", "auto,int8", "--baseline", "transformers",
-                     "--output", "json")
+                     "--dtype", "float32", "--output", "json")
     assert code == 0, out.err
     rows = json.loads(out.out)
     assert [(r["mode"], r["cache"], r["test"]) for r in rows] == [

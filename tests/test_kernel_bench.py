@@ -9,7 +9,7 @@ from tests.test_cli_tools import main
 from engine import kernel_bench
 
 TINY = ["bench", "--kernels", "--device", "cpu", "--kernel-batch", "1,2", "--kernel-ctx", "64,100",
-        "--kernel-prefill", "32,70", "-r", "1"]
+        "--kernel-prefill", "32,70", "-r", "1", "--dtype", "float32"]  # explicit: auto is bf16 on a CPU with bf16 arithmetic
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def test_json_report(capsys):
 
 def test_markdown_report_and_one_format(capsys):
     code, out = main(capsys, "bench", "--kernels", "--kernel-batch", "1", "--kernel-ctx", "64", "--kernel-prefill",
-                     "16", "--kv-cache-dtype", "int8", "-r", "1")
+                     "16", "--kv-cache-dtype", "int8", "-r", "1", "--dtype", "float32")
     assert code == 0, out.err
     text = out.out
     assert text.startswith("device: ") and "backend torch" in text and "torch " in text and "triton " in text

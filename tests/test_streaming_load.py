@@ -100,3 +100,12 @@ def test_dummy_weights_equal_the_written_random_checkpoint(tmp_path):
     real = LLM(d, device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
     ids = [5, 17, 3, 99, 42]
     torch.testing.assert_close(dummy.prompt_logits(ids), real.prompt_logits(ids), atol=0, rtol=0)
+
+
+def test_loading_shows_bytes_with_a_rate(checkpoints, monkeypatch, capsys):
+    """A load that takes longer than PROGRESS_DELAY shows a bar in bytes with its rate (0 here: any load)."""
+    import models.loader
+    monkeypatch.setattr(models.loader, "PROGRESS_DELAY", 0)
+    LLM(checkpoints["v2_qlora"], device="cpu", kv_cache_memory_gib=0.01)
+    err = capsys.readouterr().err
+    assert "Loading weights" in err and "B/s" in err and "473k" in err  # the bytes of all shards, with a rate
