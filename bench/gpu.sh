@@ -15,8 +15,8 @@ CKPT=${CKPT:-/tmp/v2lite-bf16-${LAYERS:-27}L}
 checkpoint() {
   [ -f "$CKPT/config.json" ] || python -c "
 import sys, torch
-from engine.bench import random_checkpoint
-random_checkpoint('bench/configs/deepseek-v2-lite.json', '$CKPT', layers=${LAYERS:-27}, dtype=torch.bfloat16)
+from models.random_checkpoint import cut_config, write_random_checkpoint
+write_random_checkpoint(cut_config('bench/configs/deepseek-v2-lite.json', '$CKPT', layers=${LAYERS:-27}), torch.bfloat16)
 print('random checkpoint written to $CKPT', file=sys.stderr)"
 }
 

@@ -187,7 +187,7 @@ def main():
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)
     model = checkpoint(args)
-    lines = ["| test | format | mla-engine | llama.cpp | ik_llama.cpp | mla / llama.cpp | mla / ik |", "|---|" * 7]
+    lines = ["| test | format | mla-engine | llama.cpp | ik_llama.cpp | mla / llama.cpp | mla / ik |", "|" + "---|" * 7]
     ratios = []
     for fmt in args.formats.split(","):
         a = anchors(args, model, fmt)
