@@ -163,7 +163,8 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     while BLOCK_Q * BLOCK_H < 32 and BLOCK_Q < max_q:
         BLOCK_Q *= 2
     BLOCK_N = 16 if not gpu or fmt.packed else 32
-    warps = 8 if gpu and fmt.packed else 4
+    # 32 rows x 512 fp32 accumulators alone are 128 registers a thread at 4 warps: V3's 128 heads spilled there
+    warps = 8 if gpu and (fmt.packed or BLOCK_Q * BLOCK_H >= 32) else 4
     q_tiles = triton.cdiv(max_q, BLOCK_Q)
     head_groups = triton.cdiv(H, BLOCK_H)
     max_kv = block_tables.shape[1] * block_size  # an upper bound on seq_lens without reading them

@@ -199,8 +199,10 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
         if scales is not None:
             c_kv = dequantize(c_kv, scales, w_kv_b.dtype)  # [tokens, R] in the weight dtype, only this round's
         kv_ws = c_kv.to(w_kv_b.dtype) @ w_t  # [tokens, H * nope + H * v]
-        if pe_ws.dtype != q_pe.dtype:
-            pe_ws = pe_ws.to(q_pe.dtype)
+        if pe_ws.dtype != q_pe.dtype or pe_ws.stride(0) % 16:
+            # in a packed row (644 / 656 bytes) k_pe's row stride is no multiple of 16 elements, which Triton
+            # specializes on: the unvectorized loads spilled 168 B on sm_80 (engine/gpu_check.py)
+            pe_ws = pe_ws.to(q_pe.dtype).contiguous()
         _mla_prefill_kernel[(work.shape[0], H)](
             q_nope, q_pe, kv_ws, pe_ws, out, o_acc, lse_acc, work, entries,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv_ws.stride(0), H * DN,
