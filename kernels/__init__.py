@@ -16,7 +16,7 @@ from .matmul import linear, quant_linear
 from .moe import moe_experts
 from .weights import QuantWeight, WeightFormat, quantize_experts, quantize_weight
 
-__all__ = ["write_latent", "mla_decode", "mla_prefill", "head_matmul", "rms_norm", "rope_", "silu_mul", "linear", "quant_linear", "moe_experts", "CacheFormat",
+__all__ = ["write_latent", "mla_decode", "mla_absorbed", "mla_prefill", "head_matmul", "rms_norm", "rope_", "silu_mul", "linear", "quant_linear", "moe_experts", "CacheFormat",
            "QuantWeight", "WeightFormat", "quantize_weight", "quantize_experts"]
 BACKENDS = ("torch", "triton")
 
@@ -61,6 +61,13 @@ def write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt: CacheFormat | None = N
     reference.write_latent(kv_cache, slot_mapping, c_kv, k_pe)
 
 
+def _cpu_decode(q, block_tables, cu_seqlens_q, fmt) -> bool:
+    """Whether the C++ absorbed attention takes this batch: few queries per sequence, a cache format it reads."""
+    return (q.device.type == "cpu" and cpu.ext() is not None and cpu.decode_kind(fmt) is not None
+            and q.shape[0] <= cpu.MAX_DECODE_QUERIES * block_tables.shape[0]
+            and int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) <= cpu.MAX_DECODE_QUERIES)
+
+
 def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
                fmt: CacheFormat | None = None, backend="torch"):
     T, H, R = q_lat.shape
@@ -71,13 +78,31 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
         from . import triton_decode
         return triton_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
                                         fmt)
-    if (q_lat.device.type == "cpu" and cpu.ext() is not None and cpu.decode_kind(fmt) is not None
-            and T <= cpu.MAX_DECODE_QUERIES * block_tables.shape[0]
-            and int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) <= cpu.MAX_DECODE_QUERIES):
+    if _cpu_decode(q_lat, block_tables, cu_seqlens_q, fmt):
         return cpu.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt)
     if fmt.packed:  # the float reference over the dequantized blocks of this batch
         kv_cache, block_tables = _unpack(kv_cache, block_tables, seq_lens, fmt, q_lat.dtype)
     return reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale)
+
+
+def mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
+                 fmt: CacheFormat | None = None, backend="torch"):
+    """The absorbed attention (models/attention.py): q_lat = q_nope @ W_UK per head, mla_decode over the latent
+    cache, o = o_lat @ W_UV.T per head. q_nope [T, H, nope], w_uk [H, nope, R], w_uv [H, v, R] -> o [T, H, v].
+    On the CPU, a decode batch runs it as one C++ call."""
+    T, H, _ = q_nope.shape
+    _check(w_uk.dim() == 3 and w_uv.dim() == 3 and w_uk.shape[:2] == (H, q_nope.shape[2])
+           and w_uv.shape[0] == H and w_uv.shape[2] == w_uk.shape[2], "w_uk must be [H, nope, R] and w_uv [H, v, R]")
+    _check(q_pe.dim() == 3 and q_pe.shape[:2] == (T, H), "q_pe must be [T, H, rope_dim]")
+    _check_batch(kv_cache, block_tables, cu_seqlens_q, seq_lens, T)
+    fmt = _format(fmt, kv_cache, w_uk.shape[2], q_pe.shape[2])
+    if backend == "torch" and _cpu_decode(q_nope, block_tables, cu_seqlens_q, fmt) and cpu.streams(w_uk) \
+            and cpu.streams(w_uv):
+        return cpu.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens,
+                                softmax_scale, fmt)
+    q_lat = head_matmul(q_nope, w_uk)  # [T, H, R]
+    o_lat = mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt, backend)
+    return head_matmul(o_lat, w_uv, transpose_w=True)  # [T, H, v]
 
 
 def _cpu_glue(x) -> bool:
@@ -107,14 +132,11 @@ def silu_mul(h):
     return reference.silu_mul(h)
 
 
-def head_matmul(x, w, transpose_w: bool = False, backend="torch"):
+def head_matmul(x, w, transpose_w: bool = False):
     """Per-head products of the absorbed path: y[t, h] = x[t, h] @ w[h] (w [H, A, B]), or x[t, h] @ w[h].T with
     transpose_w (w [H, B, A]); x [T, H, A] -> [T, H, B] in x.dtype."""
     _check(x.dim() == 3 and w.dim() == 3 and x.shape[1] == w.shape[0], "x must be [T, H, A] and w [H, ., .]")
     _check(w.shape[2 if transpose_w else 1] == x.shape[2], f"w {tuple(w.shape)} does not take x {tuple(x.shape)}")
-    if (x.device.type == "cpu" and 0 < x.shape[0] <= cpu.MAX_DECODE_QUERIES and cpu.ext() is not None
-            and cpu.streams(w)):
-        return cpu.head_matmul(x, w, transpose_w)
     wt = w.transpose(1, 2) if transpose_w else w
     return torch.bmm(x.transpose(0, 1), wt.to(x.dtype)).transpose(0, 1)
 

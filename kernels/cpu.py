@@ -1,11 +1,13 @@
 """The C++ CPU kernels (kernels/cpu_kernels.cpp): compiled on first use by torch.utils.cpp_extension for this
 machine (-march=native) and cached; if no compiler is there, ext() is None and callers keep their torch path.
 
-Few-row products (a decode step), y = x @ W.T:
-  gemv(x, w)          float weight [N, K] (bf16 or fp32)
-  gemv_quant(x, qw)   int8 / int4 QuantWeight (x quantized per block of 128 to int8, VNNI dot products)
-  grouped(...)        the same per group of rows, one weight per group: the routed experts of a MoE layer
-The torch references are F.linear over the (dequantized) weight; tests compare against them."""
+Few-row products (a decode step), y = x @ W.T, for a float weight [N, K] (bf16 or fp32) or an int8 / int4
+QuantWeight (x quantized per block of 128 to int8, VNNI dot products):
+  gemv(x, w)                           one weight
+  grouped(x, offsets, w)               rows offsets[g]:offsets[g + 1] of x times weight g of a stack: [E, N, K]
+  moe_decode(x, ids, weights, ...)     a MoE layer's routed and shared experts in one call
+  mla_absorbed(q_nope, q_pe, ...)      W_UK, the absorbed attention over the latent cache, W_UV in one call
+The torch references are F.linear over the (dequantized) weight and kernels/reference.py; tests compare them."""
 import os
 import sys
 
@@ -37,17 +39,17 @@ def streams(w) -> bool:
     return w.qweight.is_contiguous()
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ w [N, K].T for a float weight: [M, N] in x.dtype (or into out)."""
+def ref(w) -> tuple:
+    """A weight as the C++ takes it: (float tensor, None, K, False) or (qweight, scales, K, int4)."""
+    if isinstance(w, torch.Tensor):
+        return w, None, w.shape[-1], False
+    return w.qweight, w.scales, w.shape[1], w.mode == "int4"
+
+
+def gemv(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T for a float weight [N, K] or a 2-D QuantWeight: [M, N] in x.dtype (or into out)."""
     out = x.new_empty(x.shape[0], w.shape[0]) if out is None else out
-    ext().gemv(x, [0, x.shape[0]], w, out)
-    return out
-
-
-def gemv_quant(x: torch.Tensor, qw, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T for a 2-D QuantWeight: [M, N] in x.dtype (or into out)."""
-    out = x.new_empty(x.shape[0], qw.shape[0]) if out is None else out
-    ext().gemv_quant(x, [0, x.shape[0]], qw.qweight, qw.scales, qw.shape[1], qw.mode == "int4", out)
+    ext().gemv(x, [0, x.shape[0]], ref(w), out)
     return out
 
 
@@ -56,11 +58,14 @@ def grouped(x: torch.Tensor, offsets: list[int], w, out: torch.Tensor | None = N
     [M, N] in x.dtype (or into out)."""
     N = w.shape[1] if isinstance(w, torch.Tensor) else w.shape[0]
     out = x.new_empty(x.shape[0], N) if out is None else out
-    if isinstance(w, torch.Tensor):
-        ext().gemv(x, offsets, w, out)
-    else:
-        ext().gemv_quant(x, offsets, w.qweight, w.scales, w.shape[1], w.mode == "int4", out)
+    ext().gemv(x, offsets, ref(w), out)
     return out
+
+
+def moe_decode(x, topk_ids, topk_weights, w13, w2, shared=None) -> torch.Tensor:
+    """kernels/moe.py moe_experts (+ the shared experts' SwiGLU, shared = (w13, w2)): [T, D] in x.dtype."""
+    s13, s2 = (ref(shared[0]), ref(shared[1])) if shared is not None else (None, None)
+    return ext().moe_decode(x, topk_ids, topk_weights, ref(w13), ref(w2), s13, s2)
 
 
 # ---- plain-torch references of what the C++ computes (tests compare against them) ----------------------------------
@@ -110,9 +115,11 @@ def decode_kind(fmt) -> int | None:
 def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt) -> torch.Tensor:
     """kernels/reference.py mla_decode on the C++ kernel: o_lat [T, H, R] in q_lat's dtype."""
     return ext().mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
-                            decode_kind(fmt)).to(q_lat.dtype)
+                            decode_kind(fmt))
 
 
-def head_matmul(x: torch.Tensor, w: torch.Tensor, transpose_w: bool) -> torch.Tensor:
-    """y[t, h] = x[t, h] @ w[h] (w [H, A, B]) or x[t, h] @ w[h].T (w [H, B, A]): [T, H, B] in x's dtype."""
-    return ext().head_matmul(x, w, transpose_w).to(x.dtype)
+def mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
+                 fmt) -> torch.Tensor:
+    """q_nope through W_UK, mla_decode, back through W_UV (kernels.mla_absorbed): o [T, H, v] in q_nope's dtype."""
+    return ext().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens,
+                              softmax_scale, decode_kind(fmt))

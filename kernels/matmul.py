@@ -79,7 +79,7 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
         from . import triton_quant_linear
         return triton_quant_linear.quant_linear(x, qw)
     if _cpu_few_rows(x):
-        return cpu.gemv_quant(x, qw)
+        return cpu.gemv(x, qw)
     if x.device.type == "cpu" and qw.qweight.is_contiguous() and cpu.ext() is not None:
         return _dequantized_gemm(x, qw)
     return quant_linear_reference(x, qw)

@@ -1,19 +1,21 @@
 """Routed experts of a DeepSeek MoE layer: every (token, expert) pair of the router's top-k, as one function.
 
-    moe_experts(x, topk_ids, topk_weights, w13, w2) -> [T, D]
+    moe_experts(x, topk_ids, topk_weights, w13, w2, shared=None) -> [T, D]
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate) * up),  gate, up = split(w13[e] @ x[t]),  e = topk_ids[t, j]
+             (+ the shared experts' SwiGLU of x[t] when shared = (w13 [2Is, D], w2 [D, Is]) is given)
 
 Shapes: x [T, D]; topk_ids [T, k] int64; topk_weights [T, k] float32; w13 [E, 2I, D] (per expert the gate_proj
 rows, then the up_proj rows); w2 [E, D, I] (per expert down_proj); or both weight-only int8 / int4 quantized
 (a stacked kernels.QuantWeight, the same shapes per expert).
 
-The torch reference (also the CPU path) sorts the pairs by expert and runs one GEMM pair per expert that has tokens;
-the Triton path (kernels/triton_moe.py) runs all experts of the layer in one grouped GEMM launch per projection.
-The router and the shared experts stay in the model."""
+The torch reference (also the CPU prompt path) sorts the pairs by expert and runs one GEMM pair per expert that has
+tokens; the Triton path (kernels/triton_moe.py) runs all experts of the layer in one grouped GEMM launch per
+projection; a CPU decode step runs the whole layer, shared experts included, in one C++ call (kernels/cpu.py).
+The router stays in the model."""
 import torch
 import torch.nn.functional as F
 
-from . import cpu
+from . import cpu, reference
 from .matmul import CPU_FEW_ROWS, linear
 from .weights import QuantWeight
 
@@ -56,17 +58,9 @@ def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
     return _combine(ys, order, topk_weights)
 
 
-def moe_experts_cpu(x, topk_ids, topk_weights, w13, w2):
-    """The few tokens of a decode step on the CPU: both projections of every expert the batch picks in one C++ call
-    each (kernels/cpu.py), each expert's weights streamed once for all of its tokens."""
-    xs, order, counts = _by_expert(x, topk_ids, len(w13))
-    offsets = [0] + counts.cumsum(0).tolist()
-    h = cpu.ext().silu_mul(cpu.grouped(xs, offsets, w13))  # [P, I]
-    return _combine(cpu.grouped(h, offsets, w2), order, topk_weights)
-
-
-def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch"):
-    """Weighted sum of each token's k routed experts (SwiGLU), [T, D] in x.dtype."""
+def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch", shared=None):
+    """Weighted sum of each token's k routed experts (SwiGLU), [T, D] in x.dtype; plus the shared experts' SwiGLU
+    when shared = (w13 [2Is, D], w2 [D, Is]) is given (one call for the whole layer on the CPU)."""
     _check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(x.dim() == 2, f"x must be [T, D], got {tuple(x.shape)}")
     T, D = x.shape
@@ -95,7 +89,14 @@ def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch"):
     if backend == "triton":
         _check(all(t.stride(-1) == 1 for t in [x] + stored), "x, w13, w2 must be contiguous in their last dimension")
         from . import triton_moe
-        return triton_moe.moe_experts(x, topk_ids, topk_weights, w13, w2)
-    if dev.type == "cpu" and 0 < T <= CPU_FEW_ROWS and cpu.ext() is not None and cpu.streams(w13) and cpu.streams(w2):
-        return moe_experts_cpu(x, topk_ids, topk_weights, w13, w2)
-    return moe_experts_reference(x, topk_ids, topk_weights, w13, w2)
+        out = triton_moe.moe_experts(x, topk_ids, topk_weights, w13, w2)
+    elif dev.type == "cpu" and 0 < T <= CPU_FEW_ROWS and cpu.ext() is not None and all(
+            map(cpu.streams, [w13, w2, *(shared or ())])):
+        # the few tokens of a decode step: every expert the batch picks, each read once for all of its tokens, and
+        # the shared experts, in one C++ call (measured: the torch glue between the products cost about as much)
+        return cpu.moe_decode(x, topk_ids, topk_weights, w13, w2, shared)
+    else:
+        out = moe_experts_reference(x, topk_ids, topk_weights, w13, w2)
+    if shared is not None:
+        out = out + linear(reference.silu_mul(linear(x, shared[0])), shared[1])
+    return out

@@ -86,10 +86,9 @@ class MLAttention:
     def absorbed(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
         """q_nope through W_UK, attention over the latent rows (all heads share them), back through W_UV:
         q_nope [t, H, nope], q_pe [t, H, rope] -> o [t, H, v]."""
-        q_lat = kernels.head_matmul(q_nope, self.w_uk)  # [t, H, 512]
-        o_lat = kernels.mla_decode(q_lat, q_pe, kv_cache, group.block_tables, group.cu_seqlens_q, group.seq_lens,
-                                   self.softmax_scale, cache_format, backend=self.backend)
-        return kernels.head_matmul(o_lat, self.w_uv, transpose_w=True)  # [t, H, 128]
+        return kernels.mla_absorbed(q_nope, q_pe, self.w_uk, self.w_uv, kv_cache, group.block_tables,
+                                    group.cu_seqlens_q, group.seq_lens, self.softmax_scale, cache_format,
+                                    backend=self.backend)
 
     def expanded(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
         """The cached latent decompressed through kv_b_proj into per-head K_nope and V, then flash attention."""

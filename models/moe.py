@@ -63,15 +63,16 @@ class MoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
+        shared = (self.shared.w13, self.shared.w2) if self.shared is not None else None  # this rank's share
         if self.par.size == 1:
-            out = kernels.moe_experts(x, ids, weights, self.w13, self.w2, backend=self.backend)
-        else:  # the (token, expert) pairs of this rank's experts, each as a token of its own
-            t, j = ((ids >= self.e0) & (ids < self.e0 + len(self.w13))).nonzero(as_tuple=True)
-            out = torch.zeros_like(x)
-            if t.numel():
-                y = kernels.moe_experts(x[t], (ids[t, j] - self.e0)[:, None], weights[t, j][:, None], self.w13,
-                                        self.w2, backend=self.backend)
-                out.index_add_(0, t, y)
+            return kernels.moe_experts(x, ids, weights, self.w13, self.w2, backend=self.backend, shared=shared)
+        # the (token, expert) pairs of this rank's experts, each as a token of its own
+        t, j = ((ids >= self.e0) & (ids < self.e0 + len(self.w13))).nonzero(as_tuple=True)
+        out = torch.zeros_like(x)
+        if t.numel():
+            y = kernels.moe_experts(x[t], (ids[t, j] - self.e0)[:, None], weights[t, j][:, None], self.w13,
+                                    self.w2, backend=self.backend)
+            out.index_add_(0, t, y)
         if self.shared is not None:
             out = out + self.shared.partial(x)
         return self.par.all_reduce(out)

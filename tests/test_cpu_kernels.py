@@ -42,7 +42,7 @@ def test_quantize_rows_matches_reference(interleave):
 def test_quant_gemv_matches_reference(M, N, K, mode):
     x, w = rand(M, K, seed=4), rand(N, K, seed=5) / K ** 0.5
     qw = quantize_weight(w, mode)
-    y = cpu.gemv_quant(x, qw, out=torch.full((M, N), float("nan")))
+    y = cpu.gemv(x, qw, out=torch.full((M, N), float("nan")))
     want = cpu.gemv_quant_reference(x, qw)
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
     exact = F.linear(x, qw.dequantize())  # the activation quantization (blocks of 128) costs little
@@ -132,17 +132,65 @@ def test_decode_attention_on_an_int8_cache():
     torch.testing.assert_close(out.double(), want, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("transpose_w", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_matmul(transpose_w, dtype):
-    T, H, A, B = 3, 5, 37, 70
-    x = rand(T, H, A, seed=9, dtype=dtype)
-    w = rand(H, B, A, seed=10, dtype=dtype) if transpose_w else rand(H, A, B, seed=10, dtype=dtype)
-    y = cpu.head_matmul(x, w, transpose_w)
-    wt = w.double().transpose(1, 2) if transpose_w else w.double()
-    want = torch.bmm(x.double().transpose(0, 1), wt).transpose(0, 1)
+@pytest.mark.parametrize("q_lens,prefix_lens,H,DN,V,R,DR", [
+    ([1], [300], 16, 128, 128, 512, 64),  # V2-Lite's head shapes
+    ([1, 2], [20, 6], 3, 37, 23, 40, 8),  # odd widths, two sequences, two queries in one
+])
+def test_absorbed_attention_in_one_call(q_lens, prefix_lens, H, DN, V, R, DR, dtype):
+    """mla_absorbed = q_nope @ W_UK per head, mla_decode, @ W_UV.T per head (kernels.mla_absorbed's torch path)."""
+    from kernels import reference
+    from kernels.cache_format import float_format
+    b = paged_batch(q_lens, prefix_lens, H, R, DR, 4, dtype, seed=2)
+    T = sum(q_lens)
+    q = rand(T, H, DN + DR, seed=16, dtype=dtype)  # q_nope and q_pe as views of one q, as the model has them
+    q_nope, q_pe = q.split([DN, DR], dim=-1)
+    w_uk, w_uv = rand(H, DN, R, seed=17, dtype=dtype) / DN ** 0.5, rand(H, V, R, seed=18, dtype=dtype) / R ** 0.5
+    meta = {k: b[k] for k in ("kv_cache", "block_tables", "cu_seqlens_q", "seq_lens")}
+    out = cpu.mla_absorbed(q_nope, q_pe, w_uk, w_uv, **meta, softmax_scale=0.1,
+                           fmt=float_format(b["kv_cache"], R, DR))
+    q_lat = torch.einsum("thn,hnr->thr", q_nope.double(), w_uk.double())
+    o_lat = reference.mla_decode(q_lat, q_pe.double(), b["kv_cache"].double(), b["block_tables"],
+                                 b["cu_seqlens_q"], b["seq_lens"], 0.1)
+    want = torch.einsum("thr,hvr->thv", o_lat, w_uv.double())
+    assert out.dtype == dtype and out.shape == (T, H, V)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y.double(), want, atol=tol * A ** 0.5, rtol=tol)
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("T,k,shared", [(1, 3, True), (4, 2, False), (6, 3, True)])
+def test_moe_layer_in_one_call(T, k, shared, kind):
+    """moe_decode: the routed experts (experts 1 and 4 picked by no token, others by several) and the shared
+    experts, against the same products one pair at a time (the C++ GEMV's own reference for quantized weights)."""
+    E, D, I, Is = 6, 200, 72, 144  # no multiples of 128 (the activation blocks)
+    g = torch.Generator().manual_seed(T * 10 + k)
+    allowed = torch.tensor([0, 2, 3, 5])
+    ids = torch.stack([allowed[torch.randperm(4, generator=g)[:k]] for _ in range(T)])
+    topw = torch.rand(T, k, generator=g) + 0.1
+    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32  # quantized: float32 x, so no output rounding
+    x = rand(T, D, seed=19, dtype=dtype)
+    w13, w2 = rand(E, 2 * I, D, seed=20) / D ** 0.5, rand(E, D, I, seed=21) / I ** 0.5
+    s13, s2 = rand(2 * Is, D, seed=22) / D ** 0.5, rand(D, Is, seed=23) / Is ** 0.5
+    if kind in ("int8", "int4"):
+        w13, w2, s13, s2 = (quantize_weight(w, kind) for w in (w13, w2, s13, s2))
+        prod = cpu.gemv_quant_reference
+    else:
+        w13, w2, s13, s2 = (w.to(dtype) for w in (w13, w2, s13, s2))  # float weights in x's dtype
+        prod = lambda v, w: F.linear(v.to(dtype).double(), w.double()).float()  # noqa: E731
+    swiglu = lambda h: F.silu(h[:, :h.shape[1] // 2]) * h[:, h.shape[1] // 2:]  # noqa: E731
+    want = torch.zeros(T, D)
+    for t in range(T):
+        xt = x[t:t + 1].float()
+        for j in range(k):
+            e = int(ids[t, j])
+            want[t] += topw[t, j] * prod(swiglu(prod(xt, w13[e])), w2[e])[0]
+        if shared:
+            want[t] += prod(swiglu(prod(xt, s13)), s2)[0]
+    out = cpu.moe_decode(x, ids, topw, w13, w2, (s13, s2) if shared else None)
+    assert out.dtype == dtype and out.shape == (T, D)
+    tol = {"float32": 1e-5, "bfloat16": 1e-2, "int8": 1e-3, "int4": 1e-3}[kind]  # bf16: the output's rounding
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
 # ---- the glue between products --------------------------------------------------------------------------------------
