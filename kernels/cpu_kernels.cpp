@@ -38,6 +38,13 @@ constexpr int64_t MAX_KB = 256;  // int4 groups per row the kernels take (K <= 3
 
 using bf16 = at::BFloat16;
 
+inline uint16_t bf16_bits(float v) {  // round to nearest even, as at::BFloat16
+  const at::BFloat16 b(v);
+  uint16_t r;
+  std::memcpy(&r, &b, 2);
+  return r;
+}
+
 inline float bf16_to_float(uint16_t v) {
   uint32_t u = uint32_t(v) << 16;
   float f;
@@ -659,9 +666,12 @@ struct KeyReader {
   int64_t max_blocks, block_size, row_bytes, R, DR;
   int kind;  // 0 float32 cache, 1 bfloat16 cache, 2 packed int8 (k_pe bf16), 3 packed int8 (k_pe float32)
 
+  const uint8_t* row(int64_t b, int64_t pos) const {
+    return cache + (tables[b * max_blocks + pos / block_size] * block_size + pos % block_size) * row_bytes;
+  }
+
   void read(int64_t b, int64_t pos, float* out) const {
-    const int64_t blk = tables[b * max_blocks + pos / block_size];
-    const uint8_t* row = cache + (blk * block_size + pos % block_size) * row_bytes;
+    const uint8_t* row = this->row(b, pos);
     const int64_t W = R + DR;
     if (kind == 0) {
       std::memcpy(out, row, W * 4);
@@ -682,6 +692,70 @@ struct KeyReader {
     }
   }
 };
+
+#ifdef MLA_AVX512
+inline __m512bh bcast_pair(const void* p) {  // one 32-bit word (two bf16) in every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+// A bf16 cache read as it is stored, with bf16 pair dot products (vdpbf16ps: 32 multiply-adds per instruction,
+// fp32 sums) and the operands held in registers; the fp32 path below needs two loads per 16 multiply-adds.
+// Scores of nk keys (bf16 rows kp[j] of W values, W even) for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, q
+// given as bf16 pairs qT2[p * HP + h] = (q_h[2p], q_h[2p + 1]); four keys per pass over q.
+void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int64_t W, int64_t HP, int64_t hc,
+                 float* S) {
+  int64_t j = 0;
+  for (; j + 4 <= nk; j += 4) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t p = 0; p < W / 2; ++p) {
+      const __m512bh q = (__m512bh)_mm512_loadu_si512(qT2 + p * HP + hc);
+      a0 = _mm512_dpbf16_ps(a0, q, bcast_pair(kp[j] + 2 * p));
+      a1 = _mm512_dpbf16_ps(a1, q, bcast_pair(kp[j + 1] + 2 * p));
+      a2 = _mm512_dpbf16_ps(a2, q, bcast_pair(kp[j + 2] + 2 * p));
+      a3 = _mm512_dpbf16_ps(a3, q, bcast_pair(kp[j + 3] + 2 * p));
+    }
+    _mm512_storeu_ps(S + j * HP + hc, a0);
+    _mm512_storeu_ps(S + (j + 1) * HP + hc, a1);
+    _mm512_storeu_ps(S + (j + 2) * HP + hc, a2);
+    _mm512_storeu_ps(S + (j + 3) * HP + hc, a3);
+  }
+  for (; j < nk; ++j) {
+    __m512 a0 = _mm512_setzero_ps();
+    for (int64_t p = 0; p < W / 2; ++p)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(qT2 + p * HP + hc), bcast_pair(kp[j] + 2 * p));
+    _mm512_storeu_ps(S + j * HP + hc, a0);
+  }
+}
+
+// acc[h] = acc[h] * alpha[h] + sum_j p_j[h] * c_kv_j (the first R values of key row j) for the H heads, with p given
+// as bf16 pairs P2[jp * HP + h] = (p_2jp[h], p_2jp+1[h]). Per 16 values of R, two key rows are interleaved into one
+// vector of pairs and 16 heads' sums are kept in registers.
+void values_bf16(const uint32_t* P2, const uint16_t* const* kp, int64_t nk, int64_t H, int64_t HP, int64_t R,
+                 const float* alpha, float* acc) {
+  for (int64_t h0 = 0; h0 < H; h0 += 16) {
+    const int64_t nh = std::min<int64_t>(16, H - h0);
+    for (int64_t c = 0; c < R; c += 16) {
+      const __mmask16 mk = tail_mask16(R - c);
+      __m512 a[16];
+      for (int u = 0; u < 16; ++u)
+        a[u] = u < nh ? _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, acc + (h0 + u) * R + c), _mm512_set1_ps(alpha[h0 + u]))
+                      : _mm512_setzero_ps();
+      for (int64_t j = 0; j < nk; j += 2) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, kp[j] + c));
+        const __m512i hi = j + 1 < nk ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, kp[j + 1] + c)), 16)
+                                      : _mm512_setzero_si512();
+        const __m512bh v = (__m512bh)_mm512_or_si512(lo, hi);
+        const uint32_t* pp = P2 + (j / 2) * HP + h0;
+        for (int u = 0; u < 16; ++u) a[u] = _mm512_dpbf16_ps(a[u], v, bcast_pair(pp + u));
+      }
+      for (int u = 0; u < 16; ++u)
+        if (u < nh) _mm512_mask_storeu_ps(acc + (h0 + u) * R + c, mk, a[u]);
+    }
+  }
+}
+#endif
 
 }  // namespace
 
@@ -725,16 +799,30 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
   float* ACC = acc_part.data_ptr<float>();
   float* ML = ml_part.data_ptr<float>();
   const float qscale = float(scale) * 1.4426950408889634f;  // scores in the log2 domain
+#ifdef MLA_AVX512
+  const bool pairs = kind == 1 && W % 2 == 0;  // a bf16 cache, read in place by bf16 pair products
+#else
+  const bool pairs = false;
+#endif
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qT(W * HP), keys(KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP);
+    std::vector<uint32_t> qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0);
+    std::vector<const uint16_t*> kp(KEYS);
     for (int64_t ti = i0; ti < i1; ++ti) {
       const Task& tk = tasks[ti];
       const int64_t q0 = CU[tk.b], nq = CU[tk.b + 1] - q0, start = LEN[tk.b] - nq;
       for (int64_t i = 0; i < nq; ++i) {
-        // q transposed: qT[d][h], so one vector of heads multiplies each key value
+        // q transposed: qT[d][h] (or qT2[d / 2][h] as bf16 pairs), so one vector of heads multiplies each key value
         std::fill(qT.begin(), qT.end(), 0.f);
+        std::fill(qT2.begin(), qT2.end(), 0u);
         for (int64_t h = 0; h < H; ++h)
-          for (int64_t d = 0; d < W; ++d) qT[d * HP + h] = Q[((q0 + i) * H + h) * W + d] * qscale;
+          for (int64_t d = 0; d < W; ++d) {
+            const float v = Q[((q0 + i) * H + h) * W + d] * qscale;
+            if (pairs)
+              qT2[d / 2 * HP + h] |= uint32_t(bf16_bits(v)) << (16 * (d % 2));
+            else
+              qT[d * HP + h] = v;
+          }
         float* acc = ACC + (tk.row + i) * H * R;
         std::fill(acc, acc + H * R, 0.f);
         std::fill(m.begin(), m.end(), -INFINITY);
@@ -742,24 +830,33 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
         const int64_t kend = std::min(tk.k1, start + i + 1);  // causal: keys up to the query's position
         for (int64_t kb = tk.k0; kb < kend; kb += KEYS) {
           const int64_t nk = std::min(KEYS, kend - kb);
-          for (int64_t j = 0; j < nk; ++j) kr.read(tk.b, kb + j, keys.data() + j * W);
+          for (int64_t j = 0; j < nk; ++j) {
+            if (pairs)
+              kp[j] = reinterpret_cast<const uint16_t*>(kr.row(tk.b, kb + j));
+            else
+              kr.read(tk.b, kb + j, keys.data() + j * W);
+          }
 #ifdef MLA_AVX512
           for (int64_t hc = 0; hc < HP; hc += 16) {
-            __m512 mx = _mm512_loadu_ps(m.data() + hc);
-            for (int64_t j = 0; j < nk; ++j) {
-              const float* kj = keys.data() + j * W;
-              __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-              int64_t d = 0;
-              for (; d + 2 <= W; d += 2) {
-                s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qT.data() + d * HP + hc), _mm512_set1_ps(kj[d]), s0);
-                s1 = _mm512_fmadd_ps(_mm512_loadu_ps(qT.data() + (d + 1) * HP + hc), _mm512_set1_ps(kj[d + 1]), s1);
+            if (pairs) {
+              scores_bf16(qT2.data(), kp.data(), nk, W, HP, hc, S.data());
+            } else {
+              for (int64_t j = 0; j < nk; ++j) {
+                const float* kj = keys.data() + j * W;
+                __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+                int64_t d = 0;
+                for (; d + 2 <= W; d += 2) {
+                  s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qT.data() + d * HP + hc), _mm512_set1_ps(kj[d]), s0);
+                  s1 = _mm512_fmadd_ps(_mm512_loadu_ps(qT.data() + (d + 1) * HP + hc), _mm512_set1_ps(kj[d + 1]), s1);
+                }
+                if (d < W) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qT.data() + d * HP + hc), _mm512_set1_ps(kj[d]), s0);
+                _mm512_storeu_ps(S.data() + j * HP + hc, _mm512_add_ps(s0, s1));
               }
-              if (d < W) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qT.data() + d * HP + hc), _mm512_set1_ps(kj[d]), s0);
-              const __m512 sv = _mm512_add_ps(s0, s1);
-              _mm512_storeu_ps(S.data() + j * HP + hc, sv);
-              mx = _mm512_max_ps(mx, sv);
             }
+            // online softmax: the block's max, the old sums rescaled by alpha, S turned into probabilities
             const __m512 old = _mm512_loadu_ps(m.data() + hc);
+            __m512 mx = old;
+            for (int64_t j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(S.data() + j * HP + hc));
             const __m512 a = exp2_ps(_mm512_sub_ps(old, mx));  // old = -inf: 0
             __m512 lv = _mm512_mul_ps(_mm512_loadu_ps(l.data() + hc), a);
             for (int64_t j = 0; j < nk; ++j) {
@@ -771,7 +868,14 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
             _mm512_storeu_ps(m.data() + hc, mx);
             _mm512_storeu_ps(alpha.data() + hc, a);
           }
-          // acc[h] = acc[h] * alpha[h] + sum_j p[j][h] * c_kv_j, 16 latent values at a time for 8 keys
+          if (pairs) {
+            for (int64_t j = 0; j < nk; j += 2)
+              for (int64_t h = 0; h < HP; ++h)
+                P2[j / 2 * HP + h] = bf16_bits(S[j * HP + h]) | (j + 1 < nk ? uint32_t(bf16_bits(S[(j + 1) * HP + h])) << 16 : 0u);
+            values_bf16(P2.data(), kp.data(), nk, H, HP, R, alpha.data(), acc);
+            continue;
+          }
+          // acc[h] = acc[h] * alpha[h] + sum_j p[j][h] * c_kv_j, 16 latent values at a time
           for (int64_t h = 0; h < H; ++h) {
             const __m512 a = _mm512_set1_ps(alpha[h]);
             float* ah = acc + h * R;
