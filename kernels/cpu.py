@@ -4,7 +4,6 @@ machine (-march=native) and cached; if no compiler is there, ext() is None and c
 Few-row products (a decode step), y = x @ W.T, for a float weight [N, K] (bf16 or fp32) or an int8 / int4
 QuantWeight (x quantized per block of 128 to int8, VNNI dot products):
   gemv(x, w)                           one weight
-  grouped(x, offsets, w)               rows offsets[g]:offsets[g + 1] of x times weight g of a stack: [E, N, K]
   moe_decode(x, ids, weights, ...)     a MoE layer's routed and shared experts in one call
   mla_absorbed(q_nope, q_pe, ...)      W_UK, the absorbed attention over the latent cache, W_UV in one call
 The torch references are F.linear over the (dequantized) weight and kernels/reference.py; tests compare them."""
@@ -49,16 +48,7 @@ def ref(w) -> tuple:
 def gemv(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W.T for a float weight [N, K] or a 2-D QuantWeight: [M, N] in x.dtype (or into out)."""
     out = x.new_empty(x.shape[0], w.shape[0]) if out is None else out
-    ext().gemv(x, [0, x.shape[0]], ref(w), out)
-    return out
-
-
-def grouped(x: torch.Tensor, offsets: list[int], w, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows offsets[g]:offsets[g + 1] of x times expert g of w (stacked float [E, N, K] or stacked QuantWeight):
-    [M, N] in x.dtype (or into out)."""
-    N = w.shape[1] if isinstance(w, torch.Tensor) else w.shape[0]
-    out = x.new_empty(x.shape[0], N) if out is None else out
-    ext().gemv(x, offsets, ref(w), out)
+    ext().gemv(x, ref(w), out)
     return out
 
 

@@ -1,6 +1,11 @@
-// CPU kernels for the few rows of a decode step, where streaming the weights from memory is the whole cost:
-// y[m, n] = x[m, :] . W_g[n, :] for the rows m of each group g (one group: a linear; one group per expert: the
-// routed experts of a MoE layer). Each weight row is read once per step and used for every row of its group.
+// CPU kernels for the few tokens of a decode step, where streaming the weights from memory is the whole cost:
+// y[m, n] = x[m, :] . W[n, :], each weight row read once per step and used for every row of x that needs it:
+//   gemv         one linear
+//   moe_decode   a MoE layer: the experts the router picked (each expert's rows once for all of its tokens) and the
+//                shared experts, both projections, SwiGLU and the router-weighted sum, in one call
+//   mla_absorbed q_nope through W_UK, attention over the paged latent cache, back through W_UV, in one call
+// One call per layer part, because the torch ops between the products (sorting pairs by expert, gathers, the
+// weighted sum, casts) cost about as much as the products themselves in a decode step.
 //
 // Float weights (bf16, fp32): fp32 accumulation (vdpbf16ps for bf16, one 32-value pair-dot per instruction).
 // int8 / int4 weights: the activations are quantized per block of 128 values to int8 (quantize_rows), and the dot
@@ -12,9 +17,9 @@
 // The int4 nibbles hold k = 2i (low) and 2i + 1 (high) of a group of 128; quantize_rows(interleave=True) stores
 // each block of x as its 64 even values, then its 64 odd ones, so one load of 64 weight bytes pairs with two x loads.
 //
-// Threads: at::parallel_for over (group, block of weight rows); each thread streams its own contiguous rows, one
-// row at a time, and reaches the read rate of a plain sum over a large array (measured: 0.95-1.09 of it).
-// Without AVX-512 (BF16 + VNNI) the same functions run a portable scalar loop.
+// Threads: at::parallel_for over blocks of weight rows of every product of a stage (run()); each thread streams its
+// own contiguous rows, one row at a time, and reaches the read rate of a plain sum over a large array in isolation
+// (measured: 0.95-1.09 of it). Without AVX-512 (BF16 + VNNI) the same functions run a portable scalar loop.
 #include <torch/extension.h>
 #include <pybind11/stl.h>
 #include <ATen/Parallel.h>
@@ -71,16 +76,16 @@ void float_dispatch(at::ScalarType st, F fn) {
 // x (float32, bfloat16 or float16; a view of up to 3 dims with a contiguous last one, as q_nope is of q) as
 // contiguous float32 values, read in place: for a few rows, cheaper than a torch op.
 std::vector<float> values_f32(torch::Tensor x) {
-  if (x.dim() > 3 || x.stride(-1) != 1) x = x.contiguous();
-  while (x.dim() < 3) x = x.unsqueeze(0);
-  const int64_t A = x.size(0), B = x.size(1), C = x.size(2);
+  if (x.dim() < 1 || x.dim() > 3 || x.stride(-1) != 1) x = x.contiguous().view(-1);
+  const int64_t n = x.dim(), A = n == 3 ? x.size(0) : 1, B = n >= 2 ? x.size(n - 2) : 1, C = x.size(n - 1);
+  const int64_t sa = n == 3 ? x.stride(0) : 0, sb = n >= 2 ? x.stride(n - 2) : 0;
   std::vector<float> f(A * B * C);
   float_dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* p = x.data_ptr<T>();
     for (int64_t a = 0; a < A; ++a)
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = 0; c < C; ++c) f[(a * B + b) * C + c] = float(p[a * x.stride(0) + b * x.stride(1) + c]);
+        for (int64_t c = 0; c < C; ++c) f[(a * B + b) * C + c] = float(p[a * sa + b * sb + c]);
   });
   return f;
 }
@@ -99,12 +104,6 @@ torch::Tensor tensor_from(const float* v, at::IntArrayRef shape, at::ScalarType 
   auto out = torch::empty(shape, torch::TensorOptions().dtype(st));
   store_f32(v, out);
   return out;
-}
-
-void check_offsets(const std::vector<int64_t>& v, int64_t M, int64_t G) {
-  TORCH_CHECK(int64_t(v.size()) == G + 1, "offsets must have groups + 1 entries");
-  TORCH_CHECK(v.front() == 0 && v.back() == M, "offsets must run from 0 to the rows of x");
-  for (int64_t g = 0; g < G; ++g) TORCH_CHECK(v[g] <= v[g + 1], "offsets must not decrease");
 }
 
 // Rows x [M, K] quantized per block of 128 into Q [M, KB * 128] (zero padded), S [M, KB] scales, C [M, KB] scale *
@@ -203,27 +202,26 @@ struct WeightRef {
 using WTuple = std::tuple<torch::Tensor, std::optional<torch::Tensor>, int64_t, bool>;
 
 WeightRef weight_ref(const WTuple& t) {
-  const auto& [w0, scales, K, int4] = t;
-  auto w = w0.dim() == 2 ? w0.unsqueeze(0) : w0;
-  TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "weight must be contiguous [groups, N, ...]");
-  const int64_t G = w.size(0), N = w.size(1), KB = (K + QB - 1) / QB;
+  const auto& [w, scales, K, int4] = t;
+  TORCH_CHECK((w.dim() == 2 || w.dim() == 3) && w.is_contiguous(), "weight must be contiguous [(groups,) N, ...]");
+  const int64_t G = w.dim() == 3 ? w.size(0) : 1, N = w.size(-2), KB = (K + QB - 1) / QB;
   WeightRef W{F32, static_cast<const uint8_t*>(w.data_ptr()), nullptr, G, N, K, KB, 0};
   if (!scales) {
     TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kFloat32, "w must be bf16 or fp32");
-    TORCH_CHECK(w.size(2) == K, "float weight [G, N, K]");
+    TORCH_CHECK(w.size(-1) == K, "float weight [(G,) N, K]");
     W.kind = w.scalar_type() == torch::kBFloat16 ? BF16 : F32;
     W.row_bytes = K * w.element_size();
     return W;
   }
   TORCH_CHECK(scales->is_contiguous() && scales->scalar_type() == torch::kFloat32 && scales->numel() == G * N * (int4 ? KB : 1),
               int4 ? "int4 scales [G, N, Kp/128]" : "int8 scales [G, N]");
-  TORCH_CHECK(int4 ? w.scalar_type() == torch::kUInt8 && w.size(2) == KB * QB / 2
-                   : w.scalar_type() == torch::kInt8 && w.size(2) == K,
+  TORCH_CHECK(int4 ? w.scalar_type() == torch::kUInt8 && w.size(-1) == KB * QB / 2
+                   : w.scalar_type() == torch::kInt8 && w.size(-1) == K,
               int4 ? "int4 qweight [G, N, Kp/2]" : "int8 qweight [G, N, K]");
   TORCH_CHECK(!int4 || KB <= MAX_KB, "int4 weights take K <= ", MAX_KB * QB);
   W.kind = int4 ? Q4 : Q8;
   W.scales = scales->data_ptr<float>();
-  W.row_bytes = w.size(2);
+  W.row_bytes = w.size(-1);
   return W;
 }
 
@@ -513,19 +511,16 @@ void swiglu_rows(float* h, int64_t P, int64_t I) {
 
 }  // namespace
 
-// out [M, N] = x @ W_g.T for the rows off[g]:off[g + 1] of x and each weight g of w (a float tensor [(G,) N, K] or a
-// quantized one, see WTuple); x [M, K] any float dtype; out any float dtype.
-void gemv(torch::Tensor x, std::vector<int64_t> off, WTuple w, torch::Tensor out) {
+// out [M, N] = x @ W.T for one weight w (a float tensor [N, K] or a quantized one, see WTuple); x [M, K] any float
+// dtype; out any float dtype.
+void gemv(torch::Tensor x, WTuple w, torch::Tensor out) {
   const WeightRef W = weight_ref(w);
   const int64_t M = x.size(0), N = W.N, K = W.K;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, K]");
+  TORCH_CHECK(W.G == 1 && x.dim() == 2 && x.size(1) == K, "gemv: x [M, K], one weight [N, K]");
   TORCH_CHECK(out.is_contiguous() && out.numel() == M * N && out.is_floating_point(), "out must be contiguous [M, N]");
-  check_offsets(off, M, W.G);
   const Acts A(W.kind, values_f32(x).data(), M, K);
   std::vector<float> y(M * N, NAN);  // NaN: a product left unwritten shows
-  std::vector<Job> jobs;
-  for (int64_t g = 0; g < W.G; ++g) jobs.push_back({&W, g, &A, off[g], off[g + 1], y.data() + off[g] * N, N});
-  run(jobs);
+  run({{&W, 0, &A, 0, M, y.data(), N}});
   store_f32(y.data(), out);
 }
 

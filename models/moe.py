@@ -63,8 +63,8 @@ class MoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
-        shared = (self.shared.w13, self.shared.w2) if self.shared is not None else None  # this rank's share
-        if self.par.size == 1:
+        if self.par.size == 1:  # routed and shared experts in one call (one C++ call in a CPU decode step)
+            shared = (self.shared.w13, self.shared.w2) if self.shared is not None else None
             return kernels.moe_experts(x, ids, weights, self.w13, self.w2, backend=self.backend, shared=shared)
         # the (token, expert) pairs of this rank's experts, each as a token of its own
         t, j = ((ids >= self.e0) & (ids < self.e0 + len(self.w13))).nonzero(as_tuple=True)
