@@ -106,14 +106,14 @@ torch::Tensor tensor_from(const float* v, at::IntArrayRef shape, at::ScalarType 
   return out;
 }
 
-// Rows x [M, K] quantized per block of 128 into Q [M, KB * 128] (zero padded), S [M, KB] scales, C [M, KB] scale *
+// Rows x [M, K] (row m at x + m * ldx) quantized per block of 128 into Q [M, KB * 128] (zero padded), S [M, KB] scales, C [M, KB] scale *
 // sum of the block's integers; interleave: each block as its even-indexed values, then its odd ones. Values round
 // to nearest, ties to even (the AVX-512 conversion's rounding, and nearbyint's).
-void quantize_into(const float* x, int64_t M, int64_t K, bool interleave, int8_t* Q, float* S, float* C) {
+void quantize_into(const float* x, int64_t M, int64_t K, int64_t ldx, bool interleave, int8_t* Q, float* S, float* C) {
   const int64_t KB = (K + QB - 1) / QB;
   for (int64_t i = 0; i < M * KB; ++i) {
     const int64_t m = i / KB, b = i % KB, k0 = b * QB, n = std::min(QB, K - k0);
-    const float* xr = x + m * K + k0;
+    const float* xr = x + m * ldx + k0;
     int8_t* q = Q + m * KB * QB + k0;
 #ifdef MLA_AVX512
     __m512 v[8], mx = _mm512_setzero_ps();
@@ -225,35 +225,37 @@ WeightRef weight_ref(const WTuple& t) {
   return W;
 }
 
-// Rows of activations x [M, K] in the form one kind of weight reads, prepared once for every weight row: float32 or
-// bf16 values, or (int8 / int4) int8 blocks of 128 with their scales, sx * sum per block, and int8's correction
-// 128 * sum_b sx * sum per row (int4: each block interleaved).
+// Rows of activations x [M, K] (row m at x + m * ldx) in the form one kind of weight reads, prepared once for every
+// weight row: float32 or bf16 values, or (int8 / int4) int8 blocks of 128 with their scales, sx * sum per block,
+// and int8's correction 128 * sum_b sx * sum per row (int4: each block interleaved).
 struct Acts {
-  int64_t M, K, KB, ld;
+  int64_t KB, ld;  // blocks of 128 per row; the row stride of the prepared values
   std::vector<float> f, sx, sxsum, corr;
   std::vector<uint16_t> h;
   std::vector<int8_t> q;
 
-  Acts(Kind kind, const float* x, int64_t M_, int64_t K_) : M(M_), K(K_), KB((K_ + QB - 1) / QB), ld(K_) {
+  Acts(Kind kind, const float* x, int64_t M, int64_t K, int64_t ldx) : KB((K + QB - 1) / QB), ld(K) {
     if (kind == F32) {
-      f.assign(x, x + M * K);
+      f.resize(M * K);
+      for (int64_t m = 0; m < M; ++m) std::copy(x + m * ldx, x + m * ldx + K, f.data() + m * K);
     } else if (kind == BF16) {
       h.resize(M * K);
-      int64_t i = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx;
+        uint16_t* hr = h.data() + m * K;
+        int64_t i = 0;
 #ifdef MLA_AVX512
-      for (; i + 16 <= M * K; i += 16)  // round to nearest even, as at::BFloat16 does
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&h[i]), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+        for (; i + 16 <= K; i += 16)  // round to nearest even, as at::BFloat16 does
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(hr + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + i)));
 #endif
-      for (; i < M * K; ++i) {
-        const at::BFloat16 b(x[i]);
-        std::memcpy(&h[i], &b, 2);
+        for (; i < K; ++i) hr[i] = bf16_bits(xr[i]);
       }
     } else {
       ld = KB * QB;
       q.resize(M * ld);
       sx.resize(M * KB);
       sxsum.resize(M * KB);
-      quantize_into(x, M, K, kind == Q4, q.data(), sx.data(), sxsum.data());
+      quantize_into(x, M, K, ldx, kind == Q4, q.data(), sx.data(), sxsum.data());
       corr.assign(M, 0.f);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t b = 0; b < KB; ++b) corr[m] += 128.f * sxsum[m * KB + b];
@@ -271,7 +273,7 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool interleave) {
   auto xq = torch::empty({M, KB * QB}, torch::kInt8);
   auto sx = torch::empty({M, KB}, torch::kFloat32);
   auto sxsum = torch::empty({M, KB}, torch::kFloat32);
-  quantize_into(values_f32(x).data(), M, K, interleave, xq.data_ptr<int8_t>(), sx.data_ptr<float>(),
+  quantize_into(values_f32(x).data(), M, K, K, interleave, xq.data_ptr<int8_t>(), sx.data_ptr<float>(),
                 sxsum.data_ptr<float>());
   return {xq, sx, sxsum};
 }
@@ -518,7 +520,7 @@ void gemv(torch::Tensor x, WTuple w, torch::Tensor out) {
   const int64_t M = x.size(0), N = W.N, K = W.K;
   TORCH_CHECK(W.G == 1 && x.dim() == 2 && x.size(1) == K, "gemv: x [M, K], one weight [N, K]");
   TORCH_CHECK(out.is_contiguous() && out.numel() == M * N && out.is_floating_point(), "out must be contiguous [M, N]");
-  const Acts A(W.kind, values_f32(x).data(), M, K);
+  const Acts A(W.kind, values_f32(x).data(), M, K, K);
   std::vector<float> y(M * N, NAN);  // NaN: a product left unwritten shows
   run({{&W, 0, &A, 0, M, y.data(), N}});
   store_f32(y.data(), out);
@@ -565,26 +567,24 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
   // stage 1: h = w13 @ x per pair (and per token for the shared experts), then swiglu
   std::vector<float> h(P * 2 * I, NAN), hs(T * 2 * Is, NAN);  // NaN: a product left unwritten shows
   std::vector<Job> jobs;
-  const Acts A1(W13.kind, xs.data(), P, D);
+  const Acts A1(W13.kind, xs.data(), P, D, D);
   for (int64_t e = 0; e < E; ++e) jobs.push_back({&W13, e, &A1, start[e], start[e + 1], h.data() + start[e] * 2 * I, 2 * I});
   std::optional<Acts> As1;
   if (s13) {
-    As1.emplace(S13->kind, xf.data(), T, D);
+    As1.emplace(S13->kind, xf.data(), T, D, D);
     jobs.push_back({&*S13, 0, &*As1, 0, T, hs.data(), 2 * Is});
   }
   run(jobs);
   swiglu_rows(h.data(), P, I);
   swiglu_rows(hs.data(), T, Is);
-  // stage 2: y = w2 @ swiglu per pair; the swiglu rows are the first halves of h's rows
-  std::vector<float> g(P * I), gs(T * Is), y(P * D, NAN), ys(T * D, s13 ? NAN : 0.f);
-  for (int64_t r = 0; r < P; ++r) std::memcpy(g.data() + r * I, h.data() + r * 2 * I, I * 4);
-  for (int64_t t = 0; t < T && s13; ++t) std::memcpy(gs.data() + t * Is, hs.data() + t * 2 * Is, Is * 4);
+  // stage 2: y = w2 @ swiglu per pair; the swiglu rows are the first halves of h's rows (row stride 2I)
+  std::vector<float> y(P * D, NAN), ys(T * D, s13 ? NAN : 0.f);
   jobs.clear();
-  const Acts A2(W2.kind, g.data(), P, I);
+  const Acts A2(W2.kind, h.data(), P, I, 2 * I);
   for (int64_t e = 0; e < E; ++e) jobs.push_back({&W2, e, &A2, start[e], start[e + 1], y.data() + start[e] * D, D});
   std::optional<Acts> As2;
   if (s13) {
-    As2.emplace(S2->kind, gs.data(), T, Is);
+    As2.emplace(S2->kind, hs.data(), T, Is, 2 * Is);
     jobs.push_back({&*S2, 0, &*As2, 0, T, ys.data(), D});
   }
   run(jobs);
@@ -638,8 +638,7 @@ void dequantize(torch::Tensor qweight, torch::Tensor scales, int64_t K, bool int
       for (; k < K; ++k) {
         const float v = int4 ? float(int32_t(k % 2 ? q[k / 2] >> 4 : q[k / 2] & 0xF) - 8) * S[n * KB + k / QB]
                              : float(int8_t(q[k])) * S[n];
-        const bf16 b(v);
-        std::memcpy(o + k, &b, 2);
+        o[k] = bf16_bits(v);
       }
     }
   });
@@ -800,7 +799,7 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
   const bool pairs = false;
 #endif
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qT(W * HP), keys(KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP);
+    std::vector<float> qT(pairs ? 0 : W * HP), keys(pairs ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP);
     std::vector<uint32_t> qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0);
     std::vector<const uint16_t*> kp(KEYS);
     for (int64_t ti = i0; ti < i1; ++ti) {
