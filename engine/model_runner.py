@@ -48,6 +48,7 @@ class ModelRunner:
             block_tables=self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
             cu_seqlens_q=self._tensor(cu, torch.int32),
             seq_lens=self._tensor([seq.num_cached_tokens + n for seq, n, _ in entries], torch.int32),
+            max_q_len=max(n for _, n, _ in entries),
         )
 
     def forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:

@@ -38,7 +38,7 @@ def tune(llm: LLM, depths: list[int], q_lens: list[int], reps: int = 3, progress
             group = SeqGroup(token_index=None,
                              block_tables=torch.arange(-(-L // bs), dtype=torch.int32, device=dev)[None],
                              cu_seqlens_q=torch.tensor([0, q], dtype=torch.int32, device=dev),
-                             seq_lens=torch.tensor([L], dtype=torch.int32, device=dev))
+                             seq_lens=torch.tensor([L], dtype=torch.int32, device=dev), max_q_len=q)
             q_nope, q_pe = rand(q, H, cfg.qk_nope_head_dim), rand(q, H, cfg.qk_rope_head_dim)
             row = {"depth": depth, "q": q}
             for name in ("absorbed", "expanded"):

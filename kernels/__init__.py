@@ -12,11 +12,11 @@ from . import cpu, reference
 from .cache_format import CacheFormat, float_format
 from .cache_format import unpack as _unpack
 from .cache_format import write_latent as _write_packed
-from .matmul import linear, quant_linear
+from .matmul import CPU_FEW_ROWS, linear, quant_linear
 from .moe import moe_experts
 from .weights import QuantWeight, WeightFormat, quantize_experts, quantize_weight
 
-__all__ = ["write_latent", "mla_decode", "mla_absorbed", "mla_prefill", "head_matmul", "rms_norm", "rope_", "silu_mul", "linear", "quant_linear", "moe_experts", "CacheFormat",
+__all__ = ["write_latent", "route", "mla_decode", "mla_absorbed", "mla_prefill", "head_matmul", "rms_norm", "rope_", "silu_mul", "linear", "quant_linear", "moe_experts", "CacheFormat",
            "QuantWeight", "WeightFormat", "quantize_weight", "quantize_experts"]
 BACKENDS = ("torch", "triton")
 
@@ -58,18 +58,36 @@ def write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt: CacheFormat | None = N
         return cache_write.write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt)
     if fmt.packed:
         return _write_packed(kv_cache, slot_mapping, c_kv, k_pe, fmt)
+    if _cpu_glue(c_kv) and kv_cache.is_contiguous():  # one call instead of a cat, a cast and a scatter
+        return cpu.ext().write_latent(kv_cache, slot_mapping, c_kv, k_pe)
     reference.write_latent(kv_cache, slot_mapping, c_kv, k_pe)
 
 
-def _cpu_decode(q, block_tables, cu_seqlens_q, fmt) -> bool:
+def route(x, gate, bias, top_k: int, scoring: str, method: str, n_group: int, topk_group: int, norm: bool,
+          scale: float):
+    """DeepSeek's router (kernels/reference.py route): (ids int64 [T, k], weights float32 [T, k]) for x [T, D]."""
+    _check(x.dim() == 2 and gate.dim() == 2 and gate.shape[1] == x.shape[1], "x must be [T, D] and gate [E, D]")
+    _check(scoring in reference.SCORING_FUNCS and method in reference.TOPK_METHODS, f"router {scoring}/{method}")
+    if _cpu_glue(x) and x.shape[0] <= CPU_FEW_ROWS and gate.is_contiguous() and gate.dtype in (torch.bfloat16,
+                                                                                                 torch.float32):
+        # a decode step: one call instead of about ten small torch ops per MoE layer
+        return cpu.ext().route(x, gate, bias, top_k, scoring == "sigmoid", reference.TOPK_METHODS.index(method),
+                               n_group, topk_group, norm, scale)
+    return reference.route(x, gate, bias, top_k, scoring, method, n_group, topk_group, norm, scale)
+
+
+def _cpu_decode(q, block_tables, cu_seqlens_q, fmt, max_q_len) -> bool:
     """Whether the C++ absorbed attention takes this batch: few queries per sequence, a cache format it reads."""
-    return (q.device.type == "cpu" and cpu.ext() is not None and cpu.decode_kind(fmt) is not None
-            and q.shape[0] <= cpu.MAX_DECODE_QUERIES * block_tables.shape[0]
-            and int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) <= cpu.MAX_DECODE_QUERIES)
+    if not (q.device.type == "cpu" and cpu.ext() is not None and cpu.decode_kind(fmt) is not None
+            and q.shape[0] <= cpu.MAX_DECODE_QUERIES * block_tables.shape[0]):
+        return False
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    return max_q_len <= cpu.MAX_DECODE_QUERIES
 
 
 def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
-               fmt: CacheFormat | None = None, backend="torch"):
+               fmt: CacheFormat | None = None, backend="torch", max_q_len: int | None = None):
     T, H, R = q_lat.shape
     _check(q_pe.dim() == 3 and q_pe.shape[:2] == (T, H), "q_pe must be [T, H, rope_dim]")
     _check_batch(kv_cache, block_tables, cu_seqlens_q, seq_lens, T)
@@ -78,7 +96,7 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
         from . import triton_decode
         return triton_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
                                         fmt)
-    if _cpu_decode(q_lat, block_tables, cu_seqlens_q, fmt):
+    if _cpu_decode(q_lat, block_tables, cu_seqlens_q, fmt, max_q_len):
         return cpu.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt)
     if fmt.packed:  # the float reference over the dequantized blocks of this batch
         kv_cache, block_tables = _unpack(kv_cache, block_tables, seq_lens, fmt, q_lat.dtype)
@@ -86,22 +104,24 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
 
 
 def mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
-                 fmt: CacheFormat | None = None, backend="torch"):
+                 fmt: CacheFormat | None = None, backend="torch", max_q_len: int | None = None):
     """The absorbed attention (models/attention.py): q_lat = q_nope @ W_UK per head, mla_decode over the latent
     cache, o = o_lat @ W_UV.T per head. q_nope [T, H, nope], w_uk [H, nope, R], w_uv [H, v, R] -> o [T, H, v].
-    On the CPU, a decode batch runs it as one C++ call."""
+    On the CPU, a decode batch runs it as one C++ call. max_q_len: the most query rows of one sequence, if the
+    caller knows it (otherwise read from cu_seqlens_q)."""
     T, H, _ = q_nope.shape
     _check(w_uk.dim() == 3 and w_uv.dim() == 3 and w_uk.shape[:2] == (H, q_nope.shape[2])
            and w_uv.shape[0] == H and w_uv.shape[2] == w_uk.shape[2], "w_uk must be [H, nope, R] and w_uv [H, v, R]")
     _check(q_pe.dim() == 3 and q_pe.shape[:2] == (T, H), "q_pe must be [T, H, rope_dim]")
     _check_batch(kv_cache, block_tables, cu_seqlens_q, seq_lens, T)
     fmt = _format(fmt, kv_cache, w_uk.shape[2], q_pe.shape[2])
-    if backend == "torch" and _cpu_decode(q_nope, block_tables, cu_seqlens_q, fmt) and cpu.streams(w_uk) \
+    if backend == "torch" and _cpu_decode(q_nope, block_tables, cu_seqlens_q, fmt, max_q_len) and cpu.streams(w_uk) \
             and cpu.streams(w_uv):
         return cpu.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens,
                                 softmax_scale, fmt)
     q_lat = head_matmul(q_nope, w_uk)  # [T, H, R]
-    o_lat = mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt, backend)
+    o_lat = mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt, backend,
+                       max_q_len)
     return head_matmul(o_lat, w_uv, transpose_w=True)  # [T, H, v]
 
 

@@ -25,7 +25,9 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -1093,6 +1095,91 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
+// DeepSeek's router for a few tokens (kernels/reference.py route): x [T, D] (any float dtype), gate [E, D] (bf16 or
+// fp32, read as float32: the products are float32, as the reference's are) -> (ids int64 [T, k], weights float32
+// [T, k]). method: 0 greedy, 1 group_limited_greedy (groups ranked by their best expert), 2 noaux_tc (bias added for
+// the choice only; groups ranked by the sum of their best two). The weights are the chosen scores, normalised when
+// norm, times scale.
+std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor gate, std::optional<torch::Tensor> bias, int64_t k,
+                                 bool sigmoid, int64_t method, int64_t n_group, int64_t topk_group, bool norm,
+                                 double scale) {
+  const int64_t T = x.size(0), D = x.size(1), E = gate.size(0);
+  TORCH_CHECK(x.dim() == 2 && gate.dim() == 2 && gate.size(1) == D && gate.is_contiguous() && k >= 1 && k <= E &&
+                  (gate.scalar_type() == torch::kBFloat16 || gate.scalar_type() == torch::kFloat32),
+              "route: x [T, D], gate bf16 / fp32 [E, D], 1 <= k <= E");
+  TORCH_CHECK(method == 0 || (n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group),
+              "route: experts in n_group equal groups, 1 <= topk_group <= n_group");
+  TORCH_CHECK(!bias || (bias->scalar_type() == torch::kFloat32 && bias->numel() == E && bias->is_contiguous()),
+              "route: bias float32 [E]");
+  const std::vector<float> xf = values_f32(x);
+  const bool g16 = gate.scalar_type() == torch::kBFloat16;
+  const void* G = gate.data_ptr();
+  auto ids = torch::empty({T, k}, torch::kInt64);
+  auto wts = torch::empty({T, k}, torch::kFloat32);
+  std::vector<float> score(E), choice(E), gs(n_group);
+  std::vector<int64_t> order(std::max(E, n_group));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e = 0; e < E; ++e) score[e] = dot(xf.data() + t * D, static_cast<const char*>(G) + e * D * (g16 ? 2 : 4), g16, D);
+    if (sigmoid) {
+      for (int64_t e = 0; e < E; ++e) score[e] = 1.f / (1.f + std::exp(-score[e]));
+    } else {
+      const float mx = *std::max_element(score.begin(), score.end());
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += (score[e] = std::exp(score[e] - mx));
+      for (int64_t e = 0; e < E; ++e) score[e] /= sum;
+    }
+    for (int64_t e = 0; e < E; ++e) choice[e] = score[e] + (method == 2 && bias ? bias->data_ptr<float>()[e] : 0.f);
+    // the k (or topk_group) largest of v[0:n], best first, into order
+    auto top = [&](const float* v, int64_t n, int64_t kk) {
+      std::iota(order.begin(), order.begin() + n, 0);
+      std::partial_sort(order.begin(), order.begin() + kk, order.begin() + n,
+                        [&](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+    };
+    if (method != 0 && n_group > 1) {  // keep the experts of the topk_group best groups
+      const int64_t per = E / n_group;
+      for (int64_t g = 0; g < n_group; ++g) {
+        top(choice.data() + g * per, per, std::min<int64_t>(2, per));
+        gs[g] = method == 1 ? choice[g * per + order[0]]
+                            : choice[g * per + order[0]] + (per > 1 ? choice[g * per + order[1]] : 0.f);
+      }
+      top(gs.data(), n_group, topk_group);
+      std::vector<bool> keep(n_group, false);
+      for (int64_t i = 0; i < topk_group; ++i) keep[order[i]] = true;
+      for (int64_t e = 0; e < E; ++e)
+        if (!keep[e / per]) choice[e] = -INFINITY;
+    }
+    top(choice.data(), E, k);
+    float sum = 0.f;
+    for (int64_t j = 0; j < k; ++j) sum += score[order[j]];
+    for (int64_t j = 0; j < k; ++j) {
+      ids.data_ptr<int64_t>()[t * k + j] = order[j];
+      wts.data_ptr<float>()[t * k + j] = (norm ? score[order[j]] / (sum + 1e-20f) : score[order[j]]) * float(scale);
+    }
+  }
+  return {ids, wts};
+}
+
+// New tokens' [c_kv | k_pe] into a float latent cache (kernels/reference.py write_latent): token t to flat slot
+// slots[t]; c_kv [T, R], k_pe [T, dr] (views with a contiguous last dim), converted to the cache's dtype.
+void write_latent(torch::Tensor cache, torch::Tensor slots, torch::Tensor c_kv, torch::Tensor k_pe) {
+  const int64_t T = c_kv.size(0), R = c_kv.size(1), DR = k_pe.size(1), W = cache.size(-1);
+  TORCH_CHECK(cache.is_contiguous() && W == R + DR && k_pe.size(0) == T && slots.numel() == T &&
+                  slots.scalar_type() == torch::kInt64, "write_latent: cache [..., R + dr], c_kv [T, R], k_pe [T, dr]");
+  const std::vector<float> c = values_f32(c_kv), kp = values_f32(k_pe);
+  const int64_t* S = slots.contiguous().data_ptr<int64_t>();
+  const int64_t rows = cache.numel() / W;
+  float_dispatch(cache.scalar_type(), [&](auto tag) {
+    using Tc = decltype(tag);
+    Tc* out = cache.data_ptr<Tc>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(S[t] >= 0 && S[t] < rows, "write_latent: slot out of range");
+      Tc* row = out + S[t] * W;
+      for (int64_t i = 0; i < R; ++i) row[i] = Tc(c[t * R + i]);
+      for (int64_t i = 0; i < DR; ++i) row[R + i] = Tc(kp[t * DR + i]);
+    }
+  });
+}
+
 // RoPE in place on x [T, N, dr] (any strides, last dim contiguous): token t rotated by the angles of positions[t];
 // cos / sin [P, dr / 2] float32. interleave: pairs (x0, x1), (x2, x3), ...; otherwise the two halves.
 void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, bool interleave) {
@@ -1165,5 +1252,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("rope_", &rope_);
   m.def("silu_mul", &silu_mul);
+  m.def("route", &route);
+  m.def("write_latent", &write_latent);
   m.def("has_avx512", &has_avx512);
 }

@@ -47,6 +47,32 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # the router's choice (route)
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+def route(x, gate, bias, top_k: int, scoring: str, method: str, n_group: int, topk_group: int, norm: bool,
+          scale: float):
+    """DeepSeek's router: top-k expert ids [T, k] and their weights [T, k] float32 for x [T, D], gate [E, D]
+    (float32 products). scoring: "softmax" | "sigmoid"; method: greedy, group_limited_greedy (V2: groups ranked by
+    their best expert) or noaux_tc (V3: bias [E] added for the choice only, groups ranked by their best two); the
+    weights are the chosen scores, normalised to sum 1 when norm, times scale."""
+    logits = torch.nn.functional.linear(x.float(), gate.float())  # [T, E]
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores + bias if method == "noaux_tc" else scores
+    if method != "greedy" and n_group > 1:
+        grouped = choice.view(x.shape[0], n_group, -1)
+        group_score = grouped.amax(-1) if method == "group_limited_greedy" else grouped.topk(2, -1)[0].sum(-1)
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(topk_group, -1)[1], True)
+        choice = choice.masked_fill(~keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice), float("-inf"))
+    ids = choice.topk(top_k, -1)[1]
+    weights = scores.gather(1, ids)
+    if norm:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scale
+
+
 def write_latent(kv_cache, slot_mapping, c_kv, k_pe):
     """Scatter new tokens' [c_kv | k_pe] into the paged cache: token t goes to flat slot slot_mapping[t]."""
     flat = kv_cache.view(-1, kv_cache.shape[-1])

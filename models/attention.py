@@ -19,6 +19,7 @@ class SeqGroup:
     block_tables: torch.Tensor  # [b, max_blocks] int32
     cu_seqlens_q: torch.Tensor  # [b + 1] int32
     seq_lens: torch.Tensor  # [b] int32, cached + new tokens
+    max_q_len: int | None = None  # the most query rows of one sequence, known without reading cu_seqlens_q
 
 
 @dataclass
@@ -88,7 +89,7 @@ class MLAttention:
         q_nope [t, H, nope], q_pe [t, H, rope] -> o [t, H, v]."""
         return kernels.mla_absorbed(q_nope, q_pe, self.w_uk, self.w_uv, kv_cache, group.block_tables,
                                     group.cu_seqlens_q, group.seq_lens, self.softmax_scale, cache_format,
-                                    backend=self.backend)
+                                    backend=self.backend, max_q_len=group.max_q_len)
 
     def expanded(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
         """The cached latent decompressed through kv_b_proj into per-head K_nope and V, then flash attention."""

@@ -4,11 +4,11 @@ import math
 import os
 from dataclasses import dataclass
 
+from kernels.reference import SCORING_FUNCS, TOPK_METHODS
+
 from .errors import ModelError
 
 ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("float32", "float16", "bfloat16")
 
 

@@ -1,6 +1,5 @@
 """DeepSeek MoE: router (greedy, group-limited greedy, noaux_tc), routed experts grouped by expert, shared experts."""
 import torch
-import torch.nn.functional as F
 
 import kernels
 from kernels import WeightFormat
@@ -41,25 +40,11 @@ class MoE:
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32), as DeepSeek's gate computes them."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.gate.float())  # [T, E]
-        scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
-        choice = scores + self.e_score_correction_bias if cfg.topk_method == "noaux_tc" else scores
-        if cfg.topk_method != "greedy" and cfg.n_group > 1:
-            grouped = choice.view(x.shape[0], cfg.n_group, -1)
-            # V2 ranks groups by their best expert, V3 (noaux_tc) by the sum of its best two
-            group_score = grouped.amax(-1) if cfg.topk_method == "group_limited_greedy" else grouped.topk(2, -1)[0].sum(-1)
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(cfg.topk_group, -1)[1], True)
-            choice = choice.masked_fill(~keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice), float("-inf"))
-        ids = choice.topk(cfg.num_experts_per_tok, -1)[1]
-        weights = scores.gather(1, ids)
-        if cfg.arch == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # V2: normalised weights are not rescaled
-        else:
-            if cfg.norm_topk_prob:
-                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-            weights = weights * cfg.routed_scaling_factor
-        return ids, weights
+        # V2 does not rescale weights it normalised (with more than one expert per token); V3 always rescales
+        v2_norm = cfg.arch == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1
+        return kernels.route(x, self.gate, self.e_score_correction_bias, cfg.num_experts_per_tok, cfg.scoring_func,
+                             cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                             1.0 if v2_norm else cfg.routed_scaling_factor)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)

@@ -193,3 +193,36 @@ def test_rms_norm_silu_mul_and_rope_match_references(dtype):
         cpu.ext().rope_(view, positions, cos, sin, interleave)
         torch.testing.assert_close(view, want, **tol)
         assert torch.equal(q[:, :, :8], rand(7, 3, 20, seed=15, dtype=dtype)[:, :, :8])  # the rest untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scoring,method,n_group,topk_group,norm,scale", [
+    ("softmax", "greedy", 1, 1, False, 1.0),  # V2-Lite
+    ("softmax", "group_limited_greedy", 8, 3, False, 16.0),  # V2
+    ("sigmoid", "noaux_tc", 8, 4, True, 2.5),  # V3
+    ("softmax", "greedy", 1, 1, True, 1.0),
+])
+def test_router_matches_reference(dtype, scoring, method, n_group, topk_group, norm, scale):
+    from kernels import reference
+    T, E, D, k = 5, 64, 203, 6
+    x, gate, bias = rand(T, D, seed=21, dtype=dtype), rand(E, D, seed=22, dtype=dtype), rand(E, seed=23) * 0.1
+    args = (k, scoring, method, n_group, topk_group, norm, scale)
+    ids, w = cpu.ext().route(x, gate, bias, k, scoring == "sigmoid", reference.TOPK_METHODS.index(method), n_group,
+                             topk_group, norm, scale)
+    want_ids, want_w = reference.route(x, gate, bias, *args)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_write_latent_matches_reference(dtype):
+    from kernels import reference
+    R, DR, T = 37, 10, 5
+    kv = rand(T, R + DR + 3, seed=24)  # c_kv and k_pe as views of one wider row, as kv_a's output is
+    c_kv, k_pe = kv[:, :R].to(dtype), kv[:, R + 3:]
+    slots = torch.tensor([0, 9, 4, 22, 15])  # across blocks of 8, out of order
+    got = torch.full((3, 8, R + DR), float("nan"), dtype=dtype)
+    want = got.clone()
+    cpu.ext().write_latent(got, slots, c_kv, k_pe)
+    reference.write_latent(want, slots, c_kv, k_pe)
+    torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)  # the other slots stay NaN
