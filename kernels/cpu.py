@@ -6,11 +6,14 @@ QuantWeight (x quantized per block of 128 to int8, VNNI dot products):
   gemv(x, w)                           one weight
   moe_decode(x, ids, weights, ...)     a MoE layer's routed and shared experts in one call
   mla_absorbed(q_nope, q_pe, ...)      W_UK, the absorbed attention over the latent cache, W_UV in one call
+  decode_layer(weights)                a whole decoder layer of a decode step (all of the above) in one call
 The torch references are F.linear over the (dequantized) weight and kernels/reference.py; tests compare them."""
 import os
 import sys
 
 import torch
+
+from . import reference
 
 _ext = None
 _tried = False
@@ -56,6 +59,30 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, shared=None) -> torch.Tensor:
     """kernels/moe.py moe_experts (+ the shared experts' SwiGLU, shared = (w13, w2)): [T, D] in x.dtype."""
     s13, s2 = (ref(shared[0]), ref(shared[1])) if shared is not None else (None, None)
     return ext().moe_decode(x, topk_ids, topk_weights, ref(w13), ref(w2), s13, s2)
+
+
+# ---- a decoder layer of a decode step in one call ----------------------------------------------------------------
+LINEARS = ("q_a", "q", "kv_a", "o", "w13", "w2", "s13", "s2")
+FLOATS = ("ln1", "ln2", "kv_a_ln", "q_a_ln", "w_uk", "w_uv", "gate")
+
+
+def decode_layer(weights: dict):
+    """A C++ DecodeLayer (kernels/cpu_kernels.cpp) over a decoder layer's weights (models/deepseek.py
+    DecoderLayer.cpu_weights), or None where the C++ does not take one of them (the Python layer serves)."""
+    if ext() is None:
+        return None
+    w = {k: v for k, v in weights.items() if v is not None}
+    lin, flt = [w[k] for k in LINEARS if k in w], [w[k] for k in FLOATS if k in w]
+    if not (all(map(streams, lin)) and all(getattr(v, "backend", "torch") == "torch" for v in lin)
+            and all(t.is_contiguous() and t.dtype in (torch.bfloat16, torch.float32) for t in flt)
+            and len({w[k].dtype for k in ("ln1", "ln2", "kv_a_ln", "q_a_ln") if k in w}) == 1):
+        return None
+    d = {k: ref(v) if k in LINEARS else v for k, v in w.items() if k != "router"}
+    if "router" in w:
+        r = w["router"]
+        d.update(k=r["top_k"], sigmoid=r["scoring"] == "sigmoid", method=reference.TOPK_METHODS.index(r["method"]),
+                 n_group=r["n_group"], topk_group=r["topk_group"], norm=r["norm"], route_scale=r["scale"])
+    return ext().DecodeLayer(d)
 
 
 # ---- plain-torch references of what the C++ computes (tests compare against them) ----------------------------------

@@ -4,8 +4,9 @@
 //   moe_decode   a MoE layer: the experts the router picked (each expert's rows once for all of its tokens) and the
 //                shared experts, both projections, SwiGLU and the router-weighted sum, in one call
 //   mla_absorbed q_nope through W_UK, attention over the paged latent cache, back through W_UV, in one call
-// One call per layer part, because the torch ops between the products (sorting pairs by expert, gathers, the
-// weighted sum, casts) cost about as much as the products themselves in a decode step.
+//   DecodeLayer  a whole decoder layer (norms, projections, RoPE, cache write, the two above, router) in one call
+// One call per layer, because the torch ops between the products (sorting pairs by expert, gathers, the weighted
+// sum, casts, norms) cost about as much as the products themselves in a decode step.
 //
 // Float weights (bf16, fp32): fp32 accumulation (vdpbf16ps for bf16, one 32-value pair-dot per instruction).
 // int8 / int4 weights: the activations are quantized per block of 128 values to int8 (quantize_rows), and the dot
@@ -1242,6 +1243,75 @@ bool has_avx512() {
 #endif
 }
 
+// ---- a whole decoder layer of a decode step ---------------------------------------------------------------------
+
+// models/deepseek.py DecoderLayer on the absorbed path, as one call: the functions above, in the order and with the
+// roundings of the Python layer (tests compare the two). Between the products the Python layer made about 40 calls
+// into torch, each slow once the layer's weight stream had evicted the interpreter's working set (0.4 ms a layer).
+// The weights are a dict, built once per layer by models/deepseek.py; mlp is "dense" (w13, w2) or "moe" (router
+// and experts, shared experts optional).
+struct DecodeLayer {
+  torch::Tensor ln1, ln2, kv_a_ln, w_uk, w_uv;
+  std::optional<torch::Tensor> q_a_ln, gate, bias;
+  std::optional<WTuple> q_a, s13, s2;
+  WTuple q, kv_a, o, w13, w2;
+  int64_t H, dn, dr, R, k = 0, method = 0, n_group = 1, topk_group = 1;
+  double eps, scale, route_scale = 1.0;
+  bool interleave, moe, sigmoid = false, norm = false;
+
+  explicit DecodeLayer(const py::dict& d) {
+    auto get = [&](const char* key) { return py::object(d[key]); };
+    auto opt = [&](const char* key) { return d.contains(key) && !get(key).is_none(); };
+    ln1 = get("ln1").cast<torch::Tensor>(), ln2 = get("ln2").cast<torch::Tensor>();
+    kv_a_ln = get("kv_a_ln").cast<torch::Tensor>();
+    w_uk = get("w_uk").cast<torch::Tensor>(), w_uv = get("w_uv").cast<torch::Tensor>();
+    q = get("q").cast<WTuple>(), kv_a = get("kv_a").cast<WTuple>(), o = get("o").cast<WTuple>();
+    if (opt("q_a")) q_a = get("q_a").cast<WTuple>(), q_a_ln = get("q_a_ln").cast<torch::Tensor>();
+    w13 = get("w13").cast<WTuple>(), w2 = get("w2").cast<WTuple>();
+    H = get("H").cast<int64_t>(), dn = get("dn").cast<int64_t>(), dr = get("dr").cast<int64_t>();
+    R = get("R").cast<int64_t>();
+    eps = get("eps").cast<double>(), scale = get("scale").cast<double>(), interleave = get("interleave").cast<bool>();
+    moe = opt("gate");
+    if (moe) {
+      gate = get("gate").cast<torch::Tensor>();
+      if (opt("bias")) bias = get("bias").cast<torch::Tensor>();
+      if (opt("s13")) s13 = get("s13").cast<WTuple>(), s2 = get("s2").cast<WTuple>();
+      k = get("k").cast<int64_t>(), method = get("method").cast<int64_t>(), n_group = get("n_group").cast<int64_t>();
+      topk_group = get("topk_group").cast<int64_t>(), sigmoid = get("sigmoid").cast<bool>();
+      norm = get("norm").cast<bool>(), route_scale = get("route_scale").cast<double>();
+    }
+  }
+
+  static torch::Tensor linear(const torch::Tensor& x, const WTuple& w) {
+    auto out = torch::empty({x.size(0), weight_ref(w).N}, x.options());
+    gemv(x, w, out);
+    return out;
+  }
+
+  // x [T, D] -> the layer's output [T, D]; the new tokens' latent rows are written to the cache.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots, torch::Tensor cos,
+                        torch::Tensor sin, torch::Tensor cache, torch::Tensor block_tables, torch::Tensor cu_seqlens_q,
+                        torch::Tensor seq_lens, int64_t kind) const {
+    const int64_t T = x.size(0);
+    torch::Tensor h = rms_norm(x, ln1, eps);
+    torch::Tensor qf = q_a ? linear(rms_norm(linear(h, *q_a), *q_a_ln, eps), q) : linear(h, q);
+    qf = qf.view({T, H, dn + dr});
+    torch::Tensor q_nope = qf.narrow(2, 0, dn), q_pe = qf.narrow(2, dn, dr);
+    torch::Tensor kv = linear(h, kv_a);
+    torch::Tensor c_kv = rms_norm(kv.narrow(1, 0, R), kv_a_ln, eps), k_pe = kv.narrow(1, R, dr);
+    rope_(q_pe, positions, cos, sin, interleave);
+    rope_(k_pe.unsqueeze(1), positions, cos, sin, interleave);
+    write_latent(cache, slots, c_kv, k_pe);
+    torch::Tensor att = mla_absorbed(q_nope, q_pe, w_uk, w_uv, cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                                     kind);
+    x = x + linear(att.view({T, -1}), o);
+    h = rms_norm(x, ln2, eps);
+    if (!moe) return x + linear(silu_mul(linear(h, w13)), w2);
+    const auto r = route(h, *gate, bias, k, sigmoid, method, n_group, topk_group, norm, route_scale);
+    return x + moe_decode(h, r[0], r[1], w13, w2, s13, s2);
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows);
   m.def("gemv", &gemv);
@@ -1254,5 +1324,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul);
   m.def("route", &route);
   m.def("write_latent", &write_latent);
+  py::class_<DecodeLayer>(m, "DecodeLayer").def(py::init<const py::dict&>()).def("forward", &DecodeLayer::forward);
   m.def("has_avx512", &has_avx512);
 }

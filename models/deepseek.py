@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from kernels import WeightFormat
+from kernels import WeightFormat, cpu
+from kernels.matmul import CPU_FEW_ROWS
 from kernels.weights import stored_bytes
 
 from .attention import AttnMetadata, MLAttention
@@ -20,6 +21,9 @@ class DecoderLayer:
         self.post_attention_layernorm = fmt.tensor(cfg.hidden_size)
         self.self_attn = MLAttention(cfg, rope, fmt, par)
         self.mlp = MoE(cfg, fmt, par) if cfg.is_moe_layer(i) else DenseMLP(cfg, fmt, par)
+        self.rope = rope
+        self.cpu_ok = torch.device(fmt.device).type == "cpu" and fmt.backend == "torch" and par.size == 1
+        self.cpu = None if self.cpu_ok else False  # the C++ layer for decode steps: not built yet, or none
 
     def weights(self):
         w = {"input_layernorm.weight": self.input_layernorm, "post_attention_layernorm.weight": self.post_attention_layernorm}
@@ -27,7 +31,34 @@ class DecoderLayer:
         w.update({f"mlp.{k}": v for k, v in self.mlp.weights().items()})
         return w
 
+    def cpu_weights(self) -> dict:
+        """The layer as kernels.cpu.decode_layer takes it."""
+        a, mlp, cfg = self.self_attn, self.mlp, self.self_attn.cfg
+        w = dict(ln1=self.input_layernorm, ln2=self.post_attention_layernorm, kv_a_ln=a.kv_a_layernorm, w_uk=a.w_uk,
+                 w_uv=a.w_uv, kv_a=a.kv_a_proj_with_mqa, o=a.o_proj, H=a.H, dn=cfg.qk_nope_head_dim,
+                 dr=cfg.qk_rope_head_dim, R=cfg.kv_lora_rank, eps=self.eps, scale=a.softmax_scale,
+                 interleave=cfg.rope_interleave, w13=mlp.w13, w2=mlp.w2)
+        if cfg.q_lora_rank:
+            w.update(q_a=a.q_a_proj, q_a_ln=a.q_a_layernorm, q=a.q_b_proj)
+        else:
+            w["q"] = a.q_proj
+        if isinstance(mlp, MoE):
+            w.update(gate=mlp.gate, bias=mlp.e_score_correction_bias, router=mlp.router)
+            if mlp.shared is not None:
+                w.update(s13=mlp.shared.w13, s2=mlp.shared.w2)
+        return w
+
     def __call__(self, x, meta: AttnMetadata, kv_cache, cache_format):
+        g = meta.absorbed
+        if (self.cpu is not False and meta.expanded is None and g.token_index is None and g.max_q_len is not None
+                and g.max_q_len <= cpu.MAX_DECODE_QUERIES and x.shape[0] <= CPU_FEW_ROWS):
+            # a CPU decode step: the whole layer in one C++ call (built on the first one: the weights are loaded)
+            if self.cpu is None:
+                self.cpu = self.cpu_ok and cpu.decode_layer(self.cpu_weights()) or False
+            kind = cpu.decode_kind(cache_format)
+            if self.cpu and kind in (0, 1):  # a float32 / bfloat16 cache (the C++ writes no packed rows)
+                return self.cpu.forward(x, meta.positions, meta.slot_mapping, self.rope.cos, self.rope.sin, kv_cache,
+                                        g.block_tables, g.cu_seqlens_q, g.seq_lens, kind)
         x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), meta, kv_cache, cache_format)
         return x + self.mlp(rms_norm(x, self.post_attention_layernorm, self.eps))
 

@@ -19,6 +19,11 @@ class MoE:
         self.e_score_correction_bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=fmt.device)
         self.w13 = fmt.linear(2 * I, D, experts=E)  # per expert [gate_proj; up_proj]
         self.w2 = fmt.linear(D, I, experts=E)  # per expert down_proj
+        # V2 does not rescale weights it normalised (with more than one expert per token); V3 always rescales
+        v2_norm = cfg.arch == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1
+        self.router = dict(top_k=cfg.num_experts_per_tok, scoring=cfg.scoring_func, method=cfg.topk_method,
+                           n_group=cfg.n_group, topk_group=cfg.topk_group, norm=cfg.norm_topk_prob,
+                           scale=1.0 if v2_norm else cfg.routed_scaling_factor)
         Is = I * cfg.n_shared_experts
         self.shared = DenseMLP(cfg, fmt, par, Is, "moe_intermediate_size * n_shared_experts") if Is else None
 
@@ -39,12 +44,7 @@ class MoE:
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] (float32), as DeepSeek's gate computes them."""
-        cfg = self.cfg
-        # V2 does not rescale weights it normalised (with more than one expert per token); V3 always rescales
-        v2_norm = cfg.arch == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1
-        return kernels.route(x, self.gate, self.e_score_correction_bias, cfg.num_experts_per_tok, cfg.scoring_func,
-                             cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
-                             1.0 if v2_norm else cfg.routed_scaling_factor)
+        return kernels.route(x, self.gate, self.e_score_correction_bias, **self.router)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)

@@ -173,3 +173,26 @@ def test_tied_embeddings_match_transformers(tmp_path):
     llm = LLM(path, device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
     assert llm.model.lm_head is llm.model.embed_tokens
     assert (llm.prompt_logits(ids) - hf_logits(hf_model(path), ids)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype,weight_dtype", [("float32", None), ("bfloat16", None), ("bfloat16", "int4")])
+def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_dtype):
+    """A CPU decode step runs each decoder layer as one C++ call (kernels/cpu_kernels.cpp DecodeLayer): the same
+    tokens and logprobs as the Python layer (the same kernels, in the same order and roundings) with it turned off."""
+    from kernels import cpu
+    if cpu.ext() is None:
+        pytest.skip("the C++ extension does not build here")
+    llm = LLM(checkpoints[name], device="cpu", dtype=dtype, weight_dtype=weight_dtype, attn_mode="auto",
+              progress=False, kv_cache_memory_gib=0.05)
+    prompts = [prompt(n, seed=30 + n) for n in (9, 2, 21)]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    with_cpp = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+    assert all(layer.cpu for layer in llm.model.layers)  # every layer (dense and MoE) was built and taken
+    for layer in llm.model.layers:
+        layer.cpu = False
+    without = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+    for a, b in zip(with_cpp, without):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert abs(list(la.values())[0] - list(lb.values())[0]) < 1e-5
