@@ -56,10 +56,10 @@ def write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt: CacheFormat | None = N
     if _check_backend(backend, kv_cache, c_kv, k_pe, slot_mapping):
         from . import cache_write
         return cache_write.write_latent(kv_cache, slot_mapping, c_kv, k_pe, fmt)
+    if _cpu_glue(c_kv) and kv_cache.is_contiguous() and (not fmt.packed or cpu.decode_kind(fmt) is not None):
+        return cpu.ext().write_latent(kv_cache, slot_mapping, c_kv, k_pe)  # one call, not a cat, a cast, a scatter
     if fmt.packed:
         return _write_packed(kv_cache, slot_mapping, c_kv, k_pe, fmt)
-    if _cpu_glue(c_kv) and kv_cache.is_contiguous():  # one call instead of a cat, a cast and a scatter
-        return cpu.ext().write_latent(kv_cache, slot_mapping, c_kv, k_pe)
     reference.write_latent(kv_cache, slot_mapping, c_kv, k_pe)
 
 

@@ -1160,20 +1160,43 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor gate, std::optio
   return {ids, wts};
 }
 
-// New tokens' [c_kv | k_pe] into a float latent cache (kernels/reference.py write_latent): token t to flat slot
-// slots[t]; c_kv [T, R], k_pe [T, dr] (views with a contiguous last dim), converted to the cache's dtype.
+// New tokens' [c_kv | k_pe] into the latent cache (kernels/reference.py write_latent): token t to flat slot
+// slots[t]; c_kv [T, R], k_pe [T, dr] (views with a contiguous last dim). A float cache takes both converted to its
+// dtype; a packed int8 cache (uint8 rows, kernels/cache_format.py) takes the latent quantized with one absmax scale
+// per token, rounded half up as cache_format.quantize does, then the scale (float32) and k_pe in its own dtype.
 void write_latent(torch::Tensor cache, torch::Tensor slots, torch::Tensor c_kv, torch::Tensor k_pe) {
   const int64_t T = c_kv.size(0), R = c_kv.size(1), DR = k_pe.size(1), W = cache.size(-1);
-  TORCH_CHECK(cache.is_contiguous() && W == R + DR && k_pe.size(0) == T && slots.numel() == T &&
-                  slots.scalar_type() == torch::kInt64, "write_latent: cache [..., R + dr], c_kv [T, R], k_pe [T, dr]");
+  const bool packed = cache.scalar_type() == torch::kByte;
+  TORCH_CHECK(cache.is_contiguous() && W == (packed ? R + 4 + DR * k_pe.element_size() : R + DR) &&
+                  k_pe.size(0) == T && slots.numel() == T && slots.scalar_type() == torch::kInt64,
+              "write_latent: cache [..., R + dr] (or a packed int8 row), c_kv [T, R], k_pe [T, dr]");
   const std::vector<float> c = values_f32(c_kv), kp = values_f32(k_pe);
   const int64_t* S = slots.contiguous().data_ptr<int64_t>();
   const int64_t rows = cache.numel() / W;
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(S[t] >= 0 && S[t] < rows, "write_latent: slot out of range");
+  if (packed) {
+    uint8_t* out = cache.data_ptr<uint8_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const float* x = c.data() + t * R;
+      uint8_t* row = out + S[t] * W;
+      float amax = 0.f;
+      for (int64_t i = 0; i < R; ++i) amax = std::max(amax, std::fabs(x[i]));
+      const float scale = amax / 127.f > 0.f ? amax / 127.f : 1.f;  // an all-zero row: any finite scale
+      for (int64_t i = 0; i < R; ++i)
+        row[i] = uint8_t(int8_t(std::min(127.f, std::max(-127.f, std::floor(x[i] / scale + 0.5f)))));
+      std::memcpy(row + R, &scale, 4);
+      float_dispatch(k_pe.scalar_type(), [&](auto tag) {
+        using Tk = decltype(tag);
+        Tk* pe = reinterpret_cast<Tk*>(row + R + 4);  // 4-byte aligned: R is a multiple of 4 (kv_lora_rank)
+        for (int64_t i = 0; i < DR; ++i) pe[i] = Tk(kp[t * DR + i]);
+      });
+    }
+    return;
+  }
   float_dispatch(cache.scalar_type(), [&](auto tag) {
     using Tc = decltype(tag);
     Tc* out = cache.data_ptr<Tc>();
     for (int64_t t = 0; t < T; ++t) {
-      TORCH_CHECK(S[t] >= 0 && S[t] < rows, "write_latent: slot out of range");
       Tc* row = out + S[t] * W;
       for (int64_t i = 0; i < R; ++i) row[i] = Tc(c[t * R + i]);
       for (int64_t i = 0; i < DR; ++i) row[R + i] = Tc(kp[t * DR + i]);

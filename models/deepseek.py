@@ -56,7 +56,7 @@ class DecoderLayer:
             if self.cpu is None:
                 self.cpu = self.cpu_ok and cpu.decode_layer(self.cpu_weights()) or False
             kind = cpu.decode_kind(cache_format)
-            if self.cpu and kind in (0, 1):  # a float32 / bfloat16 cache (the C++ writes no packed rows)
+            if self.cpu and kind is not None:  # a cache format the C++ writes and reads (not fp8, not float16)
                 return self.cpu.forward(x, meta.positions, meta.slot_mapping, self.rope.cos, self.rope.sin, kv_cache,
                                         g.block_tables, g.cu_seqlens_q, g.seq_lens, kind)
         x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), meta, kv_cache, cache_format)

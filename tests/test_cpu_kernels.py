@@ -226,3 +226,22 @@ def test_write_latent_matches_reference(dtype):
     cpu.ext().write_latent(got, slots, c_kv, k_pe)
     reference.write_latent(want, slots, c_kv, k_pe)
     torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)  # the other slots stay NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_latent_packed_int8_matches_reference(dtype):
+    """The packed int8 row (cache_format.py): latent quantized per token, its scale, k_pe in the model dtype."""
+    from kernels.cache_format import CacheFormat, write_latent
+    R, DR, T = 36, 10, 5
+    kv = rand(T, R + DR + 3, seed=25) * 3
+    kv[2, :R] = 0  # an all-zero latent: scale 1
+    kv[3, 5] = 40  # one outlier sets the token's scale
+    c_kv, k_pe = kv[:, :R].to(dtype), kv[:, R + 3:].to(dtype)
+    fmt = CacheFormat("int8", R, DR, dtype)
+    slots = torch.tensor([0, 9, 4, 22, 15])
+    got = torch.full((3, 8, fmt.width), 0xA5, dtype=torch.uint8)  # a byte pattern no write leaves behind
+    want = got.clone()
+    cpu.ext().write_latent(got, slots, c_kv, k_pe)
+    write_latent(want, slots, c_kv, k_pe, fmt)
+    assert torch.equal(got, want)
+    assert not (got.view(-1, fmt.width)[slots] == 0xA5).all(-1).any()

@@ -176,15 +176,16 @@ def test_tied_embeddings_match_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype,weight_dtype", [("float32", None), ("bfloat16", None), ("bfloat16", "int4")])
-def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_dtype):
+@pytest.mark.parametrize("dtype,weight_dtype,kv_cache_dtype", [("float32", None, "auto"), ("bfloat16", None, "auto"),
+                                                               ("bfloat16", "int4", "int8"), ("float32", "int8", "int8")])
+def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_dtype, kv_cache_dtype):
     """A CPU decode step runs each decoder layer as one C++ call (kernels/cpu_kernels.cpp DecodeLayer): the same
     tokens and logprobs as the Python layer (the same kernels, in the same order and roundings) with it turned off."""
     from kernels import cpu
     if cpu.ext() is None:
         pytest.skip("the C++ extension does not build here")
-    llm = LLM(checkpoints[name], device="cpu", dtype=dtype, weight_dtype=weight_dtype, attn_mode="auto",
-              progress=False, kv_cache_memory_gib=0.05)
+    llm = LLM(checkpoints[name], device="cpu", dtype=dtype, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype,
+              attn_mode="auto", progress=False, kv_cache_memory_gib=0.05)
     prompts = [prompt(n, seed=30 + n) for n in (9, 2, 21)]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
     with_cpp = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
