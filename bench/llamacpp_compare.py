@@ -1,9 +1,10 @@
 """mla-engine next to llama.cpp and ik_llama.cpp on the same weights, on this CPU, in one session.
 
-    python bench/llamacpp_compare.py --llama-cpp DIR --ik-llama-cpp DIR [--work DIR] [--formats f32,bf16,q8_0,q4_0]
+    python bench/llamacpp_compare.py [--llama-cpp DIR] [--ik-llama-cpp DIR] [--work DIR] [--formats f32,bf16,q8_0,q4_0]
                                      [--config bench/configs/deepseek-v2-lite.json --layers 27 --experts 8]
 
-DIR is a source folder of each project with its llama-bench and llama-quantize built in DIR/build/bin. Nothing is
+DIR is a source folder of each project with its llama-bench and llama-quantize built in DIR/build/bin (a project
+left out gets an empty column: a run with one of them, then a run with both, measures each once). Nothing is
 fetched: the script writes one random-weight bf16 checkpoint of the published config (cut to --layers/--experts)
 with a small byte-level BPE tokenizer, converts it with each project's own convert_hf_to_gguf.py (f32, bf16, q8_0;
 q4_0 through llama-quantize), runs llama-bench on every GGUF and `mla bench` on the safetensors folder, and prints
@@ -130,6 +131,9 @@ def anchors(args, model: str, fmt: str) -> dict:
             ("llama.cpp", args.llama_cpp, [], "-fa", ["-p", "0", "-n", "32", "-d", "512,4096"]),
             ("ik_llama.cpp", args.ik_llama_cpp, ["-mla", "3", "-fa", "1", "-fmoe", "1"], "-rtr",
              ["-gp", "512,32", "-gp", "4096,32"])):
+        if project is None:
+            res[name] = {}
+            continue
         tags = [f"{name}-{fmt}-short{flag}0", f"{name}-{fmt}-short{flag}1", f"{name}-{fmt}-pp4096", f"{name}-{fmt}-depth"]
         measured = all(os.path.exists(os.path.join(args.work, f"{t}.json")) for t in tags)
         path = None if measured else gguf(project, model, fmt, args.work)  # measured before: no GGUF needed
@@ -174,8 +178,8 @@ def fmt_ts(x):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--llama-cpp", required=True)
-    p.add_argument("--ik-llama-cpp", required=True)
+    p.add_argument("--llama-cpp")
+    p.add_argument("--ik-llama-cpp")
     p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "mla-engine", "compare"))
     p.add_argument("--config", default=os.path.join(HERE, "configs", "deepseek-v2-lite.json"))
     p.add_argument("--layers", type=int, default=27)
