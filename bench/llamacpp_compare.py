@@ -4,7 +4,8 @@
                                      [--config bench/configs/deepseek-v2-lite.json --layers 27 --experts 8]
 
 DIR is a source folder of each project with its llama-bench and llama-quantize built in DIR/build/bin (a project
-left out gets an empty column: a run with one of them, then a run with both, measures each once). Nothing is
+left out gets an empty column: a run with one of them, then a run with both, measures each once; --no-4096 leaves out a
+project's 4096-token tests). Nothing is
 fetched: the script writes one random-weight bf16 checkpoint of the published config (cut to --layers/--experts)
 with a small byte-level BPE tokenizer, converts it with each project's own convert_hf_to_gguf.py (f32, bf16, q8_0;
 q4_0 through llama-quantize), runs llama-bench on every GGUF and `mla bench` on the safetensors folder, and prints
@@ -134,7 +135,11 @@ def anchors(args, model: str, fmt: str) -> dict:
         if project is None:
             res[name] = {}
             continue
-        tags = [f"{name}-{fmt}-short{flag}0", f"{name}-{fmt}-short{flag}1", f"{name}-{fmt}-pp4096", f"{name}-{fmt}-depth"]
+        short_only = name in args.no_4096.split(",")
+        if short_only:  # no test of 4096 tokens: tg @ d512 is the deepest
+            depth_tests = ["-p", "0", "-n", "32", "-d", "512"] if name == "llama.cpp" else ["-gp", "512,32"]
+        tags = [f"{name}-{fmt}-short{flag}0", f"{name}-{fmt}-short{flag}1"] + \
+            ([f"{name}-{fmt}-depth512"] if short_only else [f"{name}-{fmt}-pp4096", f"{name}-{fmt}-depth"])
         measured = all(os.path.exists(os.path.join(args.work, f"{t}.json")) for t in tags)
         path = None if measured else gguf(project, model, fmt, args.work)  # measured before: no GGUF needed
         short = {v: llama_bench(project, path, flags + [flag, v], ["-p", "512", "-n", "32"], args.reps, args.work,
@@ -142,8 +147,10 @@ def anchors(args, model: str, fmt: str) -> dict:
         cost = {v: sum((r["n_prompt"] + r["n_gen"]) / r["avg_ts"] for r in rows) for v, rows in short.items()}
         best = min(cost, key=cost.get)
         flags = flags + [flag, best]
-        long = llama_bench(project, path, flags, ["-p", "4096", "-n", "0"], args.reps, args.work, f"{name}-{fmt}-pp4096")
-        deep = llama_bench(project, path, flags, depth_tests, args.reps, args.work, f"{name}-{fmt}-depth")
+        pp4096 = f"{name}-{fmt}-pp4096"  # with --no-4096, kept where an earlier run measured it
+        long = [] if short_only and not os.path.exists(os.path.join(args.work, f"{pp4096}.json")) else \
+            llama_bench(project, path, flags, ["-p", "4096", "-n", "0"], args.reps, args.work, pp4096)
+        deep = llama_bench(project, path, flags, depth_tests, args.reps, args.work, tags[-1])
         r = {"flags": " ".join(flags)}
         for row in short[best] + long + [row for row in deep if row["n_gen"] == 32]:
             # llama.cpp reports a depth as n_depth; ik_llama.cpp's -gp as the prompt before the generation
@@ -188,6 +195,8 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-ours", action="store_true", help="only the anchors (e.g. to measure them first)")
     p.add_argument("--keep-gguf", action="store_true")
+    p.add_argument("--no-4096", default="", metavar="PROJECTS",
+                   help="e.g. llama.cpp: leave out its pp4096 and tg @ d4096 (each 4096-token prompt takes it minutes)")
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)
     model = checkpoint(args)
