@@ -22,8 +22,8 @@ class DecoderLayer:
         self.self_attn = MLAttention(cfg, rope, fmt, par)
         self.mlp = MoE(cfg, fmt, par) if cfg.is_moe_layer(i) else DenseMLP(cfg, fmt, par)
         self.rope = rope
-        self.cpu_ok = torch.device(fmt.device).type == "cpu" and fmt.backend == "torch" and par.size == 1
-        self.cpu = None if self.cpu_ok else False  # the C++ layer for decode steps: not built yet, or none
+        cpu_ok = torch.device(fmt.device).type == "cpu" and fmt.backend == "torch" and par.size == 1
+        self.cpu = None if cpu_ok else False  # the C++ layer for decode steps: not built yet, or none
 
     def weights(self):
         w = {"input_layernorm.weight": self.input_layernorm, "post_attention_layernorm.weight": self.post_attention_layernorm}
@@ -54,7 +54,7 @@ class DecoderLayer:
                 and g.max_q_len <= cpu.MAX_DECODE_QUERIES and x.shape[0] <= CPU_FEW_ROWS):
             # a CPU decode step: the whole layer in one C++ call (built on the first one: the weights are loaded)
             if self.cpu is None:
-                self.cpu = self.cpu_ok and cpu.decode_layer(self.cpu_weights()) or False
+                self.cpu = cpu.decode_layer(self.cpu_weights()) or False
             kind = cpu.decode_kind(cache_format)
             if self.cpu and kind is not None:  # a cache format the C++ writes and reads (not fp8, not float16)
                 return self.cpu.forward(x, meta.positions, meta.slot_mapping, self.rope.cos, self.rope.sin, kv_cache,
