@@ -71,8 +71,8 @@ def route(x, gate, bias, top_k: int, scoring: str, method: str, n_group: int, to
     if _cpu_glue(x) and x.shape[0] <= CPU_FEW_ROWS and gate.is_contiguous() and gate.dtype in (torch.bfloat16,
                                                                                                  torch.float32):
         # a decode step: one call instead of about ten small torch ops per MoE layer
-        return cpu.ext().route(x, gate, bias, top_k, scoring == "sigmoid", reference.TOPK_METHODS.index(method),
-                               n_group, topk_group, norm, scale)
+        return cpu.ext().route(x, gate, bias, *cpu.route_codes(top_k, scoring, method, n_group, topk_group, norm,
+                                                               scale))
     return reference.route(x, gate, bias, top_k, scoring, method, n_group, topk_group, norm, scale)
 
 

@@ -61,6 +61,11 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, shared=None) -> torch.Tensor:
     return ext().moe_decode(x, topk_ids, topk_weights, ref(w13), ref(w2), s13, s2)
 
 
+def route_codes(top_k, scoring, method, n_group, topk_group, norm, scale) -> tuple:
+    """The router's settings (models/moe.py MoE.router) as the C++ route takes them, after x, gate, bias."""
+    return top_k, scoring == "sigmoid", reference.TOPK_METHODS.index(method), n_group, topk_group, norm, scale
+
+
 # ---- a decoder layer of a decode step in one call ----------------------------------------------------------------
 LINEARS = ("q_a", "q", "kv_a", "o", "w13", "w2", "s13", "s2")
 FLOATS = ("ln1", "ln2", "kv_a_ln", "q_a_ln", "w_uk", "w_uv", "gate")
@@ -77,11 +82,9 @@ def decode_layer(weights: dict):
             and all(t.is_contiguous() and t.dtype in (torch.bfloat16, torch.float32) for t in flt)
             and len({w[k].dtype for k in ("ln1", "ln2", "kv_a_ln", "q_a_ln") if k in w}) == 1):
         return None
-    d = {k: ref(v) if k in LINEARS else v for k, v in w.items() if k != "router"}
+    d = {k: ref(v) if k in LINEARS else v for k, v in w.items()}
     if "router" in w:
-        r = w["router"]
-        d.update(k=r["top_k"], sigmoid=r["scoring"] == "sigmoid", method=reference.TOPK_METHODS.index(r["method"]),
-                 n_group=r["n_group"], topk_group=r["topk_group"], norm=r["norm"], route_scale=r["scale"])
+        d["router"] = route_codes(**w["router"])
     return ext().DecodeLayer(d)
 
 

@@ -1310,9 +1310,9 @@ struct DecodeLayer {
       gate = get("gate").cast<torch::Tensor>();
       if (opt("bias")) bias = get("bias").cast<torch::Tensor>();
       if (opt("s13")) s13 = get("s13").cast<WTuple>(), s2 = get("s2").cast<WTuple>();
-      k = get("k").cast<int64_t>(), method = get("method").cast<int64_t>(), n_group = get("n_group").cast<int64_t>();
-      topk_group = get("topk_group").cast<int64_t>(), sigmoid = get("sigmoid").cast<bool>();
-      norm = get("norm").cast<bool>(), route_scale = get("route_scale").cast<double>();
+      // kernels/cpu.py route_codes: (top_k, sigmoid, method, n_group, topk_group, norm, scale)
+      std::tie(k, sigmoid, method, n_group, topk_group, norm, route_scale) =
+          get("router").cast<std::tuple<int64_t, bool, int64_t, int64_t, int64_t, bool, double>>();
     }
   }
 

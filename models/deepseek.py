@@ -21,7 +21,6 @@ class DecoderLayer:
         self.post_attention_layernorm = fmt.tensor(cfg.hidden_size)
         self.self_attn = MLAttention(cfg, rope, fmt, par)
         self.mlp = MoE(cfg, fmt, par) if cfg.is_moe_layer(i) else DenseMLP(cfg, fmt, par)
-        self.rope = rope
         cpu_ok = torch.device(fmt.device).type == "cpu" and fmt.backend == "torch" and par.size == 1
         self.cpu = None if cpu_ok else False  # the C++ layer for decode steps: not built yet, or none
 
@@ -55,9 +54,9 @@ class DecoderLayer:
             # a CPU decode step: the whole layer in one C++ call (built on the first one: the weights are loaded)
             if self.cpu is None:
                 self.cpu = cpu.decode_layer(self.cpu_weights()) or False
-            kind = cpu.decode_kind(cache_format)
+            kind, rope = cpu.decode_kind(cache_format), self.self_attn.rope
             if self.cpu and kind is not None:  # a cache format the C++ writes and reads (not fp8, not float16)
-                return self.cpu.forward(x, meta.positions, meta.slot_mapping, self.rope.cos, self.rope.sin, kv_cache,
+                return self.cpu.forward(x, meta.positions, meta.slot_mapping, rope.cos, rope.sin, kv_cache,
                                         g.block_tables, g.cu_seqlens_q, g.seq_lens, kind)
         x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), meta, kv_cache, cache_format)
         return x + self.mlp(rms_norm(x, self.post_attention_layernorm, self.eps))
