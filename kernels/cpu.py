@@ -8,6 +8,7 @@ QuantWeight (x quantized per block of 128 to int8, VNNI dot products):
   mla_absorbed(q_nope, q_pe, ...)      W_UK, the absorbed attention over the latent cache, W_UV in one call
   decode_layer(weights)                a whole decoder layer of a decode step (all of the above) in one call
 The torch references are F.linear over the (dequantized) weight and kernels/reference.py; tests compare them."""
+import hashlib
 import os
 import sys
 
@@ -19,17 +20,47 @@ _ext = None
 _tried = False
 
 
+SOURCES = ("cpu_kernels.cpp",)
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+
+
+def build_dir() -> str:
+    """Our own build folder, keyed by everything that determines the binary (the sources, torch's version, the
+    flags, this CPU's features), so that two checkouts, environments or torch versions never rebuild each other's."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    h.update(" ".join((torch.__version__, sys.version, *CFLAGS, _cpu_flags())).encode())
+    root = os.environ.get("MLA_ENGINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mla-engine"))
+    return os.path.join(root, "cpu-kernels", h.hexdigest()[:16])
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def ext():
     global _ext, _tried
     if not _tried:
         _tried = True
         from torch.utils.cpp_extension import load
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = build_dir()
+        os.makedirs(path, exist_ok=True)
+        built = any(f.endswith(".so") for f in os.listdir(path))
+        if not built:
+            print("mla: building the CPU kernels for this machine, once (about a minute)", file=sys.stderr, flush=True)
         try:
-            _ext = load(name="mla_cpu_kernels", sources=[src], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                        extra_ldflags=["-fopenmp"], verbose=False)
+            _ext = load(name="mla_cpu_kernels", sources=[os.path.join(here, s) for s in SOURCES],
+                        extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=path, verbose=False)
         except Exception as e:  # no compiler or headers: the torch paths serve
-            print(f"mla: CPU kernels unavailable, using torch ops ({str(e).splitlines()[0] if str(e) else e!r})",
+            print(f"mla: CPU kernels unavailable, the slower torch path serves ({str(e).splitlines()[0] if str(e) else e!r})",
                   file=sys.stderr)
     return _ext
 
