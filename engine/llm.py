@@ -3,12 +3,11 @@ import os
 
 import torch
 
-from kvcache import BlockManager, LatentCache
 from models.errors import ModelError
-from models.loader import load_model
+from models.parallel import Parallel
 
 from .config import EngineConfig
-from .model_runner import ModelRunner
+from .model_runner import build_rank
 from .output import OutputProcessor
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -67,28 +66,32 @@ class LLM:
         self.config = c = config.resolve()
         self.model_config = mc = c.model_config
         self.device, self.dtype = c.torch_device, c.torch_dtype
+        self.ranks = None
         if c.tensor_parallel_size > 1:  # this process is rank 0; it starts the others (engine/parallel.py)
-            from .parallel import ParallelModel
-            self.model = ParallelModel(c)
-        else:
-            self.model = load_model(c.model, c.weight_format, mc, c.progress, dummy=c.load_format == "dummy")
+            from .parallel import Ranks
+            self.ranks = Ranks(c)
+        try:
+            _, self.cache, self.runner = build_rank(c, self.ranks.par if self.ranks else Parallel(),
+                                                    wrap=self.ranks.wrap if self.ranks else None)
+            if self.ranks:
+                self.ranks.ready()
+        except BaseException:
+            self.close()
+            raise
+        self.model, self.blocks = self.runner.model, self.runner.blocks
         self.tokenizer = load_tokenizer(c.model) if os.path.isdir(c.model) else None
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.output = OutputProcessor(self.tokenizer, eos)
-        self.cache = LatentCache.from_budget(int(c.kv_cache_memory_gib * 2**30), c.max_num_seqs * c.max_model_len,
-                                             mc.num_hidden_layers, c.block_size, c.cache_format, self.device)
-        self.blocks = BlockManager(self.cache.num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache, self.blocks, c)
         self.generators: dict[int, torch.Generator] = {}
         self._seeds = torch.Generator().manual_seed(c.seed)
 
     def close(self):
         """Stop the other ranks (tensor parallelism); the engine cannot run after."""
-        if hasattr(self.model, "close"):
-            self.model.close()
+        if self.ranks is not None:
+            self.ranks.close()
 
     # ---- requests -------------------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:

@@ -1,27 +1,54 @@
-"""Turns a scheduled step into tensors (in this one place), runs the model, returns the hidden states."""
+"""One rank of an engine: build_rank assembles it (kernel backend, model, latent cache, runner), and the ModelRunner
+turns a scheduled step into tensors (in this one place), runs the model, and returns the hidden states."""
+import dataclasses
+
 import torch
 
+from kernels import FEW_ROWS, make_backend
 from kvcache import BlockManager, LatentCache
 from models.attention import AttnMetadata, SeqGroup
 from models.deepseek import DeepseekModel
+from models.loader import load_model
+from models.parallel import Parallel
 
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, use_graphs
 from .sequence import Sequence
 
 
+def build_rank(config: EngineConfig, par: Parallel = Parallel(), device: torch.device | None = None, wrap=None):
+    """(model, cache, runner) of one rank: its kernel backend chosen once (kernels.make_backend, which builds the
+    C++ CPU kernels the first time), its share of the weights loaded, its latent cache allocated. device: this
+    rank's (default: the config's); wrap(model): what rank 0 runs instead (engine/parallel.py announces each call)."""
+    device = device or config.torch_device
+    ops = make_backend(config.backend, device, config.torch_dtype, config.cache_format)
+    fmt = dataclasses.replace(config.weight_format, device=device)
+    model = load_model(config.model, fmt, config.model_config, config.progress and par.rank == 0,
+                       dummy=config.load_format == "dummy", par=par, ops=ops)
+    cfg = config.model_config
+    cache = LatentCache.from_budget(int(config.kv_cache_memory_gib * 2**30), config.max_num_seqs * config.max_model_len,
+                                    cfg.num_hidden_layers, config.block_size, config.cache_format, device)
+    runner = ModelRunner(wrap(model) if wrap else model, cache, config)
+    return model, cache, runner
+
+
 class ModelRunner:
-    def __init__(self, model: DeepseekModel, cache: LatentCache, blocks: BlockManager, config: EngineConfig):
-        self.model, self.cache, self.blocks = model, cache, blocks
+    def __init__(self, model: DeepseekModel, cache: LatentCache, config: EngineConfig):
+        self.model, self.cache = model, cache
+        self.blocks = BlockManager(cache.num_blocks, config.block_size)
         self.attn_mode, self.mla_threshold = config.attn_mode, config.mla_threshold
         self.device = model.device
+        self.pin = self.device.type == "cuda"  # host data staged in pinned memory: an unpinned copy is synchronous
         model.rope.reserve(config.max_model_len)  # once, so no forward pass grows (moves) the tables
+        # The layers of a decode step, picked once: the backend's fused decoder layer where it has one (the C++
+        # layer on the CPU), else the Python layers.
+        self.decode_layers = model.fused_decode_layers()
         self.graphs = None
-        # decode steps replay CUDA graphs unless enforce_eager; capturable: the Triton kernels read nothing back
-        if (not config.enforce_eager and self.device.type == "cuda" and config.backend == "triton"
-                and not self.uses_expanded(1) and config.tensor_parallel_size == 1):
-            self.graphs = DecodeGraphs(model, cache, blocks.block_size, config.max_num_seqs,
-                                       blocks.blocks_for(config.max_model_len))
+        if use_graphs(config, self.uses_expanded(1)):  # every batch-size bucket captured now, not while serving
+            self.graphs = DecodeGraphs(model, cache, config.block_size, config.max_num_seqs,
+                                       self.blocks.blocks_for(config.max_model_len))
+            if not self.graphs.capture_all():
+                self.graphs = None
 
     def uses_expanded(self, num_query_tokens: int) -> bool:
         """Expanded attention pays for decompressing the cache once; it wins when many queries share it."""
@@ -30,7 +57,7 @@ class ModelRunner:
         return self.attn_mode == "expanded"
 
     def _tensor(self, data, dtype):
-        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+        return torch.tensor(data, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
 
     def _group(self, entries: list[tuple[Sequence, int, int]], num_rows: int) -> SeqGroup | None:
         if not entries:
@@ -62,12 +89,12 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(self.blocks.slots(seq.seq_id, start, start + n))
         T = len(input_ids)
-        if self.graphs is not None and self.graphs.enabled and 0 < T == len(absorbed) <= self.graphs.max_batch:
-            hidden = self.graphs.run(input_ids, positions, slots, [self.blocks.tables[s.seq_id] for s, _ in batch],
-                                     [p + 1 for p in positions])
-            if hidden is not None:
-                return hidden
+        if self.graphs is not None and 0 < T == len(absorbed) <= self.graphs.max_batch:  # one token per sequence
+            return self.graphs.run(input_ids, positions, slots, [self.blocks.tables[s.seq_id] for s, _ in batch],
+                                   [p + 1 for p in positions])
         meta = AttnMetadata(positions=self._tensor(positions, torch.int64),
                             slot_mapping=self._tensor(slots, torch.int64),
                             absorbed=self._group(absorbed, T), expanded=self._group(expanded, T))
-        return self.model.forward(self._tensor(input_ids, torch.int64), meta, self.cache)
+        decode = bool(absorbed) and not expanded and T <= FEW_ROWS and meta.absorbed.max_q_len <= FEW_ROWS
+        layers = self.decode_layers if decode else None
+        return self.model.forward(self._tensor(input_ids, torch.int64), meta, self.cache, layers)

@@ -13,8 +13,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kvcache import LatentCache
-from models.loader import load_model
 from models.parallel import Parallel
 
 TIMEOUT = timedelta(minutes=30)  # loading a large model's share can take long
@@ -63,15 +61,9 @@ def _worker(config, rank: int, port: int):
 
 
 def _serve(config, rank: int, port: int):
+    from .model_runner import build_rank
     par = _init(config, rank, port)
-    device = _rank_device(config, rank)
-    fmt = dataclasses.replace(config.weight_format, device=device)
-    model = load_model(config.model, fmt, config.model_config, progress=False, dummy=config.load_format == "dummy",
-                       par=par)
-    cfg = config.model_config
-    cache = LatentCache.from_budget(int(config.kv_cache_memory_gib * 2**30), config.max_num_seqs * config.max_model_len,
-                                    cfg.num_hidden_layers, config.block_size, config.cache_format, device)
-    model.rope.reserve(config.max_model_len)
+    model, cache, _ = build_rank(config, par, _rank_device(config, rank))
     dist.barrier()  # loaded: rank 0 may start
     while True:
         msg = [None]
@@ -79,7 +71,7 @@ def _serve(config, rank: int, port: int):
         kind, args = msg[0]
         if kind == "stop":
             break
-        args = _to(args, device)
+        args = _to(args, model.device)
         if kind == "forward":
             model.forward(*args, cache)
         else:
@@ -87,11 +79,10 @@ def _serve(config, rank: int, port: int):
     dist.destroy_process_group()
 
 
-class ParallelModel:
-    """Rank 0's model: the same interface as DeepseekModel; its collective calls are announced to the other ranks."""
+class Ranks:
+    """Rank 0's handle on the other ranks: starts them, joins the group (par), and announces each collective call."""
 
     def __init__(self, config):
-        self.config = config
         port = _free_port()
         ctx = torch.multiprocessing.get_context("spawn")
         self.workers = [ctx.Process(target=_worker, args=(config, r, port), daemon=True)
@@ -100,36 +91,27 @@ class ParallelModel:
             p.start()
         try:
             self.par = _init(config, 0, port)
-            self.model = load_model(config.model, config.weight_format, config.model_config, config.progress,
-                                    dummy=config.load_format == "dummy", par=self.par)
-            dist.barrier()
         except BaseException:
             self.close()
             raise
         atexit.register(self.close)
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+    def wrap(self, model) -> "ParallelModel":
+        return ParallelModel(model, self)
 
-    def _announce(self, kind: str, args: tuple):
+    def ready(self):
+        """Every rank has loaded its share (rank 0 calls this once its own is loaded)."""
+        dist.barrier()
+
+    def announce(self, kind: str, args: tuple):
         dist.broadcast_object_list([(kind, _to(args, "cpu"))], src=0)
-
-    @torch.inference_mode()
-    def forward(self, input_ids, meta, cache):
-        self._announce("forward", (input_ids, meta))
-        return self.model.forward(input_ids, meta, cache)
-
-    @torch.inference_mode()
-    def logits(self, hidden):
-        self._announce("logits", (hidden,))
-        return self.model.logits(hidden)
 
     def close(self):
         if not self.workers:
             return
         try:
             if dist.is_initialized():
-                self._announce("stop", ())
+                self.announce("stop", ())
                 dist.destroy_process_group()
         except Exception as e:  # a rank that died already: nothing to tell it
             print(f"mla: closing the ranks: {e}", file=sys.stderr)
@@ -138,3 +120,23 @@ class ParallelModel:
             if p.is_alive():
                 p.terminate()
         self.workers = []
+
+
+class ParallelModel:
+    """Rank 0's model: the same interface as DeepseekModel; its collective calls are announced to the other ranks."""
+
+    def __init__(self, model, ranks: Ranks):
+        self.model, self.ranks = model, ranks
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, meta, cache, layers=None):
+        self.ranks.announce("forward", (input_ids, meta))
+        return self.model.forward(input_ids, meta, cache, layers)
+
+    @torch.inference_mode()
+    def logits(self, hidden):
+        self.ranks.announce("logits", (hidden,))
+        return self.model.logits(hidden)

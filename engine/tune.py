@@ -6,7 +6,6 @@ import time
 import torch
 from tqdm import tqdm
 
-import kernels
 from models.attention import SeqGroup
 
 from .llm import LLM
@@ -22,7 +21,7 @@ def tune(llm: LLM, depths: list[int], q_lens: list[int], reps: int = 3, progress
     (MLAttention.absorbed / .expanded, the model's own two forms). The rest of the layer is the same on both paths,
     so only attention is timed: the difference is what the threshold decides."""
     attn, cfg, dev = llm.model.layers[0].self_attn, llm.model_config, llm.device
-    H, bs, fmt = cfg.num_attention_heads, llm.blocks.block_size, llm.cache.format
+    H, bs, ops = cfg.num_attention_heads, llm.blocks.block_size, llm.model.ops
     g = torch.Generator(device=dev).manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g, device=dev, dtype=llm.dtype)
     rows = []
@@ -33,8 +32,8 @@ def tune(llm: LLM, depths: list[int], q_lens: list[int], reps: int = 3, progress
             if -(-L // bs) > llm.cache.num_blocks:
                 raise ValueError(f"depth {depth} + {q} tokens do not fit in the KV cache; raise --kv-cache-gib")
             kv_cache = llm.cache.layers[0]
-            kernels.write_latent(kv_cache, torch.arange(L, device=dev), rand(L, cfg.kv_lora_rank),
-                                 rand(L, cfg.qk_rope_head_dim), fmt, backend=attn.backend)
+            ops.write_latent(kv_cache, torch.arange(L, device=dev), rand(L, cfg.kv_lora_rank),
+                             rand(L, cfg.qk_rope_head_dim))
             group = SeqGroup(token_index=None,
                              block_tables=torch.arange(-(-L // bs), dtype=torch.int32, device=dev)[None],
                              cu_seqlens_q=torch.tensor([0, q], dtype=torch.int32, device=dev),
@@ -47,7 +46,7 @@ def tune(llm: LLM, depths: list[int], q_lens: list[int], reps: int = 3, progress
                 def once():
                     _sync(dev)
                     t = time.perf_counter()
-                    form(q_nope, q_pe, kv_cache, group, fmt)
+                    form(q_nope, q_pe, kv_cache, group, ops)
                     _sync(dev)
                     return time.perf_counter() - t
                 row[name] = statistics.median([once() for _ in range(reps + 1)][1:])

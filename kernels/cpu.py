@@ -6,15 +6,17 @@ QuantWeight (x quantized per block of 128 to int8, VNNI dot products):
   gemv(x, w)                           one weight
   moe_decode(x, ids, weights, ...)     a MoE layer's routed and shared experts in one call
   mla_absorbed(q_nope, q_pe, ...)      W_UK, the absorbed attention over the latent cache, W_UV in one call
-  decode_layer(weights)                a whole decoder layer of a decode step (all of the above) in one call
+  decode_layer(weights, kind)          a whole decoder layer of a decode step (all of the above) in one call
 The torch references are F.linear over the (dequantized) weight and kernels/reference.py; tests compare them."""
 import hashlib
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from . import reference
+from .weights import QuantWeight
 
 _ext = None
 _tried = False
@@ -92,31 +94,92 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, shared=None) -> torch.Tensor:
     return ext().moe_decode(x, topk_ids, topk_weights, ref(w13), ref(w2), s13, s2)
 
 
-def route_codes(top_k, scoring, method, n_group, topk_group, norm, scale) -> tuple:
-    """The router's settings (models/moe.py MoE.router) as the C++ route takes them, after x, gate, bias."""
-    return top_k, scoring == "sigmoid", reference.TOPK_METHODS.index(method), n_group, topk_group, norm, scale
+def route(x, gate, bias, router) -> tuple:
+    """kernels/reference.py route for a kernels.moe.Router: (ids int64 [T, k], weights float32 [T, k])."""
+    return ext().route(x, gate, bias, *_router_codes(router))
+
+
+def _router_codes(r) -> tuple:
+    return r.top_k, r.scoring == "sigmoid", reference.TOPK_METHODS.index(r.method), r.n_group, r.topk_group, r.norm, \
+        r.scale
+
+
+def rms_norm(x, weight, eps: float) -> torch.Tensor:
+    return ext().rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+
+
+def rope_(x, positions, cos, sin, interleave: bool) -> torch.Tensor:
+    ext().rope_(x, positions, cos, sin, interleave)
+    return x
+
+
+def silu_mul(h) -> torch.Tensor:
+    return ext().silu_mul(h)
+
+
+def write_latent(kv_cache, slot_mapping, c_kv, k_pe):
+    """The new tokens' [c_kv, k_pe] into their slots of a cache whose format has a cache_kind."""
+    ext().write_latent(kv_cache, slot_mapping, c_kv, k_pe)
 
 
 # ---- a decoder layer of a decode step in one call ----------------------------------------------------------------
-LINEARS = ("q_a", "q", "kv_a", "o", "w13", "w2", "s13", "s2")
-FLOATS = ("ln1", "ln2", "kv_a_ln", "q_a_ln", "w_uk", "w_uv", "gate")
+Weight = torch.Tensor | QuantWeight
 
 
-def decode_layer(weights: dict):
-    """A C++ DecodeLayer (kernels/cpu_kernels.cpp) over a decoder layer's weights (models/deepseek.py
-    DecoderLayer.cpu_weights), or None where the C++ does not take one of them (the Python layer serves)."""
-    if ext() is None:
-        return None
-    w = {k: v for k, v in weights.items() if v is not None}
-    lin, flt = [w[k] for k in LINEARS if k in w], [w[k] for k in FLOATS if k in w]
-    if not (all(map(streams, lin)) and all(getattr(v, "backend", "torch") == "torch" for v in lin)
-            and all(t.is_contiguous() and t.dtype in (torch.bfloat16, torch.float32) for t in flt)
-            and len({w[k].dtype for k in ("ln1", "ln2", "kv_a_ln", "q_a_ln") if k in w}) == 1):
-        return None
-    d = {k: ref(v) if k in LINEARS else v for k, v in w.items()}
-    if "router" in w:
-        d["router"] = route_codes(**w["router"])
-    return ext().DecodeLayer(d)
+@dataclass(frozen=True)
+class DecodeLayerWeights:
+    """A decoder layer (models/deepseek.py DecoderLayer) as the C++ DecodeLayer takes it, by the checkpoint's names.
+    Linears are float tensors or QuantWeights; norms, W_UK / W_UV and the router's gate are model-dtype tensors."""
+    input_layernorm: torch.Tensor
+    post_attention_layernorm: torch.Tensor
+    q_proj: Weight  # q_b_proj when q_lora_rank is set
+    q_a_proj: Weight | None
+    q_a_layernorm: torch.Tensor | None
+    kv_a_proj_with_mqa: Weight
+    kv_a_layernorm: torch.Tensor
+    w_uk: torch.Tensor  # [H, nope, R]
+    w_uv: torch.Tensor  # [H, v, R]
+    o_proj: Weight
+    w13: Weight  # [gate_proj; up_proj]: the dense MLP's, or the routed experts' stacked
+    w2: Weight
+    gate: torch.Tensor | None  # the router (MoE layers only)
+    e_score_correction_bias: torch.Tensor | None
+    router: object | None  # kernels.moe.Router
+    shared_w13: Weight | None
+    shared_w2: Weight | None
+    num_heads: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    kv_lora_rank: int
+    rms_norm_eps: float
+    softmax_scale: float
+    rope_interleave: bool
+
+
+def decode_layer(w: DecodeLayerWeights, kind):
+    """A C++ DecodeLayer (kernels/cpu_kernels.cpp) over a decoder layer's weights, reading and writing a cache of
+    this cache_kind; its forward(x, positions, slot_mapping, cos, sin, kv_cache, block_tables, cu_seqlens_q,
+    seq_lens) runs the whole layer of a decode step."""
+    d = dict(ln1=w.input_layernorm, ln2=w.post_attention_layernorm, kv_a_ln=w.kv_a_layernorm, w_uk=w.w_uk,
+             w_uv=w.w_uv, kv_a=ref(w.kv_a_proj_with_mqa), o=ref(w.o_proj), q=ref(w.q_proj), w13=ref(w.w13),
+             w2=ref(w.w2), H=w.num_heads, dn=w.qk_nope_head_dim, dr=w.qk_rope_head_dim, R=w.kv_lora_rank,
+             eps=w.rms_norm_eps, scale=w.softmax_scale, interleave=w.rope_interleave)
+    if w.q_a_proj is not None:
+        d.update(q_a=ref(w.q_a_proj), q_a_ln=w.q_a_layernorm)
+    if w.gate is not None:
+        d.update(gate=w.gate, bias=w.e_score_correction_bias, router=_router_codes(w.router))
+        if w.shared_w13 is not None:
+            d.update(s13=ref(w.shared_w13), s2=ref(w.shared_w2))
+    return _Bound(ext().DecodeLayer(d), kind)
+
+
+class _Bound:
+    def __init__(self, layer, kind):
+        self.layer, self.kind = layer, kind
+
+    def forward(self, x, positions, slot_mapping, cos, sin, kv_cache, block_tables, cu_seqlens_q, seq_lens):
+        return self.layer.forward(x, positions, slot_mapping, cos, sin, kv_cache, block_tables, cu_seqlens_q,
+                                  seq_lens, self.kind)
 
 
 # ---- plain-torch references of what the C++ computes (tests compare against them) ----------------------------------
@@ -149,11 +212,10 @@ def gemv_quant_reference(x: torch.Tensor, qw) -> torch.Tensor:
 
 
 # ---- absorbed attention (decode) --------------------------------------------------------------------------------------
-MAX_DECODE_QUERIES = 16  # query tokens per sequence up to which the C++ decode attention runs
-
-
-def decode_kind(fmt) -> int | None:
+def cache_kind(fmt) -> int | None:
     """The C++ reader's code for a cache format, or None where it has none (fp8, float16)."""
+    if fmt is None:
+        return None
     if fmt.name == "float32":
         return 0
     if fmt.name == "bfloat16":
@@ -163,14 +225,13 @@ def decode_kind(fmt) -> int | None:
     return None
 
 
-def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, fmt) -> torch.Tensor:
+def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, kind) -> torch.Tensor:
     """kernels/reference.py mla_decode on the C++ kernel: o_lat [T, H, R] in q_lat's dtype."""
-    return ext().mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
-                            decode_kind(fmt))
+    return ext().mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale, kind)
 
 
 def mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
-                 fmt) -> torch.Tensor:
+                 kind) -> torch.Tensor:
     """q_nope through W_UK, mla_decode, back through W_UV (kernels.mla_absorbed): o [T, H, v] in q_nope's dtype."""
     return ext().mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens,
-                              softmax_scale, decode_kind(fmt))
+                              softmax_scale, kind)

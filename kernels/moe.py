@@ -11,15 +11,29 @@ rows, then the up_proj rows); w2 [E, D, I] (per expert down_proj); or both weigh
 The torch reference (also the CPU prompt path) sorts the pairs by expert and runs one GEMM pair per expert that has
 tokens; the Triton path (kernels/triton_moe.py) runs all experts of the layer in one grouped GEMM launch per
 projection; a CPU decode step runs the whole layer, shared experts included, in one C++ call (kernels/cpu.py).
-The router stays in the model."""
+Which one runs is the backend's (kernels/backend.py). Router: DeepSeek's gate settings, as the model resolves them."""
+from dataclasses import astuple, dataclass
+
 import torch
 import torch.nn.functional as F
 
-from . import cpu, reference
-from .matmul import CPU_FEW_ROWS, linear
 from .weights import QuantWeight
 
-BACKENDS = ("torch", "triton")
+
+@dataclass(frozen=True)
+class Router:
+    """How a MoE layer picks its experts (kernels/reference.py route)."""
+    top_k: int
+    scoring: str  # reference.SCORING_FUNCS
+    method: str  # reference.TOPK_METHODS
+    n_group: int
+    topk_group: int
+    norm: bool  # normalise the top-k weights to sum to 1
+    scale: float  # routed_scaling_factor, as the model applies it
+
+    def args(self) -> tuple:
+        """The settings in reference.route's order."""
+        return astuple(self)
 
 
 def _check(cond, msg):
@@ -44,9 +58,9 @@ def _combine(ys, order, topk_weights):
     return torch.bmm(topk_weights.to(ys.dtype).unsqueeze(1), unsorted.view(T, k, -1)).squeeze(1)
 
 
-def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
-    """w13 / w2: stacked float tensors or stacked QuantWeights (indexed per expert alike). One GEMM pair per expert
-    that has tokens, no loop over tokens."""
+def moe_experts_reference(x, topk_ids, topk_weights, w13, w2, linear):
+    """w13 / w2: stacked float tensors or stacked QuantWeights (indexed per expert alike); linear(x, w): the
+    backend's product. One GEMM pair per expert that has tokens, no loop over tokens."""
     xs, order, counts = _by_expert(x, topk_ids, len(w13))
     ys = torch.empty_like(xs)
     start = 0
@@ -58,10 +72,8 @@ def moe_experts_reference(x, topk_ids, topk_weights, w13, w2):
     return _combine(ys, order, topk_weights)
 
 
-def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch", shared=None):
-    """Weighted sum of each token's k routed experts (SwiGLU), [T, D] in x.dtype; plus the shared experts' SwiGLU
-    when shared = (w13 [2Is, D], w2 [D, Is]) is given (one call for the whole layer on the CPU)."""
-    _check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
+def check_moe(x, topk_ids, topk_weights, w13, w2, backend: str):
+    """The arguments of moe_experts (kernels.moe_experts), as every backend takes them."""
     _check(x.dim() == 2, f"x must be [T, D], got {tuple(x.shape)}")
     T, D = x.shape
     quantized = isinstance(w13, QuantWeight)
@@ -88,15 +100,3 @@ def moe_experts(x, topk_ids, topk_weights, w13, w2, backend="torch", shared=None
     _check(all(t.device == dev for t in [topk_ids, topk_weights] + stored), "all tensors must be on one device")
     if backend == "triton":
         _check(all(t.stride(-1) == 1 for t in [x] + stored), "x, w13, w2 must be contiguous in their last dimension")
-        from . import triton_moe
-        out = triton_moe.moe_experts(x, topk_ids, topk_weights, w13, w2)
-    elif dev.type == "cpu" and 0 < T <= CPU_FEW_ROWS and cpu.ext() is not None and all(
-            map(cpu.streams, [w13, w2, *(shared or ())])):
-        # the few tokens of a decode step: every expert the batch picks, each read once for all of its tokens, and
-        # the shared experts, in one C++ call (measured: the torch glue between the products cost about as much)
-        return cpu.moe_decode(x, topk_ids, topk_weights, w13, w2, shared)
-    else:
-        out = moe_experts_reference(x, topk_ids, topk_weights, w13, w2)
-    if shared is not None:
-        out = out + linear(reference.silu_mul(linear(x, shared[0])), shared[1])
-    return out

@@ -3,11 +3,9 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
 from kernels import WeightFormat
 
 from .config import ModelConfig
-from .layers import linear, rms_norm
 from .parallel import Parallel
 from .rope import RotaryEmbedding
 
@@ -53,7 +51,7 @@ class MLAttention:
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, fmt: WeightFormat, par: Parallel = Parallel()):
         self.h0, h1 = par.span(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
         H, R = self.H, _ = h1 - self.h0, cfg.kv_lora_rank
-        self.cfg, self.rope, self.backend, self.par = cfg, rope, fmt.backend, par
+        self.cfg, self.rope, self.par = cfg, rope, par
         self.softmax_scale = cfg.softmax_scale
         if cfg.q_lora_rank:
             self.q_a_proj = fmt.linear(cfg.q_lora_rank, cfg.hidden_size)
@@ -84,32 +82,32 @@ class MLAttention:
                                       (cfg.hidden_size, HF * cfg.v_head_dim))
         return w
 
-    def absorbed(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
+    def absorbed(self, q_nope, q_pe, kv_cache, group: SeqGroup, ops) -> torch.Tensor:
         """q_nope through W_UK, attention over the latent rows (all heads share them), back through W_UV:
         q_nope [t, H, nope], q_pe [t, H, rope] -> o [t, H, v]."""
-        return kernels.mla_absorbed(q_nope, q_pe, self.w_uk, self.w_uv, kv_cache, group.block_tables,
-                                    group.cu_seqlens_q, group.seq_lens, self.softmax_scale, cache_format,
-                                    backend=self.backend, max_q_len=group.max_q_len)
+        return ops.absorbed(q_nope, q_pe, self.w_uk, self.w_uv, kv_cache, group.block_tables, group.cu_seqlens_q,
+                            group.seq_lens, self.softmax_scale, group.max_q_len)
 
-    def expanded(self, q_nope, q_pe, kv_cache, group: SeqGroup, cache_format) -> torch.Tensor:
+    def expanded(self, q_nope, q_pe, kv_cache, group: SeqGroup, ops) -> torch.Tensor:
         """The cached latent decompressed through kv_b_proj into per-head K_nope and V, then flash attention."""
-        return kernels.mla_prefill(q_nope, q_pe, kv_cache, group.block_tables, group.cu_seqlens_q, group.seq_lens,
-                                   self.kv_b_proj, self.softmax_scale, cache_format, backend=self.backend)
+        return ops.expanded(q_nope, q_pe, kv_cache, group.block_tables, group.cu_seqlens_q, group.seq_lens,
+                            self.kv_b_proj, self.softmax_scale)
 
-    def __call__(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor, cache_format) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor, ops) -> torch.Tensor:
         cfg = self.cfg
         T, H = x.shape[0], self.H
         if cfg.q_lora_rank:
-            q = linear(rms_norm(linear(x, self.q_a_proj), self.q_a_layernorm, cfg.rms_norm_eps), self.q_b_proj)
+            q = ops.linear(ops.rms_norm(ops.linear(x, self.q_a_proj), self.q_a_layernorm, cfg.rms_norm_eps),
+                           self.q_b_proj)
         else:
-            q = linear(x, self.q_proj)
+            q = ops.linear(x, self.q_proj)
         q = q.view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)  # [T, H, 128], [T, H, 64]
-        c_kv, k_pe = linear(x, self.kv_a_proj_with_mqa).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        c_kv = rms_norm(c_kv, self.kv_a_layernorm, cfg.rms_norm_eps)  # [T, 512]
-        self.rope(q_pe, meta.positions)  # in place: q_pe and k_pe are views of q and of kv_a's output
-        self.rope(k_pe.unsqueeze(1), meta.positions)  # [T, 64]: one RoPE key shared by all heads
-        kernels.write_latent(kv_cache, meta.slot_mapping, c_kv, k_pe, cache_format, backend=self.backend)
+        c_kv, k_pe = ops.linear(x, self.kv_a_proj_with_mqa).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        c_kv = ops.rms_norm(c_kv, self.kv_a_layernorm, cfg.rms_norm_eps)  # [T, 512]
+        self.rope(q_pe, meta.positions, ops)  # in place: q_pe and k_pe are views of q and of kv_a's output
+        self.rope(k_pe.unsqueeze(1), meta.positions, ops)  # [T, 64]: one RoPE key shared by all heads
+        ops.write_latent(kv_cache, meta.slot_mapping, c_kv, k_pe)
 
         out = x.new_empty(T, H, cfg.v_head_dim)
         for group, attend in ((meta.absorbed, self.absorbed), (meta.expanded, self.expanded)):
@@ -117,9 +115,9 @@ class MLAttention:
                 continue
             idx = group.token_index
             qn, qp = (q_nope, q_pe) if idx is None else (q_nope[idx], q_pe[idx])
-            o = attend(qn, qp, kv_cache, group, cache_format)
+            o = attend(qn, qp, kv_cache, group, ops)
             if idx is None:
                 out = o
             else:
                 out[idx] = o
-        return self.par.all_reduce(linear(out.reshape(T, -1), self.o_proj))  # each rank: its heads' share
+        return self.par.all_reduce(ops.linear(out.reshape(T, -1), self.o_proj))  # each rank: its heads' share

@@ -2,13 +2,12 @@
 import torch
 import torch.nn.functional as F
 
-from kernels import WeightFormat, cpu
-from kernels.matmul import CPU_FEW_ROWS
+from kernels import DecodeLayerWeights, WeightFormat
 from kernels.weights import stored_bytes
 
 from .attention import AttnMetadata, MLAttention
 from .config import ModelConfig
-from .layers import DenseMLP, linear, rms_norm
+from .layers import DenseMLP
 from .moe import MoE
 from .parallel import Parallel
 from .rope import RotaryEmbedding
@@ -21,8 +20,6 @@ class DecoderLayer:
         self.post_attention_layernorm = fmt.tensor(cfg.hidden_size)
         self.self_attn = MLAttention(cfg, rope, fmt, par)
         self.mlp = MoE(cfg, fmt, par) if cfg.is_moe_layer(i) else DenseMLP(cfg, fmt, par)
-        cpu_ok = torch.device(fmt.device).type == "cpu" and fmt.backend == "torch" and par.size == 1
-        self.cpu = None if cpu_ok else False  # the C++ layer for decode steps: not built yet, or none
 
     def weights(self):
         w = {"input_layernorm.weight": self.input_layernorm, "post_attention_layernorm.weight": self.post_attention_layernorm}
@@ -30,36 +27,38 @@ class DecoderLayer:
         w.update({f"mlp.{k}": v for k, v in self.mlp.weights().items()})
         return w
 
-    def cpu_weights(self) -> dict:
-        """The layer as kernels.cpu.decode_layer takes it."""
+    def decode_weights(self) -> DecodeLayerWeights:
+        """The layer as a fused decode layer (kernels: ops.decode_layer) takes it."""
         a, mlp, cfg = self.self_attn, self.mlp, self.self_attn.cfg
-        w = dict(ln1=self.input_layernorm, ln2=self.post_attention_layernorm, kv_a_ln=a.kv_a_layernorm, w_uk=a.w_uk,
-                 w_uv=a.w_uv, kv_a=a.kv_a_proj_with_mqa, o=a.o_proj, H=a.H, dn=cfg.qk_nope_head_dim,
-                 dr=cfg.qk_rope_head_dim, R=cfg.kv_lora_rank, eps=self.eps, scale=a.softmax_scale,
-                 interleave=cfg.rope_interleave, w13=mlp.w13, w2=mlp.w2)
-        if cfg.q_lora_rank:
-            w.update(q_a=a.q_a_proj, q_a_ln=a.q_a_layernorm, q=a.q_b_proj)
-        else:
-            w["q"] = a.q_proj
-        if isinstance(mlp, MoE):
-            w.update(gate=mlp.gate, bias=mlp.e_score_correction_bias, router=mlp.router)
-            if mlp.shared is not None:
-                w.update(s13=mlp.shared.w13, s2=mlp.shared.w2)
-        return w
+        moe = isinstance(mlp, MoE)
+        shared = mlp.shared if moe else None
+        return DecodeLayerWeights(
+            input_layernorm=self.input_layernorm, post_attention_layernorm=self.post_attention_layernorm,
+            q_proj=a.q_b_proj if cfg.q_lora_rank else a.q_proj, q_a_proj=a.q_a_proj if cfg.q_lora_rank else None,
+            q_a_layernorm=a.q_a_layernorm if cfg.q_lora_rank else None, kv_a_proj_with_mqa=a.kv_a_proj_with_mqa,
+            kv_a_layernorm=a.kv_a_layernorm, w_uk=a.w_uk, w_uv=a.w_uv, o_proj=a.o_proj, w13=mlp.w13, w2=mlp.w2,
+            gate=mlp.gate if moe else None, e_score_correction_bias=mlp.e_score_correction_bias if moe else None,
+            router=mlp.router if moe else None, shared_w13=shared.w13 if shared else None,
+            shared_w2=shared.w2 if shared else None, num_heads=a.H, qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim, kv_lora_rank=cfg.kv_lora_rank, rms_norm_eps=self.eps,
+            softmax_scale=a.softmax_scale, rope_interleave=cfg.rope_interleave)
 
-    def __call__(self, x, meta: AttnMetadata, kv_cache, cache_format):
+    def __call__(self, x, meta: AttnMetadata, kv_cache, ops):
+        x = x + self.self_attn(ops.rms_norm(x, self.input_layernorm, self.eps), meta, kv_cache, ops)
+        return x + self.mlp(ops.rms_norm(x, self.post_attention_layernorm, self.eps), ops)
+
+
+class FusedDecodeLayer:
+    """A decoder layer of a decode step as one call into a fused kernel (the C++ DecodeLayer on the CPU); called
+    like DecoderLayer, for steps of absorbed attention only, every sequence with few new tokens."""
+
+    def __init__(self, fused, rope: RotaryEmbedding):
+        self.fused, self.rope = fused, rope
+
+    def __call__(self, x, meta: AttnMetadata, kv_cache, ops):
         g = meta.absorbed
-        if (self.cpu is not False and meta.expanded is None and g.token_index is None and g.max_q_len is not None
-                and g.max_q_len <= cpu.MAX_DECODE_QUERIES and x.shape[0] <= CPU_FEW_ROWS):
-            # a CPU decode step: the whole layer in one C++ call (built on the first one: the weights are loaded)
-            if self.cpu is None:
-                self.cpu = cpu.decode_layer(self.cpu_weights()) or False
-            kind, rope = cpu.decode_kind(cache_format), self.self_attn.rope
-            if self.cpu and kind is not None:  # a cache format the C++ writes and reads (not fp8, not float16)
-                return self.cpu.forward(x, meta.positions, meta.slot_mapping, rope.cos, rope.sin, kv_cache,
-                                        g.block_tables, g.cu_seqlens_q, g.seq_lens, kind)
-        x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), meta, kv_cache, cache_format)
-        return x + self.mlp(rms_norm(x, self.post_attention_layernorm, self.eps))
+        return self.fused.forward(x, meta.positions, meta.slot_mapping, self.rope.cos, self.rope.sin, kv_cache,
+                                  g.block_tables, g.cu_seqlens_q, g.seq_lens)
 
 
 class DeepseekModel:
@@ -67,8 +66,9 @@ class DeepseekModel:
     models.loader, and runs one packed forward pass over T tokens. Embeddings, norms, the router and kv_b_proj
     (W_UK, W_UV) always stay in the model dtype."""
 
-    def __init__(self, cfg: ModelConfig, fmt: WeightFormat, par: Parallel = Parallel()):
-        self.cfg, self.fmt, self.par = cfg, fmt, par
+    def __init__(self, cfg: ModelConfig, fmt: WeightFormat, par: Parallel = Parallel(), ops=None):
+        """ops: the run's kernel backend (kernels.make_backend); None for a model that only counts its weights."""
+        self.cfg, self.fmt, self.par, self.ops = cfg, fmt, par, ops
         self.dtype, self.device = fmt.dtype, torch.device(fmt.device)
         self.rope = rope = RotaryEmbedding(cfg, fmt.device)
         self.v0, v1 = par.span(cfg.vocab_size, "vocab_size")  # this rank's rows of the embedding and the LM head
@@ -96,10 +96,17 @@ class DeepseekModel:
         """Bytes of the stored weights (works on the meta device, where nothing is allocated)."""
         return stored_bytes(w for _, w in self.weights() if w is not None)
 
+    def fused_decode_layers(self) -> list[FusedDecodeLayer] | None:
+        """Every layer as a fused decode layer, where the backend has one for this model and cache (one rank)."""
+        if self.par.size > 1:
+            return None
+        fused = [self.ops.decode_layer(layer.decode_weights()) for layer in self.layers]
+        return None if None in fused else [FusedDecodeLayer(f, self.rope) for f in fused]
+
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, cache) -> torch.Tensor:
-        """input_ids [T] -> final hidden states [T, D] (after the last norm). cache: the LatentCache (its per-layer
-        tensors and its format)."""
+    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, cache, layers=None) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, D] (after the last norm). cache: the LatentCache (per-layer
+        tensors); layers: what runs each layer (default: the Python layers; the model runner picks)."""
         if self.par.size == 1:
             x = F.embedding(input_ids, self.embed_tokens)
         else:  # each rank looks up the ids in its rows of the vocabulary, zeros elsewhere; the sum is the lookup
@@ -107,10 +114,10 @@ class DeepseekModel:
             mine = (local >= 0) & (local < self.embed_tokens.shape[0])
             x = self.par.all_reduce(F.embedding(local.clamp(0, self.embed_tokens.shape[0] - 1), self.embed_tokens)
                                     * mine[:, None].to(self.dtype))
-        for layer, kv_cache in zip(self.layers, cache.layers):
-            x = layer(x, meta, kv_cache, cache.format)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        for layer, kv_cache in zip(layers or self.layers, cache.layers):
+            x = layer(x, meta, kv_cache, self.ops)
+        return self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.par.all_gather(linear(hidden, self.lm_head)).float()
+        return self.par.all_gather(self.ops.linear(hidden, self.lm_head)).float()

@@ -1,4 +1,5 @@
-"""Small building blocks shared by the attention and MLP code."""
+"""Small building blocks shared by the attention and MLP code. `ops` is the run's kernel backend
+(kernels/backend.py): every product, norm and attention goes through it."""
 import torch
 
 import kernels
@@ -8,13 +9,9 @@ from .config import ModelConfig
 from .parallel import Parallel
 
 
-rms_norm = kernels.rms_norm  # normalised in float32, rounded to x's dtype, times the weight (as DeepSeek does)
-linear = kernels.linear  # x @ w.T, float or weight-only quantized weight (which knows its kernel)
-
-
-def silu_mlp(x: torch.Tensor, w13, w2) -> torch.Tensor:
+def silu_mlp(x: torch.Tensor, w13, w2, ops) -> torch.Tensor:
     """SwiGLU with gate and up fused into one [2I, D] weight (one GEMM instead of two)."""
-    return linear(kernels.silu_mul(linear(x, w13)), w2)
+    return ops.linear(ops.silu_mul(ops.linear(x, w13)), w2)
 
 
 def fused_rows(w13, I: int) -> tuple:
@@ -42,9 +39,9 @@ class DenseMLP:
         return {"gate_proj.weight": par.part(gate, 0, i0, i0 + I, rows), "up_proj.weight": par.part(up, 0, i0, i0 + I, rows),
                 "down_proj.weight": par.part(self.w2, 1, i0, i0 + I, (self.D, self.full))}
 
-    def partial(self, x):
+    def partial(self, x, ops):
         """This rank's share of the output (all of it on one rank)."""
-        return silu_mlp(x, self.w13, self.w2)
+        return silu_mlp(x, self.w13, self.w2, ops)
 
-    def __call__(self, x):
-        return self.par.all_reduce(self.partial(x))
+    def __call__(self, x, ops):
+        return self.par.all_reduce(self.partial(x, ops))

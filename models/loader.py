@@ -129,13 +129,13 @@ def _check(path: str, problems: list, missing: list):
 
 
 def load_model(path: str, fmt: WeightFormat, cfg: ModelConfig | None = None, progress: bool = True,
-               dummy: bool = False, par: Parallel = Parallel()) -> DeepseekModel:
+               dummy: bool = False, par: Parallel = Parallel(), ops=None) -> DeepseekModel:
     """The checkpoint at path in the stored form fmt says (dummy: random weights of cfg's shapes, made tensor by
-    tensor straight into that form; path is then only named)."""
+    tensor straight into that form; path is then only named), run on the kernel backend ops."""
     if not dummy and not os.path.isdir(path):
         raise ModelError(f"{path}: no such model folder")
     cfg = cfg or ModelConfig.from_hf(path)
-    model = DeepseekModel(cfg, fmt, par)  # with par: this rank's share of every weight
+    model = DeepseekModel(cfg, fmt, par, ops)  # with par: this rank's share of every weight
     expected: dict[str, list] = {}
     others = set()  # tensors other ranks hold (tensor parallelism): known, not read here
     for name, target in model.weights():

@@ -1,8 +1,7 @@
 """DeepSeek MoE: router (greedy, group-limited greedy, noaux_tc), routed experts grouped by expert, shared experts."""
 import torch
 
-import kernels
-from kernels import WeightFormat
+from kernels import Router, WeightFormat
 
 from .config import ModelConfig
 from .layers import DenseMLP, fused_rows
@@ -14,16 +13,16 @@ class MoE:
         D, I = cfg.hidden_size, cfg.moe_intermediate_size
         self.e0, e1 = par.span(cfg.n_routed_experts, "n_routed_experts")  # this rank's whole experts
         E = e1 - self.e0
-        self.cfg, self.backend, self.par = cfg, fmt.backend, par
-        self.gate = fmt.tensor(cfg.n_routed_experts, D)  # the router: every rank routes every token (float32)
+        self.cfg, self.par = cfg, par
+        self.gate = fmt.tensor(cfg.n_routed_experts, D)  # the router: every rank routes every token (its scores in float32)
         self.e_score_correction_bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=fmt.device)
         self.w13 = fmt.linear(2 * I, D, experts=E)  # per expert [gate_proj; up_proj]
         self.w2 = fmt.linear(D, I, experts=E)  # per expert down_proj
         # V2 does not rescale weights it normalised (with more than one expert per token); V3 always rescales
         v2_norm = cfg.arch == "deepseek_v2" and cfg.norm_topk_prob and cfg.num_experts_per_tok > 1
-        self.router = dict(top_k=cfg.num_experts_per_tok, scoring=cfg.scoring_func, method=cfg.topk_method,
-                           n_group=cfg.n_group, topk_group=cfg.topk_group, norm=cfg.norm_topk_prob,
-                           scale=1.0 if v2_norm else cfg.routed_scaling_factor)
+        self.router = Router(top_k=cfg.num_experts_per_tok, scoring=cfg.scoring_func, method=cfg.topk_method,
+                             n_group=cfg.n_group, topk_group=cfg.topk_group, norm=cfg.norm_topk_prob,
+                             scale=1.0 if v2_norm else cfg.routed_scaling_factor)
         Is = I * cfg.n_shared_experts
         self.shared = DenseMLP(cfg, fmt, par, Is, "moe_intermediate_size * n_shared_experts") if Is else None
 
@@ -42,22 +41,17 @@ class MoE:
             w.update({f"shared_experts.{k}": v for k, v in self.shared.weights().items()})
         return w
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k expert ids [T, k] and their weights [T, k] (float32), as DeepSeek's gate computes them."""
-        return kernels.route(x, self.gate, self.e_score_correction_bias, **self.router)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.route(x)
+    def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
+        ids, weights = ops.route(x, self.gate, self.e_score_correction_bias, self.router)  # [T, k] each
         if self.par.size == 1:  # routed and shared experts in one call (one C++ call in a CPU decode step)
             shared = (self.shared.w13, self.shared.w2) if self.shared is not None else None
-            return kernels.moe_experts(x, ids, weights, self.w13, self.w2, backend=self.backend, shared=shared)
+            return ops.moe(x, ids, weights, self.w13, self.w2, shared)
         # the (token, expert) pairs of this rank's experts, each as a token of its own
         t, j = ((ids >= self.e0) & (ids < self.e0 + len(self.w13))).nonzero(as_tuple=True)
         out = torch.zeros_like(x)
         if t.numel():
-            y = kernels.moe_experts(x[t], (ids[t, j] - self.e0)[:, None], weights[t, j][:, None], self.w13,
-                                    self.w2, backend=self.backend)
+            y = ops.moe(x[t], (ids[t, j] - self.e0)[:, None], weights[t, j][:, None], self.w13, self.w2)
             out.index_add_(0, t, y)
         if self.shared is not None:
-            out = out + self.shared.partial(x)
+            out = out + self.shared.partial(x, ops)
         return self.par.all_reduce(out)

@@ -3,8 +3,6 @@ import math
 
 import torch
 
-import kernels
-
 from .config import ModelConfig, yarn_mscale
 
 
@@ -55,6 +53,6 @@ class RotaryEmbedding:
         self.cos = torch.cos(freqs) * self.attention_factor  # [n, rope_dim / 2]
         self.sin = torch.sin(freqs) * self.attention_factor
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, ops) -> torch.Tensor:
         """Rotate x [T, N, rope_dim] in place by the angles of positions [T] (all below the reserved count)."""
-        return kernels.rope_(x, positions, self.cos, self.sin, self.interleave)
+        return ops.rope_(x, positions, self.cos, self.sin, self.interleave)

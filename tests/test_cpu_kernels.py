@@ -91,7 +91,7 @@ def test_decode_attention_matches_reference(q_lens, prefix_lens, H, R, DR, BS, d
     from kernels import reference
     from kernels.cache_format import float_format
     b = paged_batch(q_lens, prefix_lens, H, R, DR, BS, dtype)
-    out = cpu.mla_decode(**b, softmax_scale=0.2, fmt=float_format(b["kv_cache"], R, DR))
+    out = cpu.mla_decode(**b, softmax_scale=0.2, kind=cpu.cache_kind(float_format(b["kv_cache"], R, DR)))
     want = reference.mla_decode(**{k: (v.double() if v.is_floating_point() else v) for k, v in b.items()},
                                 softmax_scale=0.2)
     assert out.dtype == dtype
@@ -108,7 +108,7 @@ def test_decode_attention_on_an_int8_cache():
     written = (~flat.isnan().any(-1)).nonzero()[:, 0]
     packed = torch.zeros(*b["kv_cache"].shape[:2], fmt.width, dtype=torch.uint8)
     cache_format.write_latent(packed, written, flat[written, :64], flat[written, 64:], fmt)
-    out = cpu.mla_decode(**{**b, "kv_cache": packed}, softmax_scale=0.3, fmt=fmt)
+    out = cpu.mla_decode(**{**b, "kv_cache": packed}, softmax_scale=0.3, kind=cpu.cache_kind(fmt))
     dense, tables = cache_format.unpack(packed, b["block_tables"], b["seq_lens"], fmt, torch.float64)
     want = reference.mla_decode(b["q_lat"].double(), b["q_pe"].double(), dense, tables, b["cu_seqlens_q"],
                                 b["seq_lens"], 0.3)
@@ -131,7 +131,7 @@ def test_absorbed_attention_in_one_call(q_lens, prefix_lens, H, DN, V, R, DR, dt
     w_uk, w_uv = rand(H, DN, R, seed=17, dtype=dtype) / DN ** 0.5, rand(H, V, R, seed=18, dtype=dtype) / R ** 0.5
     meta = {k: b[k] for k in ("kv_cache", "block_tables", "cu_seqlens_q", "seq_lens")}
     out = cpu.mla_absorbed(q_nope, q_pe, w_uk, w_uv, **meta, softmax_scale=0.1,
-                           fmt=float_format(b["kv_cache"], R, DR))
+                           kind=cpu.cache_kind(float_format(b["kv_cache"], R, DR)))
     q_lat = torch.einsum("thn,hnr->thr", q_nope.double(), w_uk.double())
     o_lat = reference.mla_decode(q_lat, q_pe.double(), b["kv_cache"].double(), b["block_tables"],
                                  b["cu_seqlens_q"], b["seq_lens"], 0.1)

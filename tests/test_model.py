@@ -188,10 +188,19 @@ def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_d
               attn_mode="auto", progress=False, kv_cache_memory_gib=0.05)
     prompts = [prompt(n, seed=30 + n) for n in (9, 2, 21)]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    fused = llm.runner.decode_layers
+    assert fused is not None and len(fused) == len(llm.model.layers)  # every layer (dense and MoE) was built
+    calls = [0] * len(fused)
+
+    def counted(i):
+        def layer(*args):
+            calls[i] += 1
+            return fused[i](*args)
+        return layer
+    llm.runner.decode_layers = [counted(i) for i in range(len(fused))]
     with_cpp = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
-    assert all(layer.cpu for layer in llm.model.layers)  # every layer (dense and MoE) was built and taken
-    for layer in llm.model.layers:
-        layer.cpu = False
+    assert all(calls), calls  # ... and taken
+    llm.runner.decode_layers = None  # the Python layers
     without = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
     for a, b in zip(with_cpp, without):
         assert a.token_ids == b.token_ids

@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
-from kernels import moe  # noqa: E402
+import kernels  # noqa: E402
 from kernels import triton_moe  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,7 +54,7 @@ def make_layer(T, k, dtype, n_experts=E, d=D, i=I, empty=EMPTY, seed=0):
 @pytest.mark.parametrize("T", [1, 7, 37])
 def test_moe_experts_matches_dense_loop(T, k, dtype, backend):
     x, ids, weights, w13, w2 = make_layer(T, k, dtype, seed=T * 10 + k)
-    out = moe.moe_experts(x, ids, weights, w13, w2, backend=backend)
+    out = kernels.moe_experts(x, ids, weights, w13, w2, backend=backend)
     assert out.shape == (T, D) and out.dtype == dtype
     ref = dense_moe(x, ids, weights, w13, w2)
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
@@ -78,7 +78,7 @@ def test_triton_moe_crowded_experts(T, k, n_experts):
     x, ids, weights, w13, w2 = make_layer(T, k, torch.float32, n_experts=n_experts, empty=(), seed=3)
     bm = triton_moe._config(T * k, n_experts, D, I, x.device)[0]
     assert bm > 16
-    out = moe.moe_experts(x, ids, weights, w13, w2, backend="triton")
+    out = kernels.moe_experts(x, ids, weights, w13, w2, backend="triton")
     torch.testing.assert_close(out.double(), dense_moe(x, ids, weights, w13, w2), **TOL[torch.float32])
 
 
@@ -105,15 +105,15 @@ def test_align_by_expert(block_m):
 def test_moe_experts_checks_arguments():
     x, ids, weights, w13, w2 = make_layer(3, 2, torch.float32)
     with pytest.raises(ValueError, match="topk_ids"):
-        moe.moe_experts(x, ids.int(), weights, w13, w2)
+        kernels.moe_experts(x, ids.int(), weights, w13, w2)
     with pytest.raises(ValueError, match="topk_weights"):
-        moe.moe_experts(x, ids, weights.half(), w13, w2)
+        kernels.moe_experts(x, ids, weights.half(), w13, w2)
     with pytest.raises(ValueError, match="w2"):
-        moe.moe_experts(x, ids, weights, w13, w2[:, :, :-1])
+        kernels.moe_experts(x, ids, weights, w13, w2[:, :, :-1])
     with pytest.raises(ValueError, match="dtype"):
-        moe.moe_experts(x.half(), ids, weights, w13, w2)
+        kernels.moe_experts(x.half(), ids, weights, w13, w2)
     with pytest.raises(ValueError, match="backend"):
-        moe.moe_experts(x, ids, weights, w13, w2, backend="cuda")
+        kernels.moe_experts(x, ids, weights, w13, w2, backend="cuda")
 
 
 @gpu
@@ -128,8 +128,8 @@ def test_triton_moe_bf16_deepseek_lite_sizes(T):
     weights = torch.rand(T, k, device=DEV).softmax(-1)
     w13 = (torch.randn(nE, 2 * i, d, device=DEV) / d ** 0.5).bfloat16()
     w2 = (torch.randn(nE, d, i, device=DEV) / i ** 0.5).bfloat16()
-    out = moe.moe_experts(x, ids, weights, w13, w2, backend="triton")
-    ref = moe.moe_experts(x.float(), ids, weights, w13.float(), w2.float(), backend="torch")
+    out = kernels.moe_experts(x, ids, weights, w13, w2, backend="triton")
+    ref = kernels.moe_experts(x.float(), ids, weights, w13.float(), w2.float(), backend="torch")
     torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
 
 
@@ -137,7 +137,7 @@ def test_triton_moe_chunks_long_prompts(monkeypatch):
     """Past the workspace bound the tokens run in chunks (here of 6 tokens); the result does not change."""
     x, ids, weights, w13, w2 = make_layer(37, 2, torch.float32, seed=11)
     monkeypatch.setattr(triton_moe, "WORKSPACE_BYTES", 6 * 2 * (4 * D + 4 * I))
-    out = moe.moe_experts(x, ids, weights, w13, w2, backend="triton")
+    out = kernels.moe_experts(x, ids, weights, w13, w2, backend="triton")
     torch.testing.assert_close(out.double(), dense_moe(x, ids, weights, w13, w2), **TOL[torch.float32])
 
 
@@ -155,7 +155,7 @@ def test_quantized_experts_match_their_dequantized_weights(T, k, d, i, dtype, mo
     ref = dense_moe(x, ids, weights, torch.stack([q.dequantize(dtype) for q in q13]),
                     torch.stack([q.dequantize(dtype) for q in q2]))
     for backend in ("torch", "triton"):
-        out = moe.moe_experts(x, ids, weights, q13, q2, backend=backend)
+        out = kernels.moe_experts(x, ids, weights, q13, q2, backend=backend)
         assert out.shape == (T, d) and out.dtype == dtype
         if backend == "torch" and DEV == "cpu":
             # the C++ kernels quantize the activations to int8 per block of 128 (kernels/cpu_kernels.cpp), here

@@ -10,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
+import kernels  # noqa: E402
 from kernels import matmul as ql  # noqa: E402
 from kernels import weights  # noqa: E402
 from kernels import triton_quant_linear as tql  # noqa: E402
@@ -117,14 +118,14 @@ def test_triton_dispatch_picks_split_k_by_itself(M, mode):
     assert weights.choose_split_k(M, N, K, bm, bn, num_sms=1) == 1
     qw = weights.quantize_weight(rand(N, K, seed=7), mode, backend="triton")
     x = rand(M, K, seed=8)
-    y = ql.quant_linear(x, qw)
+    y = kernels.quant_linear(x, qw)
     torch.testing.assert_close(y, ql.quant_linear_reference(x, qw), **TOL[torch.float32])
 
 
 def test_quant_linear_checks_arguments():
     qw = weights.quantize_weight(rand(N, K), "int8")
     with pytest.raises(ValueError, match="x must be"):
-        ql.quant_linear(rand(2, K + 1), qw)
+        kernels.quant_linear(rand(2, K + 1), qw)
     with pytest.raises(ValueError, match="backend"):
         weights.quantize_weight(rand(N, K), "int8", backend="cuda")
     with pytest.raises(ValueError, match="mode"):
@@ -148,9 +149,9 @@ def test_torch_backend_matches_reference(M, n, k, mode, xdtype, monkeypatch):
         monkeypatch.setattr(cpu, "gemv", lambda *a: calls.append(1) or real(*a))
     qw = weights.quantize_weight(rand(n, k, seed=k), mode)
     x = rand(M, k, seed=M, dtype=xdtype)
-    y = ql.quant_linear(x, qw)
+    y = kernels.quant_linear(x, qw)
     assert y.shape == (M, n) and y.dtype == xdtype
-    assert bool(calls) == (DEV == "cpu" and cpu.ext() is not None and M <= ql.CPU_FEW_ROWS)  # the intended path
+    assert bool(calls) == (DEV == "cpu" and cpu.ext() is not None and M <= kernels.FEW_ROWS)  # the intended path
     assert_close_scaled(y, ql.quant_linear_reference(x.float(), qw), 2e-2)
 
 
@@ -164,7 +165,7 @@ def test_torch_backend_matches_reference(M, n, k, mode, xdtype, monkeypatch):
 def test_triton_quant_linear_bf16(M, n, k, mode):
     qw = weights.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, mode, backend="triton")
     x = torch.randn(M, k, device=DEV, dtype=torch.bfloat16)
-    y = ql.quant_linear(x, qw)
+    y = kernels.quant_linear(x, qw)
     ref = ql.quant_linear_reference(x.float(), qw)
     assert_close_scaled(y, ref, 2e-2)
     for split in (1, 4):
