@@ -77,7 +77,12 @@ def add_engine_args(p, lists=False):
         p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument("--mla-threshold", type=_int_at_least(1), default=None,
                    help="query tokens from which auto uses the expanded path")
-    p.add_argument("--kv-cache-gib", type=_float_at_least(1e-6), default=None, help="KV cache memory budget in GiB")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--kv-cache-gib", type=_float_at_least(1e-6), default=None, help="KV cache memory budget in GiB")
+    cache.add_argument("--kv-cache-tokens", type=_int_at_least(1), default=None, metavar="N",
+                       help="KV cache capacity in tokens (whole blocks), instead of --kv-cache-gib")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt whole (default: reuse the cached blocks of earlier requests' prefixes)")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES,
                    help="weight-only quantization of every linear and expert at load")
@@ -181,7 +186,8 @@ def engine_config(args, **overrides) -> EngineConfig:
     """The engine settings the flags give (the one place that maps flags to EngineConfig fields)."""
     fields = dict(model=args.model, device=args.device, dtype=args.dtype, attn_mode=args.attn_mode,
                   kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, mla_threshold=args.mla_threshold,
-                  kv_cache_memory_gib=args.kv_cache_gib, weight_dtype=args.weight_dtype,
+                  kv_cache_memory_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens,
+                  enable_prefix_caching=not args.no_prefix_caching, weight_dtype=args.weight_dtype,
                   enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp)
     return EngineConfig(**{**fields, **overrides})
 

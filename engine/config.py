@@ -46,6 +46,8 @@ class EngineConfig:
     mla_threshold: int | None = None
     weight_dtype: str | None = None
     kv_cache_memory_gib: float | None = None
+    kv_cache_tokens: int | None = None  # the cache's capacity in tokens (whole blocks); set, it decides the budget
+    enable_prefix_caching: bool = True
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     block_size: int = 64
@@ -72,6 +74,9 @@ class EngineConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
             raise ValueError(f"kv_cache_memory_gib={self.kv_cache_memory_gib}: must be positive")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens}: must be at least 1")
+
 
     # ---- resolution -----------------------------------------------------------------------------------------------
     def resolve(self, plan_memory: bool = True) -> "EngineConfig":
@@ -135,7 +140,9 @@ class EngineConfig:
         weights, work, least = self.weight_bytes(), self.workspace_bytes(), self.least_cache_bytes()
         left = free - weights - work
         gib = self.kv_cache_memory_gib
-        if gib is None:
+        if self.kv_cache_tokens is not None:
+            gib = self.cache_bytes(self.kv_cache_tokens) / 2**30
+        elif gib is None:
             if device.type == "cuda":
                 gib = CUDA_CACHE_FRACTION * left / 2**30
             else:
@@ -143,7 +150,7 @@ class EngineConfig:
                 if least <= gib * 2**30 < CPU_CACHE_GIB * 2**30 and self.progress:
                     print(f"mla: KV cache {gib:.2f} GiB, what is left after the weights (the default is "
                           f"{CPU_CACHE_GIB:g} GiB)", file=sys.stderr)
-        small = self.kv_cache_memory_gib is None and gib * 2**30 < least  # an explicit budget is the user's to size
+        small = self.kv_cache_memory_gib is None and self.kv_cache_tokens is None and gib * 2**30 < least  # an explicit budget is the user's to size
         if small or weights + work + gib * 2**30 > free:
             raise ModelError(self._does_not_fit(free, least))
         return replace(self, kv_cache_memory_gib=gib)
@@ -163,6 +170,14 @@ class EngineConfig:
         """The least default cache: one sequence of up to 4096 tokens (or the whole context, if shorter)."""
         tokens = -(-min(self.max_model_len, 4096) // self.block_size) * self.block_size + self.block_size  # + pad
         return tokens * self.model_config.num_hidden_layers * self.cache_format.bytes_per_token
+
+    def cache_blocks(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def cache_bytes(self, tokens: int) -> int:
+        """What a cache of this many tokens (whole blocks, and the padding block) takes."""
+        per_block = self.block_size * self.model_config.num_hidden_layers * self.cache_format.bytes_per_token
+        return (self.cache_blocks(tokens) + 1) * per_block
 
     # ---- what the resolved settings stand for ---------------------------------------------------------------------
     def _need_resolved(self):

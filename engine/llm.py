@@ -148,7 +148,8 @@ class LLM:
                 if a != b:
                     break
                 common += 1
-            seq.num_cached_tokens = min(common, len(token_ids) - 1)  # at least one token runs, to sample from
+            # at least one token runs, to sample from; only blocks this sequence owns alone are written
+            seq.num_cached_tokens = self.blocks.keep_prefix(seq.seq_id, min(common, len(token_ids) - 1))
         self.output.start(seq)
         self.scheduler.add(seq)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
@@ -184,8 +185,7 @@ class LLM:
             for seq, _ in batch:
                 self.abort(seq)
             raise
-        for seq, n in batch:
-            seq.num_cached_tokens += n
+        self.scheduler.computed(batch)
         if not due:
             return []
         events = [(seq, self.output.append(seq, token, logits[i])) for i, (seq, token) in enumerate(zip(due, tokens))]

@@ -25,9 +25,14 @@ def build_rank(config: EngineConfig, par: Parallel = Parallel(), device: torch.d
     fmt = dataclasses.replace(config.weight_format, device=device)
     model = load_model(config.model, fmt, config.model_config, config.progress and par.rank == 0,
                        dummy=config.load_format == "dummy", par=par, ops=ops)
-    cfg = config.model_config
-    cache = LatentCache.from_budget(int(config.kv_cache_memory_gib * 2**30), config.max_num_seqs * config.max_model_len,
-                                    cfg.num_hidden_layers, config.block_size, config.cache_format, device)
+    layers = config.model_config.num_hidden_layers
+    if config.kv_cache_tokens is not None:
+        cache = LatentCache(layers, config.cache_blocks(config.kv_cache_tokens), config.block_size,
+                            config.cache_format, device)
+    else:
+        cache = LatentCache.from_budget(int(config.kv_cache_memory_gib * 2**30),
+                                        config.max_num_seqs * config.max_model_len, layers, config.block_size,
+                                        config.cache_format, device)
     runner = ModelRunner(wrap(model) if wrap else model, cache, config)
     return model, cache, runner
 
@@ -35,7 +40,9 @@ def build_rank(config: EngineConfig, par: Parallel = Parallel(), device: torch.d
 class ModelRunner:
     def __init__(self, model: DeepseekModel, cache: LatentCache, config: EngineConfig):
         self.model, self.cache = model, cache
-        self.blocks = BlockManager(cache.num_blocks, config.block_size)
+        fmt = config.cache_format  # what else changes the cached values, beside the tokens
+        self.blocks = BlockManager(cache.num_blocks, config.block_size, config.enable_prefix_caching,
+                                   salt=f"{fmt.name}/{fmt.model_dtype}")
         self.attn_mode, self.mla_threshold = config.attn_mode, config.mla_threshold
         self.device = model.device
         self.pin = self.device.type == "cuda"  # host data staged in pinned memory: an unpinned copy is synchronous

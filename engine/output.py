@@ -24,21 +24,27 @@ class OutputProcessor:
 
     def prompt(self, seq: Sequence, hidden: torch.Tensor, logits_of):
         """A prompt chunk's rows (before its tokens count as cached): prompt logprobs and kept logits.
-        Row j predicts token start + j + 1; entry 0 (the first token) has no prediction."""
+        Row j predicts token start + j + 1; entry 0 (the first token) has no prediction. A preempted request runs
+        its prompt again: rows already taken are not taken twice."""
+        start = seq.num_cached_tokens
         if seq.prompt_logits is not None:
-            seq.prompt_logits.append(logits_of(hidden))
+            kept = sum(t.shape[0] for t in seq.prompt_logits)
+            if start + hidden.shape[0] > kept:
+                seq.prompt_logits.append(logits_of(hidden[max(kept - start, 0):]))
         n = seq.params.prompt_logprobs
         if n is None:
             return
-        start = seq.num_cached_tokens
-        if start == 0:
+        if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)
+        first = len(seq.prompt_logprobs) - 1 - start  # the first row not yet taken
         rows = min(hidden.shape[0], seq.num_prompt_tokens - 1 - start)
-        if rows <= 0:
+        if rows <= first:
             return
-        logprobs = torch.log_softmax(logits_of(hidden[:rows]), -1)
-        for j in range(rows):
-            seq.prompt_logprobs.append(top_logprobs(logprobs[j], n, seq.token_ids[start + j + 1], self._decode_one))
+        first = max(first, 0)
+        logprobs = torch.log_softmax(logits_of(hidden[first:rows]), -1)
+        for j in range(first, rows):
+            seq.prompt_logprobs.append(top_logprobs(logprobs[j - first], n, seq.token_ids[start + j + 1],
+                                                    self._decode_one))
 
     def append(self, seq: Sequence, token: int, logits: torch.Tensor) -> str:
         """Add a sampled token (logits [V] float32: its row); returns the text it adds and sets seq.finish_reason

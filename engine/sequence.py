@@ -49,6 +49,7 @@ class Sequence:
     # incremental detokenisation offsets (engine/output.py)
     prefix_offset: int = 0
     read_offset: int = 0
+    num_prefix_cached: int | None = None  # prompt tokens found in the prefix cache when first admitted
     keep_cache: bool = False  # a chat session: the blocks outlive the request, for the next turn
     prompt_logits: list | None = None  # set to [] to keep the logits of every prompt position (LLM.prompt_logits)
 
