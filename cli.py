@@ -87,6 +87,8 @@ def add_engine_args(p, lists=False):
     p.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES,
                    help="weight-only quantization of every linear and expert at load")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
+                   help="CPU threads of torch and the C++ kernels (default: the machine's cores)")
     p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
                    help="tensor parallelism over N ranks (processes the engine starts; gloo on CPUs, NCCL on GPUs)")
 
@@ -407,6 +409,9 @@ def cmd_perplexity(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from models.errors import ModelError
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "tune": cmd_tune, "plan": cmd_plan,
          "perplexity": cmd_perplexity}[args.command](args)
