@@ -76,16 +76,20 @@ def _mla_decode_kernel(q_lat, q_pe, lat, rope, scl, block_tables, cu_q, seq_lens
                 sc = tl.load(scl + blk * s_sb + off * s_ss, mask=n_ok, other=0.0)
                 ckv = (ckv.to(tl.float32) * sc[:, None]).to(q.dtype)
             elif NUM_SCALES > 1:  # fp8: one scale per group of R / NUM_SCALES values
-                sc = tl.load(scl + (blk * s_sb + off * s_ss)[:, None] + tl.arange(0, NUM_SCALES)[None, :],
-                             mask=n_ok[:, None], other=0.0)  # [N, NUM_SCALES]
                 # e4m3 decoded from its bits (the latent is passed as uint8): sm_80 has no fp8 conversion
                 bits = ckv.to(tl.int32)
                 ex = (bits >> 3) & 15
                 mt = bits & 7
                 mag = tl.where(ex == 0, mt.to(tl.float32) * 0.001953125, ((8 + mt) << ex).to(tl.float32) * 0.0009765625)
                 val = tl.where((bits >> 7) == 1, -mag, mag)
-                ckv = tl.reshape(tl.reshape(val, (BLOCK_N, NUM_SCALES, BLOCK_R // NUM_SCALES)) * sc[:, :, None],
-                                 (BLOCK_N, BLOCK_R)).to(q.dtype)
+                # each column's group from R, not from the padded tile width: where R is no power of two (48), the
+                # tile's BLOCK_R / NUM_SCALES columns are not a group
+                group = offs_r // (R // NUM_SCALES)
+                scale = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+                for g in tl.static_range(NUM_SCALES):
+                    sc = tl.load(scl + blk * s_sb + off * s_ss + g, mask=n_ok, other=0.0)  # [N]
+                    scale = tl.where((group == g)[None, :], sc[:, None], scale)
+                ckv = (val * scale).to(q.dtype)
             else:
                 ckv = ckv.to(q.dtype)
             s = tl.dot(q, tl.trans(ckv), input_precision=PREC)

@@ -22,6 +22,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SMALL = dict(H=4, R=32, DR=16, DN=16, DV=16, BS=16)
 ODD = dict(H=3, R=40, DR=8, DN=12, DV=10, BS=4)  # no width a power of two or a multiple of another
 REAL = dict(H=2, R=512, DR=64, DN=128, DV=128, BS=16)  # DeepSeek widths: the 576-wide row is 512 + 64
+# kv_lora_rank 48: no power of two, so fp8's four groups of 12 are not the padded tile's quarters (16)
+GROUPS = dict(H=5, R=48, DR=16, DN=24, DV=40, BS=16)
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1.5e-2, rtol=1.5e-2),
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -274,8 +276,8 @@ def test_quantize_round_trip_error(name):
 
 @pytest.mark.parametrize("name", PACKED)
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
-def test_write_latent_packed(name, dtype):
-    dims = SMALL
+@pytest.mark.parametrize("dims", [SMALL, GROUPS], ids=["small", "groups"])
+def test_write_latent_packed(name, dtype, dims):
     g = torch.Generator().manual_seed(11)
     fmt = CacheFormat(name, dims["R"], dims["DR"], dtype)
     T, BS = 9, dims["BS"]
@@ -299,7 +301,7 @@ def test_write_latent_packed(name, dtype):
 
 
 @pytest.mark.parametrize("name", PACKED)
-@pytest.mark.parametrize("dims", [SMALL, REAL], ids=["small", "real"])
+@pytest.mark.parametrize("dims", [SMALL, REAL, GROUPS], ids=["small", "real", "groups"])
 def test_decode_packed(name, dims, monkeypatch):
     monkeypatch.setattr(triton_decode, "_choose_splits", lambda *a: 2)
     dtype = torch.float16
