@@ -88,9 +88,15 @@ def add_engine_args(p, lists=False):
 
 def add_sampling_args(p):
     p.add_argument("--max-tokens", "-n", type=_int_at_least(1), default=128)
-    p.add_argument("--temperature", type=_float_at_least(0.0), default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=_at_least(0.0, float, hi=1.0, lo_open=True), default=1.0, help="in (0, 1]")
-    p.add_argument("--top-k", type=_int_at_least(-1), default=0)
+    # None: the checkpoint's generation_config.json, else greedy and no truncation or penalty
+    p.add_argument("--temperature", type=_float_at_least(0.0), default=None,
+                   help="0 is greedy (default, unless the checkpoint's generation_config.json sets one)")
+    p.add_argument("--top-p", type=_at_least(0.0, float, hi=1.0, lo_open=True), default=None, help="in (0, 1]")
+    p.add_argument("--top-k", type=_int_at_least(-1), default=None)
+    p.add_argument("--min-p", type=_at_least(0.0, float, hi=1.0), default=None, help="in [0, 1]")
+    p.add_argument("--repetition-penalty", type=_at_least(0.0, float, lo_open=True), default=None)
+    p.add_argument("--presence-penalty", type=_at_least(-2.0, float, hi=2.0), default=0.0)
+    p.add_argument("--frequency-penalty", type=_at_least(-2.0, float, hi=2.0), default=0.0)
     p.add_argument("--seed", type=_at_least(-2**63, int, hi=2**64 - 1), default=None)
     p.add_argument("--ignore-eos", action="store_true")
 
@@ -191,10 +197,13 @@ def make_llm(args, **overrides):
     return LLM(engine_config(args, **overrides))
 
 
-def sampling_params(args):
-    from engine import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+def sampling_params(args, llm):
+    """The flags given, over the checkpoint's defaults, over greedy."""
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+             if getattr(args, k) is not None}
+    return llm.sampling_params(**{"temperature": 0.0, **llm.sampling_defaults, **given}, max_tokens=args.max_tokens,
+                               seed=args.seed, ignore_eos=args.ignore_eos, presence_penalty=args.presence_penalty,
+                               frequency_penalty=args.frequency_penalty)
 
 
 def _prompt_text(prompt: str) -> str:
@@ -213,7 +222,7 @@ def cmd_generate(args):
     if llm.tokenizer is None:
         raise ValueError(f"{args.model}: the checkpoint has no tokenizer (tokenizer.json or tokenizer.model), so text "
                          "prompts cannot be encoded")
-    params = sampling_params(args)
+    params = sampling_params(args, llm)
     ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode(prompt)
     t0 = time.perf_counter()
     t_first = None
@@ -238,7 +247,7 @@ def cmd_chat(args, read=input, out=sys.stdout):
     llm = make_llm(args)
     if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
         raise ValueError(f"{args.model}: the checkpoint's tokenizer has no chat template; use mla generate")
-    params = sampling_params(args)
+    params = sampling_params(args, llm)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages, session = list(start), None
     print("chat: /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer", file=sys.stderr)
