@@ -144,6 +144,20 @@ def build_parser():
                    help="decode context lengths (--kernels; default 1024,4096,16384,65536 on CUDA, 1024,4096 on the CPU)")
     b.add_argument("--kernel-prefill", type=_int_list(1), default=None,
                    help="prefill lengths (--kernels; default 512,4096,16384 on CUDA, 512,2048 on the CPU)")
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    add_engine_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=_at_least(0, int, hi=65535), default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("MLA_API_KEY"),
+                    help="clients must send Authorization: Bearer KEY (default: $MLA_API_KEY, else none)")
+    sv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the folder's)")
+    sv.add_argument("--max-num-seqs", type=_int_at_least(1), default=64, help="requests decoded together at most")
+    sv.add_argument("--max-model-len", type=_int_at_least(2), default=None, help="context limit (default: the model's)")
+    sv.add_argument("--max-queued-requests", type=_int_at_least(1), default=1024,
+                    help="waiting requests beyond this are refused with 503 and Retry-After")
+    sv.add_argument("--max-request-mib", type=_float_at_least(1e-3), default=16.0,
+                    help="request bodies larger than this are refused (413) before they are parsed")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     t = sub.add_parser("tune", help="measure the absorbed/expanded crossover on this device")
     add_engine_args(t)
     t.add_argument("--config", default=None)
@@ -367,6 +381,14 @@ def cmd_bench(args):
     print(bench.table(rows, args.output))
 
 
+def cmd_serve(args):
+    from server.run import serve
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    config = engine_config(args, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    serve(config, args.host, args.port, name, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
+          max_body_bytes=int(args.max_request_mib * 2**20), log_level=args.log_level)
+
+
 def cmd_tune(args):
     import tempfile
 
@@ -411,7 +433,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from models.errors import ModelError
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "tune": cmd_tune, "plan": cmd_plan,
+        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve, "tune": cmd_tune, "plan": cmd_plan,
          "perplexity": cmd_perplexity}[args.command](args)
         sys.stdout.flush()
     except (ModelError, ValueError) as e:

@@ -1,5 +1,6 @@
 """The public API: LLM(...).generate(...), in the convention vLLM users know, and the engine step."""
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,15 @@ def load_tokenizer(path: str):
     # the context limit is the engine's to enforce (max_model_len); transformers' own warns about longer texts
     tokenizer.model_max_length = int(1e30)
     return tokenizer
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine is doing, for metrics (read between steps, by the thread that runs them)."""
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of the cache blocks in use (0..1)
+    num_preemptions: int
 
 
 class RequestStream:
@@ -95,6 +105,11 @@ class LLM:
     def sampling_params(self, **fields) -> SamplingParams:
         """SamplingParams with the checkpoint's defaults (generation_config.json) under the fields given."""
         return SamplingParams(**{**self.sampling_defaults, **fields})
+
+    def stats(self) -> EngineStats:
+        b = self.blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           1 - len(b.free_blocks) / max(b.num_blocks, 1), self.scheduler.num_preemptions)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:

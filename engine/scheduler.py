@@ -13,6 +13,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # stays 0 while admission reserves a request's whole max_len (nothing is preempted)
 
     def check(self, seq: Sequence):
         capacity = self.blocks.num_blocks * self.blocks.block_size
