@@ -129,9 +129,16 @@ def build_parser():
                    help="also measure the GEMM peak (pp) and the read bandwidth (tg), and print each test's share of them")
     b.add_argument("--output", choices=["md", "json", "csv"], default="md")
     b.add_argument("--serve", "-N", type=_int_at_least(1), default=None, metavar="N",
-                   help="instead of the tests: N requests of random lengths at once, continuous batching")
-    b.add_argument("--prompt-lens", type=_int_range, default=(16, 512), help="MIN,MAX prompt lengths (--serve)")
-    b.add_argument("--gen-lens", type=_int_range, default=(16, 128), help="MIN,MAX output lengths (--serve)")
+                   help="instead of the tests: N requests of random lengths through continuous batching, in this "
+                        "process (all at once, or --concurrency at a time)")
+    b.add_argument("--url", default=None, help="instead of the tests: the same requests sent to an OpenAI-compatible "
+                   "server (mla serve, llama-server, ...), streamed, e.g. http://127.0.0.1:8000")
+    b.add_argument("--num-prompts", type=_int_at_least(1), default=32, help="requests sent to --url")
+    b.add_argument("--concurrency", type=_int_list(1), default=None,
+                   help="requests in flight at most, e.g. 1,4,16 (--url default 1; --serve default all)")
+    b.add_argument("--api-key", default=os.environ.get("MLA_API_KEY"), help="bearer token for --url")
+    b.add_argument("--prompt-lens", type=_int_range, default=(16, 512), help="MIN,MAX prompt lengths (--serve, --url)")
+    b.add_argument("--gen-lens", type=_int_range, default=(16, 128), help="MIN,MAX output lengths (--serve, --url)")
     b.add_argument("--kernels", action="store_true",
                    help="instead of the model: the attention kernels alone vs copy bandwidth, SDPA and matmul peak, "
                         "at the shapes of --config (default: DeepSeek-V2-Lite)")
@@ -359,23 +366,18 @@ def cmd_bench(args):
                              ctx=args.kernel_ctx, prefill=args.kernel_prefill, min_reps=args.repetitions)
         print(kernel_bench.report(r, args.output))
         return
+    if args.url or args.serve:
+        return _bench_serving(args)
     from engine import bench
     if args.baseline == "transformers" and args.kv_cache_gib is None:
         args.kv_cache_gib = 4.0  # on a GPU the default (85% of free memory) would leave transformers no room
     combos = [(m, c) for m in args.attn_mode for c in args.kv_cache_dtype]
-    if args.serve and len(combos) > 1:
-        raise ValueError("--serve takes one --attn-mode and one --kv-cache-dtype")
     tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
     tests += [("tg", n, d, b) for n in args.n_gen if n for d in args.depth for b in args.batch]
     with tempfile.TemporaryDirectory() as tmp:
         model, load_format = _bench_model(args, tmp)
         configs = [engine_config(args, model=model, attn_mode=m, kv_cache_dtype=c, load_format=load_format)
                    for m, c in combos]
-        if args.serve:
-            from engine import LLM
-            r = bench.serve(LLM(configs[0]), args.serve, args.prompt_lens, args.gen_lens)
-            print(bench.serve_report(r, args.output))
-            return
         rows = bench.run(configs, tests, args.repetitions, _label(args, model),
                          baseline=args.baseline == "transformers", with_roofline=args.roofline)
     print(bench.table(rows, args.output))
@@ -387,6 +389,32 @@ def cmd_serve(args):
     config = engine_config(args, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     serve(config, args.host, args.port, name, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
           max_body_bytes=int(args.max_request_mib * 2**20), log_level=args.log_level)
+
+
+def _bench_serving(args):
+    """--serve N (through the engine here) or --url (through a server): the same random requests for the same flags."""
+    import tempfile
+
+    from models.config import ModelConfig
+    from tools import bench_serve
+    if args.url and args.serve:
+        raise ValueError("--url and --serve: choose one (a server, or the engine in this process)")
+    if args.output == "csv":
+        raise ValueError("--serve / --url print md or json, not csv")
+    if len(args.attn_mode) > 1 or len(args.kv_cache_dtype) > 1:
+        raise ValueError("--serve takes one --attn-mode and one --kv-cache-dtype")
+    num = args.serve or args.num_prompts
+    with tempfile.TemporaryDirectory() as tmp:
+        model, load_format = _bench_model(args, tmp) if not args.url else (args.config or args.model, "auto")
+        requests = bench_serve.make_requests(num, args.prompt_lens, args.gen_lens, ModelConfig.from_hf(model).vocab_size)
+        if args.url:
+            results = [bench_serve.run_http(args.url, requests, c, args.api_key) for c in args.concurrency or [1]]
+        else:
+            from engine import LLM
+            llm = LLM(engine_config(args, model=model, attn_mode=args.attn_mode[0],
+                                    kv_cache_dtype=args.kv_cache_dtype[0], load_format=load_format))
+            results = [bench_serve.run_engine(llm, requests, c) for c in args.concurrency or [num]]
+    print(bench_serve.report(results, args.output))
 
 
 def cmd_tune(args):
