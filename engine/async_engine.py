@@ -115,7 +115,10 @@ class AsyncEngine:
 
     # ---- the loop thread ------------------------------------------------------------------------------------------
     def _send(self, r: Request, out: Output):
-        r.loop.call_soon_threadsafe(r.queue.put_nowait, out)
+        try:
+            r.loop.call_soon_threadsafe(r.queue.put_nowait, out)
+        except RuntimeError:  # its event loop has closed (the server is stopping): nobody is left to read it
+            pass
 
     def _finish(self, r: Request, now: float):
         r.done = True

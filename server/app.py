@@ -237,7 +237,11 @@ class Server:
             raise ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
                            f"{len(ids)}, leaving no room to generate", prompt_param)
         if asked is None:
-            return min(self.max_model_len, self.llm.blocks.num_blocks * self.llm.blocks.block_size) - len(ids)
+            room = min(self.max_model_len, self.llm.blocks.num_blocks * self.llm.blocks.block_size) - len(ids)
+            if room < 1:
+                raise ApiError(400, f"the prompt has {len(ids)} tokens, which leaves no room to generate in the KV "
+                               "cache", prompt_param)
+            return room
         if isinstance(asked, int) and asked >= 1 and len(ids) + asked > self.max_model_len:
             raise ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                            f"requested {len(ids) + asked} tokens ({len(ids)} in the prompt, {asked} in the "
@@ -250,7 +254,7 @@ class Server:
             try:
                 self.engine.check(ids, p)
             except ValueError as e:
-                raise ApiError(400, str(e), "prompt" if "token" in str(e) else None) from None
+                raise ApiError(400, str(e), "max_tokens" if "KV cache" in str(e) else "prompt") from None
         queue, loop = asyncio.Queue(), asyncio.get_running_loop()
         reqs = [EngineRequest(i * p.n + j, ids, copy, None, queue, loop)
                 for i, (ids, p) in enumerate(zip(prompts, params)) for j, copy in enumerate(p.copies())]
@@ -428,7 +432,8 @@ def build_app(engine: AsyncEngine, metrics: Metrics, model_name: str, api_key: s
                     if r.logprobs is not None:
                         logprobs = _completion_logprobs(out.token_ids, out.logprobs, offsets[out.index])
                     offsets[out.index] += len(out.text)
-                    if out.text or out.finish_reason is not None or logprobs:
+                    # a chunk per step, text or not (held-back text, a partial character): clients see progress
+                    if out.token_ids or out.finish_reason is not None:
                         yield _sse({**head, "choices": [{"index": out.index, "text": out.text, "logprobs": logprobs,
                                                          "finish_reason": out.finish_reason}]})
                     if out.finish_reason is not None:
@@ -493,7 +498,7 @@ def build_app(engine: AsyncEngine, metrics: Metrics, model_name: str, api_key: s
                     completion += len(out.token_ids)
                     logprobs = ({"content": _chat_logprobs(out.token_ids, out.logprobs, top_n)} if r.logprobs
                                 else None)
-                    if out.text or logprobs:
+                    if out.token_ids:
                         yield chunk(out.index, {"content": out.text}, logprobs)
                     if out.finish_reason is not None:
                         yield chunk(out.index, {}, None, out.finish_reason)

@@ -143,7 +143,7 @@ async def _one(client, url: str, model: str, r: BenchRequest, headers: dict) -> 
                     return t
                 if chunk.get("usage"):
                     t.num_output_tokens = chunk["usage"].get("completion_tokens", 0)
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices"):  # as vllm bench serve: every chunk is output, empty text or not
                     t.output_times.append(time.perf_counter())
                     chunks += 1
     except Exception as e:  # a failed request is counted, the run goes on
