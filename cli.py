@@ -95,9 +95,15 @@ def add_engine_args(p, lists=False):
 
 def add_sampling_args(p):
     p.add_argument("--max-tokens", "-n", type=_int_at_least(1), default=128)
-    p.add_argument("--temperature", type=_float_at_least(0.0), default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=_at_least(0.0, float, hi=1.0, lo_open=True), default=1.0, help="in (0, 1]")
-    p.add_argument("--top-k", type=_int_at_least(-1), default=0)
+    # None: the checkpoint's generation_config.json, else greedy and no truncation or penalty
+    p.add_argument("--temperature", type=_float_at_least(0.0), default=None,
+                   help="0 is greedy (default, unless the checkpoint's generation_config.json sets one)")
+    p.add_argument("--top-p", type=_at_least(0.0, float, hi=1.0, lo_open=True), default=None, help="in (0, 1]")
+    p.add_argument("--top-k", type=_int_at_least(-1), default=None)
+    p.add_argument("--min-p", type=_at_least(0.0, float, hi=1.0), default=None, help="in [0, 1]")
+    p.add_argument("--repetition-penalty", type=_at_least(0.0, float, lo_open=True), default=None)
+    p.add_argument("--presence-penalty", type=_at_least(-2.0, float, hi=2.0), default=0.0)
+    p.add_argument("--frequency-penalty", type=_at_least(-2.0, float, hi=2.0), default=0.0)
     p.add_argument("--seed", type=_at_least(-2**63, int, hi=2**64 - 1), default=None)
     p.add_argument("--ignore-eos", action="store_true")
 
@@ -130,9 +136,16 @@ def build_parser():
                    help="also measure the GEMM peak (pp) and the read bandwidth (tg), and print each test's share of them")
     b.add_argument("--output", choices=["md", "json", "csv"], default="md")
     b.add_argument("--serve", "-N", type=_int_at_least(1), default=None, metavar="N",
-                   help="instead of the tests: N requests of random lengths at once, continuous batching")
-    b.add_argument("--prompt-lens", type=_int_range, default=(16, 512), help="MIN,MAX prompt lengths (--serve)")
-    b.add_argument("--gen-lens", type=_int_range, default=(16, 128), help="MIN,MAX output lengths (--serve)")
+                   help="instead of the tests: N requests of random lengths through continuous batching, in this "
+                        "process (all at once, or --concurrency at a time)")
+    b.add_argument("--url", default=None, help="instead of the tests: the same requests sent to an OpenAI-compatible "
+                   "server (mla serve, llama-server, ...), streamed, e.g. http://127.0.0.1:8000")
+    b.add_argument("--num-prompts", type=_int_at_least(1), default=32, help="requests sent to --url")
+    b.add_argument("--concurrency", type=_int_list(1), default=None,
+                   help="requests in flight at most, e.g. 1,4,16 (--url default 1; --serve default all)")
+    b.add_argument("--api-key", default=os.environ.get("MLA_API_KEY"), help="bearer token for --url")
+    b.add_argument("--prompt-lens", type=_int_range, default=(16, 512), help="MIN,MAX prompt lengths (--serve, --url)")
+    b.add_argument("--gen-lens", type=_int_range, default=(16, 128), help="MIN,MAX output lengths (--serve, --url)")
     b.add_argument("--kernels", action="store_true",
                    help="instead of the model: the attention kernels alone vs copy bandwidth, SDPA and matmul peak, "
                         "at the shapes of --config (default: DeepSeek-V2-Lite)")
@@ -145,6 +158,20 @@ def build_parser():
                    help="decode context lengths (--kernels; default 1024,4096,16384,65536 on CUDA, 1024,4096 on the CPU)")
     b.add_argument("--kernel-prefill", type=_int_list(1), default=None,
                    help="prefill lengths (--kernels; default 512,4096,16384 on CUDA, 512,2048 on the CPU)")
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    add_engine_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=_at_least(0, int, hi=65535), default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("MLA_API_KEY"),
+                    help="clients must send Authorization: Bearer KEY (default: $MLA_API_KEY, else none)")
+    sv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the folder's)")
+    sv.add_argument("--max-num-seqs", type=_int_at_least(1), default=64, help="requests decoded together at most")
+    sv.add_argument("--max-model-len", type=_int_at_least(2), default=None, help="context limit (default: the model's)")
+    sv.add_argument("--max-queued-requests", type=_int_at_least(1), default=1024,
+                    help="waiting requests beyond this are refused with 503 and Retry-After")
+    sv.add_argument("--max-request-mib", type=_float_at_least(1e-3), default=16.0,
+                    help="request bodies larger than this are refused (413) before they are parsed")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     t = sub.add_parser("tune", help="measure the absorbed/expanded crossover on this device")
     add_engine_args(t)
     t.add_argument("--config", default=None)
@@ -199,10 +226,13 @@ def make_llm(args, **overrides):
     return LLM(engine_config(args, **overrides))
 
 
-def sampling_params(args):
-    from engine import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+def sampling_params(args, llm):
+    """The flags given, over the checkpoint's defaults, over greedy."""
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+             if getattr(args, k) is not None}
+    return llm.sampling_params(**{"temperature": 0.0, **llm.sampling_defaults, **given}, max_tokens=args.max_tokens,
+                               seed=args.seed, ignore_eos=args.ignore_eos, presence_penalty=args.presence_penalty,
+                               frequency_penalty=args.frequency_penalty)
 
 
 def _prompt_text(prompt: str) -> str:
@@ -221,7 +251,7 @@ def cmd_generate(args):
     if llm.tokenizer is None:
         raise ValueError(f"{args.model}: the checkpoint has no tokenizer (tokenizer.json or tokenizer.model), so text "
                          "prompts cannot be encoded")
-    params = sampling_params(args)
+    params = sampling_params(args, llm)
     ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode(prompt)
     t0 = time.perf_counter()
     t_first = None
@@ -246,7 +276,7 @@ def cmd_chat(args, read=input, out=sys.stdout):
     llm = make_llm(args)
     if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
         raise ValueError(f"{args.model}: the checkpoint's tokenizer has no chat template; use mla generate")
-    params = sampling_params(args)
+    params = sampling_params(args, llm)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages, session = list(start), None
     print("chat: /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer", file=sys.stderr)
@@ -344,26 +374,55 @@ def cmd_bench(args):
                              ctx=args.kernel_ctx, prefill=args.kernel_prefill, min_reps=args.repetitions)
         print(kernel_bench.report(r, args.output))
         return
+    if args.url or args.serve:
+        return _bench_serving(args)
     from engine import bench
     if args.baseline == "transformers" and args.kv_cache_gib is None:
         args.kv_cache_gib = 4.0  # on a GPU the default (85% of free memory) would leave transformers no room
     combos = [(m, c) for m in args.attn_mode for c in args.kv_cache_dtype]
-    if args.serve and len(combos) > 1:
-        raise ValueError("--serve takes one --attn-mode and one --kv-cache-dtype")
     tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
     tests += [("tg", n, d, b) for n in args.n_gen if n for d in args.depth for b in args.batch]
     with tempfile.TemporaryDirectory() as tmp:
         model, load_format = _bench_model(args, tmp)
         configs = [engine_config(args, model=model, attn_mode=m, kv_cache_dtype=c, load_format=load_format)
                    for m, c in combos]
-        if args.serve:
-            from engine import LLM
-            r = bench.serve(LLM(configs[0]), args.serve, args.prompt_lens, args.gen_lens)
-            print(bench.serve_report(r, args.output))
-            return
         rows = bench.run(configs, tests, args.repetitions, _label(args, model),
                          baseline=args.baseline == "transformers", with_roofline=args.roofline)
     print(bench.table(rows, args.output))
+
+
+def cmd_serve(args):
+    from server.run import serve
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    config = engine_config(args, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    serve(config, args.host, args.port, name, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
+          max_body_bytes=int(args.max_request_mib * 2**20), log_level=args.log_level)
+
+
+def _bench_serving(args):
+    """--serve N (through the engine here) or --url (through a server): the same random requests for the same flags."""
+    import tempfile
+
+    from models.config import ModelConfig
+    from tools import bench_serve
+    if args.url and args.serve:
+        raise ValueError("--url and --serve: choose one (a server, or the engine in this process)")
+    if args.output == "csv":
+        raise ValueError("--serve / --url print md or json, not csv")
+    if len(args.attn_mode) > 1 or len(args.kv_cache_dtype) > 1:
+        raise ValueError("--serve takes one --attn-mode and one --kv-cache-dtype")
+    num = args.serve or args.num_prompts
+    with tempfile.TemporaryDirectory() as tmp:
+        model, load_format = _bench_model(args, tmp) if not args.url else (args.config or args.model, "auto")
+        requests = bench_serve.make_requests(num, args.prompt_lens, args.gen_lens, ModelConfig.from_hf(model).vocab_size)
+        if args.url:
+            results = [bench_serve.run_http(args.url, requests, c, args.api_key) for c in args.concurrency or [1]]
+        else:
+            from engine import LLM
+            llm = LLM(engine_config(args, model=model, attn_mode=args.attn_mode[0],
+                                    kv_cache_dtype=args.kv_cache_dtype[0], load_format=load_format))
+            results = [bench_serve.run_engine(llm, requests, c) for c in args.concurrency or [num]]
+    print(bench_serve.report(results, args.output))
 
 
 def cmd_tune(args):
@@ -413,7 +472,7 @@ def main(argv=None):
         import torch
         torch.set_num_threads(args.threads)
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "tune": cmd_tune, "plan": cmd_plan,
+        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve, "tune": cmd_tune, "plan": cmd_plan,
          "perplexity": cmd_perplexity}[args.command](args)
         sys.stdout.flush()
     except (ModelError, ValueError) as e:

@@ -1,5 +1,6 @@
 """The public API: LLM(...).generate(...), in the convention vLLM users know, and the engine step."""
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -7,6 +8,7 @@ from models.errors import ModelError
 from models.parallel import Parallel
 
 from .config import EngineConfig
+from .generation_config import sampling_defaults
 from .model_runner import build_rank
 from .output import OutputProcessor
 from .sampler import sample
@@ -28,6 +30,17 @@ def load_tokenizer(path: str):
     # the context limit is the engine's to enforce (max_model_len); transformers' own warns about longer texts
     tokenizer.model_max_length = int(1e30)
     return tokenizer
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine is doing, for metrics (read between steps, by the thread that runs them)."""
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of the cache blocks in use (0..1)
+    num_preemptions: int
+    prefix_queried_tokens: int  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int  # ... and found there
 
 
 class RequestStream:
@@ -80,6 +93,7 @@ class LLM:
             raise
         self.model, self.blocks = self.runner.model, self.runner.blocks
         self.tokenizer = load_tokenizer(c.model) if os.path.isdir(c.model) else None
+        self.sampling_defaults = sampling_defaults(c.model) if os.path.isdir(c.model) else {}
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -92,6 +106,15 @@ class LLM:
         """Stop the other ranks (tensor parallelism); the engine cannot run after."""
         if self.ranks is not None:
             self.ranks.close()
+
+    def sampling_params(self, **fields) -> SamplingParams:
+        """SamplingParams with the checkpoint's defaults (generation_config.json) under the fields given."""
+        return SamplingParams(**{**self.sampling_defaults, **fields})
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.blocks.usage, s.num_preemptions,
+                           s.prefix_queried_tokens, s.prefix_hit_tokens)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -135,6 +158,8 @@ class LLM:
         """Queue a request. With `session` (an earlier request made with keep_cache=True), the new request takes
         over its cache: the longest cached prefix it shares with token_ids is reused, only the rest is prefilled."""
         self.check_request(token_ids, params)
+        if params.n > 1:
+            raise ValueError(f"add_request runs one sequence, got n={params.n} (params.copies() gives one per completion)")
         if session is not None and not session.keep_cache:
             raise ValueError("session: the earlier request was not made with keep_cache=True")
         seq = Sequence(list(token_ids), params, min(len(token_ids) + params.max_tokens, self.config.max_model_len),
@@ -180,7 +205,7 @@ class LLM:
                     rows.append(row - 1)
             if due:
                 logits = self.model.logits(hidden[rows])  # [B, V] float32
-                tokens = sample(logits, [s.params for s in due], [self.generators[s.seq_id] for s in due])
+                tokens = sample(logits, [s.params for s in due], [self.generators[s.seq_id] for s in due], due)
         except BaseException:  # the step's requests end here (their blocks freed); the engine stays usable
             for seq, _ in batch:
                 self.abort(seq)
@@ -213,12 +238,13 @@ class LLM:
             raise ValueError(f"{len(params)} sampling params for {len(ids)} prompts")
         for i, p in zip(ids, params):  # all of it checked before any of it is queued
             self.check_request(i, p)
-        return list(zip(ids, params, prompts))
+        return [(i, copy, prompt) for i, p, prompt in zip(ids, params, prompts) for copy in p.copies()]
 
     def generate(self, prompts: str | list[str] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:
-        """Runs all prompts together (different lengths batched, long prompts prefilled in chunks)."""
+        """Runs all prompts together (different lengths batched, long prompts prefilled in chunks). A prompt whose
+        params have n > 1 gives n outputs in a row."""
         requests = self._requests(prompts, sampling_params, prompt_token_ids)
         seqs = []
         try:

@@ -1,8 +1,9 @@
 """What to generate for one request; names and defaults follow vLLM. Every field is checked for type and range when
 the object is made (ValueError naming the field), so nothing malformed reaches the engine."""
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+MAX_N = 128  # completions per request: each is a sequence with its own cache
 MIN_TEMPERATURE = 1e-5  # below this, dividing the logits by it overflows float32: sampled as greedy
 
 
@@ -35,7 +36,11 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token (plus the sampled one)
     prompt_logprobs: int | None = None  # logprobs of the prompt tokens (entry 0 is None), plus top-N
     skip_special_tokens: bool = True
-    n: int = 1  # completions per prompt: only 1 (generate the prompt several times with seeds for more)
+    n: int = 1  # completions per prompt: n sequences, seeds seed, seed + 1, ... when seeded (copies())
+    presence_penalty: float = 0.0  # subtracted once from every token already generated (OpenAI)
+    frequency_penalty: float = 0.0  # subtracted per occurrence among the generated tokens (OpenAI)
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens (CTRL)
+    min_p: float = 0.0  # drop tokens whose probability is below min_p times the top token's
 
     def __post_init__(self):
         _int("max_tokens", self.max_tokens, 1)
@@ -45,7 +50,11 @@ class SamplingParams:
         _int("seed", self.seed, -2**63, 2**64 - 1, none_ok=True)
         _int("logprobs", self.logprobs, 0, none_ok=True)
         _int("prompt_logprobs", self.prompt_logprobs, 0, none_ok=True)
-        _int("n", self.n, 1, 1)
+        _int("n", self.n, 1, MAX_N)
+        _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _float("repetition_penalty", self.repetition_penalty, 0.0, 1e6, lo_open=True)
+        _float("min_p", self.min_p, 0.0, 1.0)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None and not isinstance(self.stop, (list, tuple)):
@@ -63,6 +72,17 @@ class SamplingParams:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.temperature < MIN_TEMPERATURE:
             self.temperature = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def copies(self) -> list["SamplingParams"]:
+        """The n single sequences of this request; a seeded request gives each its own seed (seed + i), so that
+        they differ and the whole request still reproduces."""
+        if self.n == 1:
+            return [self]
+        return [replace(self, n=1, seed=None if self.seed is None else (self.seed + i) % 2**64) for i in range(self.n)]
 
     @property
     def greedy(self) -> bool:

@@ -53,7 +53,7 @@ def test_a_bad_request_leaves_the_engine_as_it_was(llm, fresh_tokens, call):
     (dict(top_k=2.5), "top_k"), (dict(temperature=None), "temperature"), (dict(seed=2**70), "seed"),
     (dict(max_tokens=0), "max_tokens"), (dict(top_p=0), "top_p"), (dict(temperature=float("nan")), "temperature"),
     (dict(logprobs=-1), "logprobs"), (dict(stop=[""]), "stop"), (dict(stop=5), "stop"),
-    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(n=2), "n"), (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(n=0), "n"), (dict(ignore_eos="yes"), "ignore_eos"),
 ])
 def test_sampling_params_reject_wrong_types_and_ranges(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
