@@ -60,3 +60,24 @@ def test_generate_on_two_ranks_prints_the_same_text():
         assert r.returncode == 0, r.stderr
         out.append(r.stdout)
     assert out[0] == out[1] and len(out[0].split()) > 5
+
+
+def test_prefix_caching_over_two_ranks(checkpoints):
+    """The prefix cache is rank 0's bookkeeping: a second batch that repeats the first one's prefixes reads their
+    blocks on every rank, with the tokens one rank gives without the cache."""
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    prefix = list(range(30, 100))
+    batches = [[prefix + [5, 6]], [prefix + [7], prefix[:40] + [8, 9]]]
+    one = LLM(checkpoints["v2_qlora"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.05,
+              block_size=16, enable_prefix_caching=False)
+    want = [o for b in batches for o in one.generate(prompt_token_ids=b, sampling_params=sp)]
+    two = LLM(checkpoints["v2_qlora"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.05,
+              block_size=16, tensor_parallel_size=2)
+    try:
+        got = [o for b in batches for o in two.generate(prompt_token_ids=b, sampling_params=sp)]
+        assert two.scheduler.prefix_hit_tokens == 64 + 32  # 4 blocks of the first prompt, then 2 of them
+    finally:
+        two.close()
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids
+        assert all(abs(la[t] - lb[t]) < 1e-4 for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids))
