@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu
-from .weights import BACKENDS, INT4_GROUP, MODES, QuantWeight, _cdiv, _check
+from .weights import BACKENDS, INT4_GROUP, MODES, QuantWeight, cdiv as _cdiv, check_arg as _check
 
 CPU_FEW_ROWS = 16  # rows up to which the CPU streams the weight (decode); above, a GEMM
 DEQUANT_ROWS = 1024  # weight rows dequantized at a time for the prefill GEMM

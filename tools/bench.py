@@ -10,11 +10,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
 
 from . import roofline
-from .config import EngineConfig
-from .llm import LLM
-from .sampling_params import SamplingParams
 
 
 def _tokens(n: int, vocab: int, seed: int) -> list[int]:

@@ -7,9 +7,8 @@ import torch
 from tqdm import tqdm
 
 import kernels
+from engine.llm import LLM
 from models.attention import SeqGroup
-
-from .llm import LLM
 
 
 def _sync(device):
