@@ -82,6 +82,7 @@ def tile_config(M: int, device: torch.device):
 
 
 def split_sms(device: torch.device) -> int:
+    """The SM count choose_split_k sizes the split for: the target GPU's, or CPU_SMS under the interpreter."""
     t = target(device)
     return t.num_sms if t.gpu else CPU_SMS
 
