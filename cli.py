@@ -1,4 +1,5 @@
-"""mla: command-line front end. Argument parsing and printing only; the work is in engine/."""
+"""mla: command-line front end. Argument parsing and printing only; the work is in engine/ (generate, chat) and
+tools/ (bench, tune, plan, perplexity)."""
 import argparse
 import os
 import re
@@ -314,18 +315,20 @@ def cmd_chat(args, read=input, out=sys.stdout):
         messages.append({"role": "assistant", "content": session.text})
 
 
-def _bench_model(args, tmp) -> tuple[str, str]:
+def _bench_model(args, tmp, **overrides) -> tuple[str, str]:
     """(model, load_format): --model as given, or --config's shapes with random weights: made straight into the
-    engine's stored form (a dummy load), or written to tmp as a checkpoint when transformers must read it too."""
+    engine's stored form (a dummy load), or written to tmp as a checkpoint when transformers must read it too.
+    overrides: EngineConfig fields that differ from the flags (as engine_config takes them)."""
     if args.config:
         from models.errors import ModelError
         from models.random_checkpoint import cut_config, write_random_checkpoint
         # in the dtype the engine will run in, so that auto reads it back
-        dtype = engine_config(args, model=args.config, attn_mode="auto", kv_cache_dtype="auto").resolve(
+        dtype = engine_config(args, model=args.config, attn_mode="auto", kv_cache_dtype="auto", **overrides).resolve(
             plan_memory=False).torch_dtype
         path = cut_config(args.config, tmp, layers=args.layers, experts=args.experts, dtype=dtype)
         try:  # the memory plan, before anything is written or allocated
-            engine_config(args, model=path, attn_mode="auto", kv_cache_dtype="auto", load_format="dummy").resolve()
+            engine_config(args, model=path, attn_mode="auto", kv_cache_dtype="auto", load_format="dummy",
+                          **overrides).resolve()
         except ModelError as e:
             name = os.path.basename(os.path.normpath(path))
             raise ModelError(f"{args.config}: {str(e).removeprefix(name + ' ')}; --layers N / --experts N "
@@ -354,7 +357,7 @@ def cmd_bench(args):
     if args.kernels and args.compile_for:
         import json
 
-        from engine import gpu_check
+        from tools import gpu_check
         configs = [args.config] if args.config else [V2_LITE_CONFIG, V3_CONFIG]
         rows = gpu_check.run(configs, args.compile_for)
         print(json.dumps(rows, indent=1) if args.output == "json" else gpu_check.markdown(rows))
@@ -366,7 +369,7 @@ def cmd_bench(args):
     if args.kernels:
         if args.output == "csv":
             raise ValueError("--kernels prints md or json, not csv")
-        from engine import kernel_bench
+        from tools import kernel_bench
         if len(args.kv_cache_dtype) > 1 or len(args.attn_mode) > 1:
             raise ValueError("--kernels takes one --kv-cache-dtype (auto: the model dtype, int8 and fp8)")
         config = engine_config(args, model=args.config or V2_LITE_CONFIG, attn_mode="auto", kv_cache_dtype="auto")
@@ -376,16 +379,17 @@ def cmd_bench(args):
         return
     if args.url or args.serve:
         return _bench_serving(args)
-    from engine import bench
-    if args.baseline == "transformers" and args.kv_cache_gib is None:
-        args.kv_cache_gib = 4.0  # on a GPU the default (85% of free memory) would leave transformers no room
+    from tools import bench
+    kv_cache_gib = args.kv_cache_gib
+    if args.baseline == "transformers" and kv_cache_gib is None:
+        kv_cache_gib = 4.0  # on a GPU the default (85% of free memory) would leave transformers no room
     combos = [(m, c) for m in args.attn_mode for c in args.kv_cache_dtype]
     tests = [("pp", n, d, 1) for n in args.n_prompt if n for d in args.depth]
     tests += [("tg", n, d, b) for n in args.n_gen if n for d in args.depth for b in args.batch]
     with tempfile.TemporaryDirectory() as tmp:
-        model, load_format = _bench_model(args, tmp)
-        configs = [engine_config(args, model=model, attn_mode=m, kv_cache_dtype=c, load_format=load_format)
-                   for m, c in combos]
+        model, load_format = _bench_model(args, tmp, kv_cache_memory_gib=kv_cache_gib)
+        configs = [engine_config(args, model=model, attn_mode=m, kv_cache_dtype=c, load_format=load_format,
+                                 kv_cache_memory_gib=kv_cache_gib) for m, c in combos]
         rows = bench.run(configs, tests, args.repetitions, _label(args, model),
                          baseline=args.baseline == "transformers", with_roofline=args.roofline)
     print(bench.table(rows, args.output))
@@ -428,8 +432,8 @@ def _bench_serving(args):
 def cmd_tune(args):
     import tempfile
 
-    from engine import tune
-    from engine.config import save_tuned_threshold
+    from engine.tune import save_tuned_threshold
+    from tools import tune
     with tempfile.TemporaryDirectory() as tmp:
         model, load_format = _bench_model(args, tmp)
         llm = make_llm(args, model=model, attn_mode="auto", load_format=load_format)
@@ -444,13 +448,13 @@ def cmd_tune(args):
 def cmd_plan(args):
     import json
 
-    from engine import plan
+    from tools import plan
     p = plan.plan(args.config, args.tp, args.gpu_mem, args.dtype, args.weight_dtype, args.kv_cache_dtype)
     print(json.dumps(p, indent=1) if args.output == "json" else plan.markdown(p))
 
 
 def cmd_perplexity(args):
-    from engine.perplexity import perplexity
+    from tools.perplexity import perplexity
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()

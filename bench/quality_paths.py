@@ -7,8 +7,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from engine import LLM  # noqa: E402
-from engine.perplexity import perplexity  # noqa: E402
 from models.default.train import build_corpus  # noqa: E402
+from tools.perplexity import perplexity  # noqa: E402
 
 _, held, _ = build_corpus()
 text = "\n\n".join(held) if isinstance(held[0], str) else "\n\n".join(d["text"] for d in held)

@@ -11,6 +11,7 @@ from models.deepseek import DeepseekModel
 from models.loader import load_model
 from models.parallel import Parallel
 
+from . import memory
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs, use_graphs
 from .sequence import Sequence
@@ -27,7 +28,7 @@ def build_rank(config: EngineConfig, par: Parallel = Parallel(), device: torch.d
                        dummy=config.load_format == "dummy", par=par, ops=ops)
     layers = config.model_config.num_hidden_layers
     if config.kv_cache_tokens is not None:
-        cache = LatentCache(layers, config.cache_blocks(config.kv_cache_tokens), config.block_size,
+        cache = LatentCache(layers, memory.cache_blocks(config, config.kv_cache_tokens), config.block_size,
                             config.cache_format, device)
     else:
         cache = LatentCache.from_budget(int(config.kv_cache_memory_gib * 2**30),

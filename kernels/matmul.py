@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu
-from .weights import BACKENDS, INT4_GROUP, MODES, QuantWeight, _cdiv, _check
+from .weights import BACKENDS, INT4_GROUP, MODES, QuantWeight, cdiv as _cdiv, check_arg as _check
 
 DEQUANT_ROWS = 1024  # weight rows dequantized at a time for the prefill GEMM
 

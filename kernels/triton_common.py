@@ -28,7 +28,7 @@ def target(device: torch.device) -> Target:
 
 @contextlib.contextmanager
 def compiling_for(t: Target):
-    """Launchers called inside choose what they would on a GPU of t's kind (engine/gpu_check.py compiles that)."""
+    """Launchers called inside choose what they would on a GPU of t's kind (tools/gpu_check.py compiles that)."""
     _COMPILE_FOR.append(t)
     try:
         yield

@@ -160,7 +160,7 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     max_q = 1 if T == B else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     gpu = target(q_lat.device).gpu
     # a packed tile is dequantized to float32 in registers: with 32 rows (heads) x [32, 512] key values it spilled on
-    # sm_80/sm_90 (255 registers; 168 B of spills for int8, 688 B for fp8, at 4 warps and at 8: engine/gpu_check.py)
+    # sm_80/sm_90 for int8 and fp8, at 4 warps and at 8 (the spills `mla bench --kernels --compile-for` reports)
     BLOCK_H = min(pow2(H, 1), 32 if gpu and not fmt.packed else 16)
     # query tokens of one sequence share the tile too; rows = BLOCK_Q x BLOCK_H, at least 16 for tl.dot
     BLOCK_Q = max(16 // BLOCK_H, 1)

@@ -33,7 +33,7 @@ def _weight_tile(w_rows, s_rows, k0, k, k_ok, n_ok, GROUP, QUANT: tl.constexpr, 
     dtype, as QuantWeight.dequantize does it. A K tile never straddles two scale groups (BLOCK_K divides 128)."""
     mask = k_ok[:, None] & n_ok
     # one return at the end: with an early return the compiler (not the interpreter) still builds the integer
-    # branches for a float weight, and fails on them (found by engine/gpu_check.py)
+    # branches for a float weight, and fails on them (found by tools/gpu_check.py)
     if QUANT == 0:
         w = tl.load(w_rows + k[:, None], mask=mask, other=0.0)
     else:
@@ -115,7 +115,7 @@ def _moe_down_kernel(h, w2, s2, part, weights, sorted_ids, block_expert, num_pai
 
 
 
-def _config(num_pairs: int, E: int, D: int, I: int, device: torch.device):
+def tile_config(num_pairs: int, E: int, D: int, I: int, device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (few pairs per expert): BLOCK_M 16, the smallest
     tl.dot tile, since the rows are padded per expert; prefill: 64-row tiles to reuse each weight tile."""
     per_expert = num_pairs / max(1, min(E, num_pairs))
@@ -188,7 +188,7 @@ def _moe_experts(x, topk_ids, topk_weights, w13, w2, h=None, part=None):
     k = topk_ids.shape[1]
     E, I = len(w13), w2.shape[-1]
     P = T * k
-    bm, bn, bk, warps, stages = _config(P, E, D, I, x.device)
+    bm, bn, bk, warps, stages = tile_config(P, E, D, I, x.device)
     assert INT4_GROUP % bk == 0  # a K tile inside one int4 scale group
     sorted_ids, block_expert = align_by_expert(topk_ids, E, bm)
     if h is None:

@@ -201,7 +201,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
         kv_ws = c_kv.to(w_kv_b.dtype) @ w_t  # [tokens, H * nope + H * v]
         if pe_ws.dtype != q_pe.dtype or pe_ws.stride(0) % 16:
             # in a packed row (644 / 656 bytes) k_pe's row stride is no multiple of 16 elements, which Triton
-            # specializes on: the unvectorized loads spilled 168 B on sm_80 (engine/gpu_check.py)
+            # specializes on: the unvectorized loads spilled on sm_80 (`mla bench --kernels --compile-for sm_80`)
             pe_ws = pe_ws.to(q_pe.dtype).contiguous()
         _mla_prefill_kernel[(work.shape[0], H)](
             q_nope, q_pe, kv_ws, pe_ws, out, o_acc, lse_acc, work, entries,

@@ -72,7 +72,7 @@ def _quant_linear_kernel(x, qw, scales, out, ws, M, N, K, K_STORED, K_PER_SPLIT,
         tl.store(out + offs_m[:, None].to(tl.int64) * s_om + offs_n[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
-def _config(M: int, device: torch.device):
+def tile_config(M: int, device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K divides 128 (one int4 group per K tile)."""
     if M <= 16:  # decode: memory-bound, the smallest dot tile in M, long K tiles for wide coalesced weight loads
         return 16, 64, 128, 4, 4
@@ -81,7 +81,8 @@ def _config(M: int, device: torch.device):
     return 64, 128, 64, 8 if target(device).gpu else 4, 3
 
 
-def _num_sms(device: torch.device) -> int:
+def split_sms(device: torch.device) -> int:
+    """The SM count choose_split_k sizes the split for: the target GPU's, or CPU_SMS under the interpreter."""
     t = target(device)
     return t.num_sms if t.gpu else CPU_SMS
 
@@ -95,8 +96,8 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, split_k: int | None = None, o
     N = qw.shape[0]
     int4 = qw.mode == "int4"
     k_stored = qw.qweight.shape[1] * 2 if int4 else K
-    bm, bn, bk, warps, stages = _config(M, x.device)
-    split = split_k if split_k is not None else choose_split_k(M, N, K, bm, bn, _num_sms(x.device))
+    bm, bn, bk, warps, stages = tile_config(M, x.device)
+    split = split_k if split_k is not None else choose_split_k(M, N, K, bm, bn, split_sms(x.device))
     split = max(1, split)
     units = triton.cdiv(k_stored, INT4_GROUP)
     k_per_split = triton.cdiv(units, split) * INT4_GROUP  # a multiple of BLOCK_K and of the int4 group

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 BACKENDS = ("torch", "triton")
 MODES = ("int8", "int4")
 INT4_GROUP = 128
-STORE_ROWS = 1024  # rows quantized at a time by QuantWeight.store: 8 MiB float32 temporaries at K=2048 (4096
-# rows left about 0.2 GB more resident after loading V2-Lite's cut: glibc keeps freed blocks of that size in its heap)
+STORE_ROWS = 1024  # rows quantized at a time by QuantWeight.store: 8 MiB float32 temporaries at K=2048 (at 4096
+# rows more stayed resident after loading V2-Lite's cut: glibc keeps freed blocks of that size in its heap)
 
 
-def _check(cond, msg):
+def check_arg(cond, msg):
     if not cond:
         raise ValueError(f"kernel argument: {msg}")
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -74,7 +74,7 @@ class QuantWeight:
         so that the float temporaries stay small however large the weight (a 102400-row LM head). row_absmax [N]
         (int8): the largest |value| of each whole row when w holds only some of its columns (a rank's share), so
         that every rank quantizes on the scales one rank would use."""
-        _check(tuple(w.shape) == tuple(self.shape), f"cannot store {tuple(w.shape)} into a weight of {self.shape}")
+        check_arg(tuple(w.shape) == tuple(self.shape), f"cannot store {tuple(w.shape)} into a weight of {self.shape}")
         for r in range(0, w.shape[0], STORE_ROWS):
             amax = None if row_absmax is None else row_absmax[r:r + STORE_ROWS]
             q = quantize_weight(w[r:r + STORE_ROWS], self.mode, row_absmax=amax)
@@ -104,13 +104,13 @@ class QuantWeight:
 
 def empty_quant(shape: tuple, mode: str, device, backend: str = "torch", experts: int | None = None) -> QuantWeight:
     """Storage for a quantized weight of float shape (N, K), or for `experts` of them stacked; filled by store()."""
-    _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+    check_arg(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
     N, K = shape
     lead = (experts,) if experts is not None else ()
     if mode == "int8":
         return QuantWeight(torch.empty(*lead, N, K, dtype=torch.int8, device=device),
                            torch.empty(*lead, N, dtype=torch.float32, device=device), mode, (N, K), K, backend)
-    Kp = _cdiv(K, INT4_GROUP) * INT4_GROUP
+    Kp = cdiv(K, INT4_GROUP) * INT4_GROUP
     return QuantWeight(torch.empty(*lead, N, Kp // 2, dtype=torch.uint8, device=device),
                        torch.empty(*lead, N, Kp // INT4_GROUP, dtype=torch.float32, device=device), mode, (N, K),
                        INT4_GROUP, backend)
@@ -120,9 +120,10 @@ def quantize_weight(w: torch.Tensor, mode: str = "int8", backend: str = "torch",
                     row_absmax: torch.Tensor | None = None) -> QuantWeight:
     """Symmetric weight-only quantization of a linear weight w [N, K], or of stacked experts w [E, N, K] each on its
     own scales (any float dtype; scales in fp32)."""
-    _check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
-    _check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check(w.dim() in (2, 3) and w.is_floating_point(), f"w must be a float [(E,) N, K], got {w.dtype} {tuple(w.shape)}")
+    check_arg(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+    check_arg(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_arg(w.dim() in (2, 3) and w.is_floating_point(),
+              f"w must be a float [(E,) N, K], got {w.dtype} {tuple(w.shape)}")
     if w.dim() == 3:
         out = empty_quant(tuple(w.shape[1:]), mode, w.device, backend, experts=w.shape[0])
         for e in range(w.shape[0]):
@@ -135,7 +136,7 @@ def quantize_weight(w: torch.Tensor, mode: str = "int8", backend: str = "torch",
         q = torch.round(wf / scales.clamp(min=1e-30)[:, None]).clamp_(-127, 127).to(torch.int8)
         return QuantWeight(q.contiguous(), scales.contiguous(), mode, (N, K), K, backend)
     G = INT4_GROUP
-    Kp = _cdiv(K, G) * G
+    Kp = cdiv(K, G) * G
     wg = F.pad(wf, (0, Kp - K)).view(N, Kp // G, G)
     scales = wg.abs().amax(dim=-1) / 7  # [N, Kp / G]
     q = torch.round(wg / scales.clamp(min=1e-30)[:, :, None]).clamp_(-7, 7).to(torch.int16) + 8  # [N, Kp/G, G]
@@ -146,22 +147,22 @@ def quantize_weight(w: torch.Tensor, mode: str = "int8", backend: str = "torch",
 
 def quantize_experts(w: torch.Tensor, mode: str = "int8", backend: str = "torch") -> QuantWeight:
     """Stacked experts w [E, N, K], each quantized as quantize_weight does it (its own scales)."""
-    _check(w.dim() == 3, f"w must be [E, N, K], got {tuple(w.shape)}")
+    check_arg(w.dim() == 3, f"w must be [E, N, K], got {tuple(w.shape)}")
     return quantize_weight(w, mode, backend)
 
 
-def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int = 132,
+def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int,
                    unit: int = INT4_GROUP, programs_per_sm: int = 4) -> int:
     """How many ranges K is cut into. 1 when the M x N tiles alone fill the SMs; otherwise enough ranges for about
     programs_per_sm programs per SM, each range a whole number of `unit` values (a multiple of the int4 group, so
     a K tile never straddles two scales), never an empty range."""
-    tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
+    tiles = cdiv(M, block_m) * cdiv(N, block_n)
     if tiles >= num_sms:
         return 1
-    chunks = _cdiv(K, unit)
-    split = min(_cdiv(programs_per_sm * num_sms, tiles), chunks)
-    per = _cdiv(chunks, max(1, split))
-    return _cdiv(chunks, per)
+    chunks = cdiv(K, unit)
+    split = min(cdiv(programs_per_sm * num_sms, tiles), chunks)
+    per = cdiv(chunks, max(1, split))
+    return cdiv(chunks, per)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ def test_cache_flags_reach_the_engine_config():
     c = cli.engine_config(args)
     assert c.kv_cache_tokens == 100 and c.kv_cache_memory_gib is None and not c.enable_prefix_caching
     resolved = c.resolve()
-    assert resolved.cache_blocks(100) == 2  # whole blocks of 64
+    from engine import memory
+    assert memory.cache_blocks(resolved, 100) == 2  # whole blocks of 64
     assert cli.engine_config(cli.build_parser().parse_args(["generate", "-p", "x"])).enable_prefix_caching
 
 

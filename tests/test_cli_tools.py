@@ -58,9 +58,9 @@ def test_bench_markdown_and_csv(capsys, tiny_config):
 
 
 def test_tune_reports_and_saves_the_crossover(capsys, tiny_config, checkpoints, tmp_path, monkeypatch):
-    import engine.config
     import engine.llm
-    monkeypatch.setattr(engine.config, "TUNED_FILE", str(tmp_path / "tuned.json"))
+    import engine.tune
+    monkeypatch.setattr(engine.tune, "TUNED_FILE", str(tmp_path / "tuned.json"))
     code, out = main(capsys, "tune", "--config", tiny_config, "-q", "1,4,32", "-d", "0,20", "-r", "1")
     assert code == 0, out.err
     assert out.out.count("\n| ") >= 6 and "crossover: expanded from" in out.out
@@ -125,7 +125,7 @@ def test_perplexity_matches_transformers(checkpoints, hf_models):
     """The engine's PPL equals the one computed from transformers' logits on the same chunks."""
     import torch
     from engine import LLM
-    from engine.perplexity import perplexity
+    from tools.perplexity import perplexity
     llm = LLM(checkpoints["v3"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.05)
     ids = torch.randint(3, 120, (100,), generator=torch.Generator().manual_seed(0)).tolist()
     r = perplexity(llm, ids, ctx=24, progress=False)
@@ -174,12 +174,12 @@ def test_roofline_counts_agree_with_the_model(name):
 
     import torch
 
-    from engine import roofline
+    from tools import roofline
     from models.config import ModelConfig
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "configs", name)) as f:
         cfg = ModelConfig.from_dict(json.load(f), name)
     V, D, L, E, k = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok
-    layers = [roofline._layer_params(cfg, i) for i in range(L)]
+    layers = [roofline.layer_params(cfg, i) for i in range(L)]
     norms = L * (2 * D + cfg.kv_lora_rank + (cfg.q_lora_rank or 0)) + D
     assert sum(d + E * e + o for d, e, o in layers) + 2 * V * D + norms == roofline.param_count(cfg)
     active = sum(d + k * e + o for d, e, o in layers) + 2 * V * D

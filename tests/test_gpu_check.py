@@ -1,5 +1,5 @@
 """GPU readiness without a GPU: every Triton kernel family compiled for sm_90 at DeepSeek-V2-Lite's shapes, in bf16,
-with no compile error, no spill and shared memory within the limit (engine/gpu_check.py). In a subprocess: the other
+with no compile error, no spill and shared memory within the limit (tools/gpu_check.py). In a subprocess: the other
 kernel tests turn Triton's interpreter on for the whole test process, and the compiler needs it off."""
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = """
 import json, torch
-from engine import gpu_check
+from tools import gpu_check
 rows = gpu_check.run(["bench/configs/deepseek-v2-lite.json"], ["sm_90"], dtypes=(torch.bfloat16,), progress=False)
 print(json.dumps(rows))
 """

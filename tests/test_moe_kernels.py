@@ -76,7 +76,7 @@ def test_triton_moe_writes_every_row_of_its_workspaces(T, k, dtype):
 def test_triton_moe_crowded_experts(T, k, n_experts):
     """Many pairs per expert pick the larger M tiles (32, 64 rows); runs of several M blocks per expert."""
     x, ids, weights, w13, w2 = make_layer(T, k, torch.float32, n_experts=n_experts, empty=(), seed=3)
-    bm = triton_moe._config(T * k, n_experts, D, I, x.device)[0]
+    bm = triton_moe.tile_config(T * k, n_experts, D, I, x.device)[0]
     assert bm > 16
     out = kernels.moe_experts(x, ids, weights, w13, w2, backend="triton")
     torch.testing.assert_close(out.double(), dense_moe(x, ids, weights, w13, w2), **TOL[torch.float32])

@@ -113,8 +113,8 @@ def test_choose_split_k():
 def test_triton_dispatch_picks_split_k_by_itself(M, mode):
     """The dispatch path (no forced split) with the rule's choice: split > 1 at this size on the interpreter's
     stand-in of 132 SMs, split 1 when the tiles fill them."""
-    bm, bn = tql._config(M, torch.device(DEV))[:2]
-    assert weights.choose_split_k(M, N, K, bm, bn, num_sms=tql._num_sms(torch.device(DEV))) > 1
+    bm, bn = tql.tile_config(M, torch.device(DEV))[:2]
+    assert weights.choose_split_k(M, N, K, bm, bn, num_sms=tql.split_sms(torch.device(DEV))) > 1
     assert weights.choose_split_k(M, N, K, bm, bn, num_sms=1) == 1
     qw = weights.quantize_weight(rand(N, K, seed=7), mode, backend="triton")
     x = rand(M, K, seed=8)

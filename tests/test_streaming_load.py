@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from engine import LLM, EngineConfig
+from engine import LLM, EngineConfig, memory
 from models.errors import ModelError
 from models.random_checkpoint import cut_config, write_random_checkpoint
 
@@ -63,7 +63,7 @@ def test_weight_bytes_are_what_the_loaded_model_holds(lite_cut):
     from models.loader import load_model
     c = EngineConfig(lite_cut, device="cpu", weight_dtype="int4", progress=False).resolve()
     model = load_model(c.model, c.weight_format, c.model_config, progress=False)
-    assert c.weight_bytes() == model.nbytes()
+    assert memory.weight_bytes(c) == model.nbytes()
 
 
 def test_a_model_that_does_not_fit_names_what_would(monkeypatch):
@@ -79,7 +79,7 @@ def test_a_model_that_does_not_fit_names_what_would(monkeypatch):
 def test_the_default_cpu_cache_shrinks_to_what_is_left(monkeypatch, capsys):
     import models.loader
     c = EngineConfig(V2_LITE, device="cpu", dtype="bfloat16", weight_dtype="int4", load_format="dummy")
-    need = c.resolve(plan_memory=False).weight_bytes() + c.resolve(plan_memory=False).workspace_bytes()
+    need = memory.weight_bytes(c.resolve(plan_memory=False)) + memory.workspace_bytes(c.resolve(plan_memory=False))
     monkeypatch.setattr(models.loader, "available_memory", lambda device: need + (1 << 30))
     r = c.resolve()
     assert 0.5 < r.kv_cache_memory_gib <= 0.9 and "KV cache 0.9" in capsys.readouterr().err

@@ -39,15 +39,13 @@ import sysconfig
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import tokenizers  # noqa: E402
-import transformers  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import (  # noqa: E402
+import tokenizers
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
     AutoTokenizer,
     DeepseekV2Config,
     DeepseekV2ForCausalLM,
@@ -341,6 +339,7 @@ def fmt_int(n: int) -> str:
 
 # --------------------------------------------------------------------------- main
 def main():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # read when tokenizers first runs, not at its import
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: this script's folder)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 550, or from --minutes)")

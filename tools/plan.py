@@ -1,12 +1,12 @@
 """mla plan: what a model needs per rank under tensor parallelism, computed from its config alone (no device, no
 weights): the weights each rank stores, the latent cache per token (every rank holds all of it: the latent is per
 token, not per head), the tokens and the batch x context that fit in a given memory, and the bytes the ranks exchange
-per decode step."""
+per decode step. The bytes are the memory plan's (engine/memory.py), the engine's own count."""
 from dataclasses import replace
 
+from engine import memory
+from engine.config import EngineConfig
 from models.config import ModelConfig
-
-from .config import EngineConfig
 
 CONTEXTS = (4096, 32768, 131072)
 LINKS = {"NVLink (900 GB/s)": 900e9, "PCIe 5 x16 (64 GB/s)": 64e9}
@@ -19,9 +19,9 @@ def plan(config_file: str, tp: int, memory_gib: float, dtype: str = "bfloat16", 
                      tensor_parallel_size=tp, max_num_batched_tokens=max_num_batched_tokens, load_format="dummy")
     c = replace(c, model_config=cfg, kv_cache_dtype=dtype if kv_cache_dtype == "auto" else kv_cache_dtype,
                 max_model_len=cfg.max_position_embeddings)
-    c._check_split(cfg)
-    weights, work = c.weight_bytes(), c.workspace_bytes()
-    per_token = cfg.num_hidden_layers * c.cache_format.bytes_per_token
+    c.check_split(cfg)
+    weights, work = memory.weight_bytes(c), memory.workspace_bytes(c)
+    per_token = memory.cache_bytes_per_token(c)
     tokens = max(0, int((memory_gib * 2**30 - weights - work) // per_token))
     # per decode step of B sequences: an all-reduce of [B, D] after every attention and every MLP, one after the
     # embedding lookup, and an all-gather of the logits [B, V] (float32 on the wire here: the logits' dtype)

@@ -1,7 +1,7 @@
 """mla bench --kernels: the attention kernels alone, at a model's shapes (--config; DeepSeek-V2-Lite by default), against
 what the device can do.
 
-Four measurements, all in one run on one device (DESIGN.md section 5: speed claims are ratios taken in the same run):
+Four measurements, all in one run on one device (speed claims are ratios taken in the same run):
   copy     the device's memory bandwidth, from one large dst.copy_(src): 2 * bytes / time (read + write)
   decode   absorbed attention (kernels.mla_decode) over a paged latent cache: bytes a kernel must read per call
            (the cache rows of every sequence, the queries, the outputs) / time, and that as a fraction of `copy`
@@ -24,9 +24,8 @@ from tqdm import tqdm
 import kernels
 from kernels import CacheFormat
 from kernels.reference import expand
+from engine.config import EngineConfig
 from models.loader import available_memory
-
-from .config import EngineConfig
 
 DEFAULTS = {
     "cuda": dict(batch=[1, 8, 64], ctx=[1024, 4096, 16384, 65536], prefill=[512, 4096, 16384],

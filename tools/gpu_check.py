@@ -18,8 +18,6 @@ import tempfile
 
 import torch
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said aloud (it warns otherwise)
-
 TARGETS = {  # per SM: 64K registers, 64 warps, 32 blocks; shared memory per block (opt-in) and per SM
     "sm_80": dict(arch=80, gpu="A100", sms=108, smem_block=163 << 10, smem_sm=164 << 10, bw=2.0e12, flops=312e12),
     "sm_90": dict(arch=90, gpu="H100", sms=132, smem_block=227 << 10, smem_sm=228 << 10, bw=3.35e12, flops=989e12),
@@ -64,6 +62,7 @@ def compile_launch(launch: Launch, arch: int):
     """triton.compile of the launch as Triton's launcher would specialise it: pointers and integers divisible by 16
     marked so, integers equal to 1 made constants."""
     import triton
+    import triton.knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig, constexprs, divisible = {}, {}, []
@@ -90,8 +89,10 @@ def compile_launch(launch: Launch, arch: int):
             raise TypeError(f"{launch.kernel.__name__}: argument {p.name} of type {type(v).__name__}")
     attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
     src = ASTSource(fn=launch.kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    # FP fusion as TRITON_DEFAULT_FP_FUSION says (Triton 3.9's default: on), said aloud: Triton warns when left to pick
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages,
+                                   "enable_fp_fusion": triton.knobs.language.default_fp_fusion})
 
 
 def resources(compiled) -> dict:
@@ -182,7 +183,7 @@ def scenarios(cfg, dtype) -> list:
         for T in (1, 512):
             used = min(E, T * k)
             out.append(("grouped MoE", f"{dname} {wname} experts, {T} tokens x top-{k} of {E}",
-                        lambda w13=w13, w2=w2, T=T: triton_moe._moe_experts(
+                        lambda w13=w13, w2=w2, T=T: triton_moe.moe_experts(
                             torch.zeros(T, D, dtype=dtype), (torch.arange(T * k) % E).view(T, k),
                             torch.full((T, k), 1.0 / k), w13, w2),
                         used * 3 * I * D * wb + T * k * (2 * D + 2 * I) * elt, 2 * T * k * 3 * I * D))

@@ -2,6 +2,7 @@
 side with transformers on the same weights and against the device's roofline; the rows it prints as md, json or
 csv; and the serving benchmark (many requests through continuous batching)."""
 import json
+from dataclasses import replace
 import math
 import statistics
 import sys
@@ -10,11 +11,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
 
 from . import roofline
-from .config import EngineConfig
-from .llm import LLM
-from .sampling_params import SamplingParams
 
 
 def _tokens(n: int, vocab: int, seed: int) -> list[int]:
@@ -132,7 +133,7 @@ def run(configs: list[EngineConfig], tests: list[tuple], reps: int, label: str, 
     base = peaks = None
     bar = tqdm(total=len(tests) * len(configs), desc="bench", file=sys.stderr, leave=False, disable=not progress)
     for config in configs:
-        llm = LLM(config)
+        llm = LLM(replace(config, enable_prefix_caching=False))  # repetitions send the same prompt: compute it
         c = llm.config
         if baseline and base is None:
             base = TransformersRunner(c.model, llm.device, llm.dtype)
@@ -190,40 +191,3 @@ def table(rows: list[dict], output: str = "md") -> str:
 
 def nan_safe(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f}"
-
-
-def serve(llm: LLM, num_requests: int, prompt_lens: tuple[int, int], gen_lens: tuple[int, int], seed: int = 0) -> dict:
-    """All requests arrive at once (random prompt and output lengths); the scheduler batches them continuously.
-    Returns total throughput and per-request latency percentiles (time to first token, end to end)."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
-    t0 = time.perf_counter()
-    seqs = [llm.add_request(_tokens(rand(*prompt_lens), llm.model_config.vocab_size, seed + i),
-                            SamplingParams(max_tokens=rand(*gen_lens), temperature=0, ignore_eos=True))
-            for i in range(num_requests)]
-    first, done = {}, {}
-    while not llm.scheduler.idle:
-        for seq, _ in llm.step():
-            now = time.perf_counter() - t0
-            first.setdefault(seq.seq_id, now)
-            if seq.finished:
-                done[seq.seq_id] = now
-    _sync(llm.device)
-    wall = time.perf_counter() - t0
-    pct = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p / 100 * len(xs)))]
-    ttft = [first[s.seq_id] for s in seqs]
-    e2e = [done[s.seq_id] for s in seqs]
-    out_tokens = sum(len(s.output_token_ids) for s in seqs)
-    in_tokens = sum(s.num_prompt_tokens for s in seqs)
-    return {"requests": num_requests, "wall_s": wall, "prompt_tokens": in_tokens, "output_tokens": out_tokens,
-            "total_tps": (in_tokens + out_tokens) / wall, "output_tps": out_tokens / wall,
-            **{f"ttft_p{p}_s": pct(ttft, p) for p in (50, 90, 99)}, **{f"e2e_p{p}_s": pct(e2e, p) for p in (50, 90, 99)}}
-
-
-def serve_report(r: dict, output: str = "md") -> str:
-    if output == "json":
-        return json.dumps(r, indent=1)
-    return (f"{r['requests']} requests, {r['prompt_tokens']} prompt + {r['output_tokens']} output tokens in "
-            f"{r['wall_s']:.2f} s: {r['total_tps']:.1f} tok/s total, {r['output_tps']:.1f} output tok/s; "
-            f"TTFT p50/p90/p99 {r['ttft_p50_s']:.2f}/{r['ttft_p90_s']:.2f}/{r['ttft_p99_s']:.2f} s; "
-            f"latency p50/p90/p99 {r['e2e_p50_s']:.2f}/{r['e2e_p90_s']:.2f}/{r['e2e_p99_s']:.2f} s")

@@ -20,7 +20,7 @@ def device_peaks(device: torch.device, dtype) -> dict:
                 gbps=read_bandwidth(device, timer, (2 << 30) if cuda else (1 << 30))["gbps"])
 
 
-def _layer_params(cfg: ModelConfig, i: int) -> tuple[int, int, int]:
+def layer_params(cfg: ModelConfig, i: int) -> tuple[int, int, int]:
     """Layer i's weights as (quantizable ones every token uses, routed weights per expert, kv_b_proj + router)."""
     D, H = cfg.hidden_size, cfg.num_attention_heads
     q = D * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim if cfg.q_lora_rank else D * H * cfg.qk_head_dim
@@ -40,7 +40,7 @@ def prompt_flops(cfg: ModelConfig, n: int, depth: int) -> float:
     keys = n * depth + n * (n + 1) / 2
     total = 0.0
     for i in range(cfg.num_hidden_layers):
-        dense, per_expert, other = _layer_params(cfg, i)
+        dense, per_expert, other = layer_params(cfg, i)
         total += 2 * n * (dense + other + k * per_expert) + 2 * keys * H * (cfg.qk_head_dim + cfg.v_head_dim)
     return total + 2 * cfg.vocab_size * cfg.hidden_size
 
@@ -53,7 +53,7 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: 
     q_elt = {None: elt, "int8": 1, "int4": 0.5}[weight_dtype]  # kv_b_proj and the router stay in the model dtype
     total = cfg.vocab_size * cfg.hidden_size * q_elt + batch * ctx * cache_bytes_per_token
     for i in range(cfg.num_hidden_layers):
-        dense, per_expert, other = _layer_params(cfg, i)
+        dense, per_expert, other = layer_params(cfg, i)
         E, k = cfg.n_routed_experts or 1, cfg.num_experts_per_tok
         experts = E * (1 - (1 - k / E) ** batch) if per_expert else 0
         total += (dense + experts * per_expert) * q_elt + other * elt
