@@ -37,8 +37,8 @@ constexpr int64_t MAX_KB = 256;  // int4 groups per row the kernels take (K <= 3
 constexpr int64_t PREFETCH = 2048;
 
 // Rows x [M, K] (row m at x + m * ldx) quantized per block of 128 into Q [M, KB * 128] (zero padded), S [M, KB]
-// scales, C [M, KB] scale * sum of the block's integers; interleave: each block as its even-indexed values, then its odd ones. Values round
-// to nearest, ties to even (the AVX-512 conversion's rounding, and nearbyint's).
+// scales, C [M, KB] scale * sum of the block's integers; interleave: each block as its even-indexed values, then its
+// odd ones. Values round to nearest, ties to even (the AVX-512 conversion's rounding, and nearbyint's).
 void quantize_into(const float* x, int64_t M, int64_t K, int64_t ldx, bool interleave, int8_t* Q, float* S, float* C) {
   const int64_t KB = (K + QB - 1) / QB;
   for (int64_t i = 0; i < M * KB; ++i) {
