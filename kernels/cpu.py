@@ -1,5 +1,5 @@
-"""The C++ CPU kernels (kernels/cpu_kernels.cpp): compiled on first use by torch.utils.cpp_extension for this
-machine (-march=native) and cached; if no compiler is there, ext() is None and callers keep their torch path.
+"""The C++ CPU kernels (kernels/cpu_*.cpp): compiled on first use by torch.utils.cpp_extension for this machine
+(-march=native) and cached; if no compiler is there, ext() is None and callers keep their torch path.
 
 Few-row products (a decode step), y = x @ W.T, for a float weight [N, K] (bf16 or fp32) or an int8 / int4
 QuantWeight (x quantized per block of 128 to int8, VNNI dot products):
@@ -7,22 +7,29 @@ QuantWeight (x quantized per block of 128 to int8, VNNI dot products):
   moe_decode(x, ids, weights, ...)     a MoE layer's routed and shared experts in one call
   mla_absorbed(q_nope, q_pe, ...)      W_UK, the absorbed attention over the latent cache, W_UV in one call
   decode_layer(weights, kind)          a whole decoder layer of a decode step (all of the above) in one call
-The torch references are F.linear over the (dequantized) weight and kernels/reference.py; tests compare them."""
+The torch references are F.linear over the (dequantized) weight and kernels/reference.py; tests compare them.
+
+What crosses into the C++ is typed (kernels/cpu_kernels.h): a weight as a WeightRef, the router as a Router with
+TopkMethod and Scoring enums, the cache format as a CacheKind, a decoder layer's weights as the C++
+DecodeLayerWeights, converted field by field from the dataclass below once, when the engine starts."""
+import functools
 import hashlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import get_args
 
 import torch
 
-from . import reference
+from .moe import Router
 from .weights import QuantWeight
 
 _ext = None
 _tried = False
 
 
-SOURCES = ("cpu_kernels.cpp",)
+SOURCES = ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_layer.cpp", "cpu_bindings.cpp")  # compiled and linked
+HEADERS = ("cpu_common.h", "cpu_kernels.h")  # hashed with the sources: the build folder changes when they do
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
@@ -31,7 +38,7 @@ def build_dir() -> str:
     flags, this CPU's features), so that two checkouts, environments or torch versions never rebuild each other's."""
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     h.update(" ".join((torch.__version__, sys.version, *CFLAGS, _cpu_flags())).encode())
@@ -74,11 +81,11 @@ def streams(w) -> bool:
     return w.qweight.is_contiguous()
 
 
-def ref(w) -> tuple:
-    """A weight as the C++ takes it: (float tensor, None, K, False) or (qweight, scales, K, int4)."""
+def ref(w):
+    """A weight as the C++ takes it: a WeightRef of a float tensor, or of a QuantWeight's qweight and scales."""
     if isinstance(w, torch.Tensor):
-        return w, None, w.shape[-1], False
-    return w.qweight, w.scales, w.shape[1], w.mode == "int4"
+        return ext().WeightRef(tensor=w, scales=None, K=w.shape[-1], int4=False)
+    return ext().WeightRef(tensor=w.qweight, scales=w.scales, K=w.shape[1], int4=w.mode == "int4")
 
 
 def gemv(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,14 +101,35 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, shared=None) -> torch.Tensor:
     return ext().moe_decode(x, topk_ids, topk_weights, ref(w13), ref(w2), s13, s2)
 
 
+def dequantize(qw: QuantWeight, out: torch.Tensor):
+    """A 2-D QuantWeight (or a block of its rows) into the bf16 tensor out [N, K]."""
+    ext().dequantize(ref(qw), out)
+
+
 def route(x, gate, bias, router) -> tuple:
     """kernels/reference.py route for a kernels.moe.Router: (ids int64 [T, k], weights float32 [T, k])."""
-    return ext().route(x, gate, bias, *_router_codes(router))
+    return ext().route(x, gate, bias, native_router(router))
 
 
-def _router_codes(r) -> tuple:
-    return r.top_k, r.scoring == "sigmoid", reference.TOPK_METHODS.index(r.method), r.n_group, r.topk_group, r.norm, \
-        r.scale
+@functools.lru_cache(maxsize=None)
+def native_router(router):
+    """A kernels.moe.Router (frozen, so hashable) as the C++ Router, made once per distinct setting."""
+    e = ext()
+    enums = {"scoring": e.Scoring, "method": e.TopkMethod}
+    return _native(e.Router(), router, lambda f, v: getattr(enums[f.name], v) if f.name in enums else v)
+
+
+def _native(target, dataclass_obj, convert):
+    """target (a bound C++ struct) with every field of dataclass_obj set by name, through convert(field, value). The
+    two must have the same fields: a field missing on either side is an error here, not a silently unset value."""
+    names = {f.name for f in fields(dataclass_obj)}
+    bound = {k for k, v in vars(type(target)).items() if isinstance(v, property)}
+    if names != bound:
+        raise TypeError(f"{type(dataclass_obj).__name__}: fields differ from the C++ struct's "
+                        f"(Python only: {sorted(names - bound)}, C++ only: {sorted(bound - names)})")
+    for f in fields(dataclass_obj):
+        setattr(target, f.name, convert(f, getattr(dataclass_obj, f.name)))
+    return target
 
 
 def rms_norm(x, weight, eps: float) -> torch.Tensor:
@@ -144,7 +172,7 @@ class DecodeLayerWeights:
     w2: Weight
     gate: torch.Tensor | None  # the router (MoE layers only)
     e_score_correction_bias: torch.Tensor | None
-    router: object | None  # kernels.moe.Router
+    router: Router | None
     shared_w13: Weight | None
     shared_w2: Weight | None
     num_heads: int
@@ -157,29 +185,21 @@ class DecodeLayerWeights:
 
 
 def decode_layer(w: DecodeLayerWeights, kind):
-    """A C++ DecodeLayer (kernels/cpu_kernels.cpp) over a decoder layer's weights, reading and writing a cache of
-    this cache_kind; its forward(x, positions, slot_mapping, cos, sin, kv_cache, block_tables, cu_seqlens_q,
+    """A C++ DecodeLayer (kernels/cpu_layer.cpp) over a decoder layer's weights, reading and writing a cache of
+    this CacheKind; its forward(x, positions, slot_mapping, cos, sin, kv_cache, block_tables, cu_seqlens_q,
     seq_lens) runs the whole layer of a decode step."""
-    d = dict(ln1=w.input_layernorm, ln2=w.post_attention_layernorm, kv_a_ln=w.kv_a_layernorm, w_uk=w.w_uk,
-             w_uv=w.w_uv, kv_a=ref(w.kv_a_proj_with_mqa), o=ref(w.o_proj), q=ref(w.q_proj), w13=ref(w.w13),
-             w2=ref(w.w2), H=w.num_heads, dn=w.qk_nope_head_dim, dr=w.qk_rope_head_dim, R=w.kv_lora_rank,
-             eps=w.rms_norm_eps, scale=w.softmax_scale, interleave=w.rope_interleave)
-    if w.q_a_proj is not None:
-        d.update(q_a=ref(w.q_a_proj), q_a_ln=w.q_a_layernorm)
-    if w.gate is not None:
-        d.update(gate=w.gate, bias=w.e_score_correction_bias, router=_router_codes(w.router))
-        if w.shared_w13 is not None:
-            d.update(s13=ref(w.shared_w13), s2=ref(w.shared_w2))
-    return _Bound(ext().DecodeLayer(d), kind)
+    return ext().DecodeLayer(_native(ext().DecodeLayerWeights(), w, _layer_field), kind)
 
 
-class _Bound:
-    def __init__(self, layer, kind):
-        self.layer, self.kind = layer, kind
-
-    def forward(self, x, positions, slot_mapping, cos, sin, kv_cache, block_tables, cu_seqlens_q, seq_lens):
-        return self.layer.forward(x, positions, slot_mapping, cos, sin, kv_cache, block_tables, cu_seqlens_q,
-                                  seq_lens, self.kind)
+def _layer_field(f, v):
+    """A DecodeLayerWeights field's value as the C++ struct holds it, by the field's declared type."""
+    if v is None:
+        return None
+    if QuantWeight in get_args(f.type):  # a Weight: a float tensor or a QuantWeight
+        return ref(v)
+    if Router in get_args(f.type):
+        return native_router(v)
+    return v  # norms, W_UK, W_UV, the gate and its bias: model-dtype tensors; the sizes
 
 
 # ---- plain-torch references of what the C++ computes (tests compare against them) ----------------------------------
@@ -212,16 +232,17 @@ def gemv_quant_reference(x: torch.Tensor, qw) -> torch.Tensor:
 
 
 # ---- absorbed attention (decode) --------------------------------------------------------------------------------------
-def cache_kind(fmt) -> int | None:
-    """The C++ reader's code for a cache format, or None where it has none (fp8, float16)."""
-    if fmt is None:
+def cache_kind(fmt):
+    """The C++ reader's CacheKind for a cache format, or None where it has none (fp8, float16)."""
+    if fmt is None or ext() is None:
         return None
+    kinds = ext().CacheKind
     if fmt.name == "float32":
-        return 0
+        return kinds.FLOAT32
     if fmt.name == "bfloat16":
-        return 1
-    if fmt.name == "int8" and fmt.model_dtype in (torch.bfloat16, torch.float32):
-        return 2 if fmt.model_dtype == torch.bfloat16 else 3
+        return kinds.BFLOAT16
+    if fmt.name == "int8" and fmt.model_dtype in (torch.bfloat16, torch.float32):  # k_pe kept in the model dtype
+        return kinds.INT8_BF16_ROPE if fmt.model_dtype == torch.bfloat16 else kinds.INT8_FP32_ROPE
     return None
 
 

@@ -28,7 +28,7 @@ def dequantized_gemm(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
         n1 = min(N, n0 + DEQUANT_ROWS)
         if bf16:
             w = buf[:(n1 - n0) * K].view(n1 - n0, K)
-            cpu.ext().dequantize(qw.qweight[n0:n1], qw.scales[n0:n1], K, qw.mode == "int4", w)
+            cpu.dequantize(qw.rows(n0, n1), w)
         else:
             w = qw.rows(n0, n1).dequantize(x.dtype)
         y[:, n0:n1] = x @ w.t()

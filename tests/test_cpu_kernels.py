@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (kernels/cpu_kernels.cpp) against their plain-torch references (kernels/cpu.py), at sizes
+"""The C++ CPU kernels (kernels/cpu_*.cpp) against their plain-torch references (kernels/cpu.py), at sizes
 that are no multiple of any block: K not a multiple of 128 or 32, odd N, 1..17 rows of x (tiles of 4 rows), and
 experts picked by no token or by several. The C++ fills its outputs with NaN before writing, and dequantize writes
 into a poisoned buffer, so an element left unwritten fails."""
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu
+from kernels.moe import Router
 from kernels.weights import quantize_weight
 
 pytestmark = pytest.mark.skipif(cpu.ext() is None, reason="no C++ compiler for the CPU kernels")
@@ -54,7 +55,7 @@ def test_quant_gemv_matches_reference(M, N, K, mode):
 def test_dequantize_matches_reference(N, K, mode):
     qw = quantize_weight(rand(N, K, seed=8), mode)
     out = torch.full((N, K), float("nan"), dtype=torch.bfloat16)
-    cpu.ext().dequantize(qw.qweight, qw.scales, K, mode == "int4", out)
+    cpu.dequantize(qw, out)
     torch.testing.assert_close(out, qw.dequantize(torch.bfloat16), atol=0, rtol=0)
 
 
@@ -206,10 +207,9 @@ def test_router_matches_reference(dtype, scoring, method, n_group, topk_group, n
     from kernels import reference
     T, E, D, k = 5, 64, 203, 6
     x, gate, bias = rand(T, D, seed=21, dtype=dtype), rand(E, D, seed=22, dtype=dtype), rand(E, seed=23) * 0.1
-    args = (k, scoring, method, n_group, topk_group, norm, scale)
-    ids, w = cpu.ext().route(x, gate, bias, k, scoring == "sigmoid", reference.TOPK_METHODS.index(method), n_group,
-                             topk_group, norm, scale)
-    want_ids, want_w = reference.route(x, gate, bias, *args)
+    router = Router(k, scoring, method, n_group, topk_group, norm, scale)
+    ids, w = cpu.ext().route(x, gate, bias, cpu.native_router(router))
+    want_ids, want_w = reference.route(x, gate, bias, *router.args())
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(w, want_w, atol=1e-5, rtol=1e-5)
 

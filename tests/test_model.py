@@ -179,7 +179,7 @@ def test_tied_embeddings_match_transformers(tmp_path):
 @pytest.mark.parametrize("dtype,weight_dtype,kv_cache_dtype", [("float32", None, "auto"), ("bfloat16", None, "auto"),
                                                                ("bfloat16", "int4", "int8"), ("float32", "int8", "int8")])
 def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_dtype, kv_cache_dtype):
-    """A CPU decode step runs each decoder layer as one C++ call (kernels/cpu_kernels.cpp DecodeLayer): the same
+    """A CPU decode step runs each decoder layer as one C++ call (kernels/cpu_layer.cpp DecodeLayer): the same
     tokens and logprobs as the Python layer (the same kernels, in the same order and roundings) with it turned off."""
     from kernels import cpu
     if cpu.ext() is None:

@@ -158,7 +158,7 @@ def test_quantized_experts_match_their_dequantized_weights(T, k, d, i, dtype, mo
         out = kernels.moe_experts(x, ids, weights, q13, q2, backend=backend)
         assert out.shape == (T, d) and out.dtype == dtype
         if backend == "torch" and DEV == "cpu":
-            # the C++ kernels quantize the activations to int8 per block of 128 (kernels/cpu_kernels.cpp), here
+            # the C++ kernels quantize the activations to int8 per block of 128 (kernels/cpu_gemv.cpp), here
             # twice (x, then silu(gate) * up): about 1% of the output's norm, not of each element
             err = (out.double() - ref).abs().max() / ref.abs().max()
             assert err < 0.03 and (out.double() - ref).norm() / ref.norm() < 0.02, err

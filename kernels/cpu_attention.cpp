@@ -1,0 +1,451 @@
+// Absorbed MLA attention over the paged latent cache, for the few query tokens of a decode step:
+//   mla_decode    o_lat = softmax(scale * (q_lat . c_kv + q_pe . k_pe)) . c_kv per head (kernels/reference.py)
+//   mla_absorbed  q_nope through W_UK, mla_decode, back through W_UV, in one call
+// Every head of a token reads the same cached row [c_kv | k_pe], so a block of keys is read (and, for an int8 cache,
+// dequantized) once for all heads: the query is held transposed, heads along the vector lanes, and each key value
+// multiplies 16 heads at a time. A bf16 cache is read in place with bf16 pair products. The softmax is online over
+// blocks of KEYS keys (running max and sum in the log2 domain); a sequence's keys are cut into splits when there are
+// fewer sequences than threads, each split with its own max, sum and output, merged at the end by log-sum-exp.
+// mla_absorbed fuses the two per-head products around it because, for a few tokens, the torch ops around a call
+// (bmm, transposes, casts) cost as much as the products.
+#include "cpu_common.h"
+#include "cpu_kernels.h"
+
+namespace mla {
+namespace {
+
+constexpr int64_t KEYS = 32;  // keys converted to float32 and scored at a time
+constexpr int64_t MIN_KEYS_PER_SPLIT = 256;
+constexpr float LOG2E = 1.4426950408889634f;
+
+// One cached token's [c_kv | k_pe] as float32 (a float cache row, or an int8 latent with its scale and k_pe in the
+// model dtype).
+struct KeyReader {
+  const uint8_t* cache;
+  const int32_t* tables;
+  int64_t max_blocks, block_size, row_bytes, R, DR;
+  CacheKind kind;
+
+  const uint8_t* row(int64_t b, int64_t pos) const {
+    return cache + (tables[b * max_blocks + pos / block_size] * block_size + pos % block_size) * row_bytes;
+  }
+
+  void read(int64_t b, int64_t pos, float* out) const {
+    const uint8_t* row = this->row(b, pos);
+    const int64_t W = R + DR;
+    if (kind == CacheKind::FLOAT32) {
+      std::memcpy(out, row, W * 4);
+    } else if (kind == CacheKind::BFLOAT16) {
+      const uint16_t* v = reinterpret_cast<const uint16_t*>(row);
+      for (int64_t d = 0; d < W; ++d) out[d] = bf16_to_float(v[d]);
+    } else {
+      const int8_t* q = reinterpret_cast<const int8_t*>(row);
+      float s;
+      std::memcpy(&s, row + R, 4);
+      for (int64_t d = 0; d < R; ++d) out[d] = float(q[d]) * s;
+      if (kind == CacheKind::INT8_BF16_ROPE) {
+        const uint16_t* pe = reinterpret_cast<const uint16_t*>(row + R + 4);
+        for (int64_t d = 0; d < DR; ++d) out[R + d] = bf16_to_float(pe[d]);
+      } else {
+        std::memcpy(out + R, row + R + 4, DR * 4);
+      }
+    }
+  }
+};
+
+// A sequence's keys k0:k1, whose partial results (per query token of the sequence) start at row `row`.
+struct Split {
+  int64_t b, k0, k1, row;
+};
+
+struct SplitPlan {
+  std::vector<Split> splits;
+  std::vector<std::vector<int64_t>> of_sequence;  // the splits of each sequence
+  int64_t rows = 0;  // partial result rows: (split, query of its sequence)
+};
+
+// Enough splits to give every thread work (about two per thread), none shorter than MIN_KEYS_PER_SPLIT keys.
+SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t threads) {
+  SplitPlan plan;
+  plan.of_sequence.resize(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t nq = CU[b + 1] - CU[b], L = LEN[b];
+    if (nq == 0) continue;
+    int64_t splits = std::max<int64_t>(1, std::min((L + MIN_KEYS_PER_SPLIT - 1) / MIN_KEYS_PER_SPLIT,
+                                                   (2 * threads + B - 1) / B));
+    const int64_t per = (L + splits - 1) / splits;
+    for (int64_t k0 = 0; k0 < L; k0 += per) {
+      plan.of_sequence[b].push_back(int64_t(plan.splits.size()));
+      plan.splits.push_back({b, k0, std::min(L, k0 + per), plan.rows});
+      plan.rows += nq;
+    }
+  }
+  return plan;
+}
+
+// One thread's working set: the query transposed (qT[d][h], or qT2[d / 2][h] as bf16 pairs), a block of keys (as
+// float32 rows, or pointers to bf16 rows read in place), their scores S[j][h] (then probabilities, P2 as bf16
+// pairs), and per head the running max m, sum l and the block's rescaling alpha. HP: H rounded up to 16 lanes.
+struct Scratch {
+  std::vector<float> qT, keys, S, m, l, alpha;
+  std::vector<uint32_t> qT2, P2;
+  std::vector<const uint16_t*> kp;
+
+  Scratch(bool pairs, int64_t W, int64_t HP)
+      : qT(pairs ? 0 : W * HP), keys(pairs ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
+        qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0), kp(KEYS) {}
+};
+
+// The query row q [H, W] scaled into the log2 domain and transposed, so one vector of heads multiplies each key value.
+void load_query(const float* q, int64_t H, int64_t W, int64_t HP, float qscale, bool pairs, Scratch& s) {
+  std::fill(s.qT.begin(), s.qT.end(), 0.f);
+  std::fill(s.qT2.begin(), s.qT2.end(), 0u);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < W; ++d) {
+      const float v = q[h * W + d] * qscale;
+      if (pairs)
+        s.qT2[d / 2 * HP + h] |= uint32_t(bf16_bits(v)) << (16 * (d % 2));
+      else
+        s.qT[d * HP + h] = v;
+    }
+}
+
+// Keys kb:kb+nk of sequence b: pointers to the bf16 rows in place (pairs), or the rows converted to float32.
+void gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t W, bool pairs, Scratch& s) {
+  for (int64_t j = 0; j < nk; ++j) {
+    if (pairs)
+      s.kp[j] = reinterpret_cast<const uint16_t*>(kr.row(b, kb + j));
+    else
+      kr.read(b, kb + j, s.keys.data() + j * W);
+  }
+}
+
+#ifdef MLA_AVX512
+inline __m512bh bcast_pair(const void* p) {  // one 32-bit word (two bf16) in every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+// A bf16 cache read as it is stored, with bf16 pair dot products (vdpbf16ps: 32 multiply-adds per instruction,
+// fp32 sums) and the operands held in registers; the fp32 path below needs two loads per 16 multiply-adds.
+// Scores of nk keys (bf16 rows kp[j] of W values, W even) for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, q
+// given as bf16 pairs qT2[p * HP + h] = (q_h[2p], q_h[2p + 1]); four keys per pass over q.
+void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int64_t W, int64_t HP, int64_t hc,
+                 float* S) {
+  int64_t j = 0;
+  for (; j + 4 <= nk; j += 4) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t p = 0; p < W / 2; ++p) {
+      const __m512bh q = (__m512bh)_mm512_loadu_si512(qT2 + p * HP + hc);
+      a0 = _mm512_dpbf16_ps(a0, q, bcast_pair(kp[j] + 2 * p));
+      a1 = _mm512_dpbf16_ps(a1, q, bcast_pair(kp[j + 1] + 2 * p));
+      a2 = _mm512_dpbf16_ps(a2, q, bcast_pair(kp[j + 2] + 2 * p));
+      a3 = _mm512_dpbf16_ps(a3, q, bcast_pair(kp[j + 3] + 2 * p));
+    }
+    _mm512_storeu_ps(S + j * HP + hc, a0);
+    _mm512_storeu_ps(S + (j + 1) * HP + hc, a1);
+    _mm512_storeu_ps(S + (j + 2) * HP + hc, a2);
+    _mm512_storeu_ps(S + (j + 3) * HP + hc, a3);
+  }
+  for (; j < nk; ++j) {
+    __m512 a0 = _mm512_setzero_ps();
+    for (int64_t p = 0; p < W / 2; ++p)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(qT2 + p * HP + hc), bcast_pair(kp[j] + 2 * p));
+    _mm512_storeu_ps(S + j * HP + hc, a0);
+  }
+}
+
+// Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, two accumulators (even
+// and odd d) so that consecutive multiply-adds do not wait on each other.
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* kj = keys + j * W;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 2 <= W; d += 2) {
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qT + d * HP + hc), _mm512_set1_ps(kj[d]), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(qT + (d + 1) * HP + hc), _mm512_set1_ps(kj[d + 1]), s1);
+    }
+    if (d < W) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qT + d * HP + hc), _mm512_set1_ps(kj[d]), s0);
+    _mm512_storeu_ps(S + j * HP + hc, _mm512_add_ps(s0, s1));
+  }
+}
+
+// The online softmax for heads hc..hc+15 over a block of nk scores: the block's max, the old sum rescaled by
+// alpha = 2^(old max - new max), the scores turned into probabilities in place and added to the sum.
+void softmax_update(float* S, int64_t nk, int64_t HP, int64_t hc, float* m, float* l, float* alpha) {
+  const __m512 old = _mm512_loadu_ps(m + hc);
+  __m512 mx = old;
+  for (int64_t j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(S + j * HP + hc));
+  const __m512 a = exp2_ps(_mm512_sub_ps(old, mx));  // old = -inf: 0
+  __m512 lv = _mm512_mul_ps(_mm512_loadu_ps(l + hc), a);
+  for (int64_t j = 0; j < nk; ++j) {
+    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(S + j * HP + hc), mx));
+    _mm512_storeu_ps(S + j * HP + hc, p);
+    lv = _mm512_add_ps(lv, p);
+  }
+  _mm512_storeu_ps(l + hc, lv);
+  _mm512_storeu_ps(m + hc, mx);
+  _mm512_storeu_ps(alpha + hc, a);
+}
+
+// The probabilities of key pairs as bf16 pairs, P2[j / 2 * HP + h] = (p_j[h], p_j+1[h]), what accumulate_bf16 reads.
+void probs_as_pairs(const float* S, int64_t nk, int64_t HP, uint32_t* P2) {
+  for (int64_t j = 0; j < nk; j += 2)
+    for (int64_t h = 0; h < HP; ++h)
+      P2[j / 2 * HP + h] = bf16_bits(S[j * HP + h]) | (j + 1 < nk ? uint32_t(bf16_bits(S[(j + 1) * HP + h])) << 16 : 0u);
+}
+
+// acc[h] = acc[h] * alpha[h] + sum_j p_j[h] * c_kv_j (the first R values of key row j) for the H heads, with p given
+// as bf16 pairs P2[jp * HP + h] = (p_2jp[h], p_2jp+1[h]). Per 16 values of R, two key rows are interleaved into one
+// vector of pairs and 16 heads' sums are kept in registers.
+void accumulate_bf16(const uint32_t* P2, const uint16_t* const* kp, int64_t nk, int64_t H, int64_t HP, int64_t R,
+                 const float* alpha, float* acc) {
+  for (int64_t h0 = 0; h0 < H; h0 += 16) {
+    const int64_t nh = std::min<int64_t>(16, H - h0);
+    for (int64_t c = 0; c < R; c += 16) {
+      const __mmask16 mk = tail_mask16(R - c);
+      __m512 a[16];
+      for (int u = 0; u < 16; ++u)
+        a[u] = u < nh ? _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, acc + (h0 + u) * R + c), _mm512_set1_ps(alpha[h0 + u]))
+                      : _mm512_setzero_ps();
+      for (int64_t j = 0; j < nk; j += 2) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, kp[j] + c));
+        const __m512i hi = j + 1 < nk ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, kp[j + 1] + c)), 16)
+                                      : _mm512_setzero_si512();
+        const __m512bh v = (__m512bh)_mm512_or_si512(lo, hi);
+        const uint32_t* pp = P2 + (j / 2) * HP + h0;
+        for (int u = 0; u < 16; ++u) a[u] = _mm512_dpbf16_ps(a[u], v, bcast_pair(pp + u));
+      }
+      for (int u = 0; u < 16; ++u)
+        if (u < nh) _mm512_mask_storeu_ps(acc + (h0 + u) * R + c, mk, a[u]);
+    }
+  }
+}
+
+// acc[h] = acc[h] * alpha[h] + sum_j p[j][h] * c_kv_j over float32 key rows, 16 latent values at a time.
+void accumulate_f32(const float* S, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W,
+                const float* alpha, float* acc) {
+  for (int64_t h = 0; h < H; ++h) {
+    const __m512 a = _mm512_set1_ps(alpha[h]);
+    float* ah = acc + h * R;
+    for (int64_t c = 0; c < R; c += 16) {
+      const __mmask16 mk = tail_mask16(R - c);
+      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, ah + c), a);
+      for (int64_t j = 0; j < nk; ++j)
+        v = _mm512_fmadd_ps(_mm512_set1_ps(S[j * HP + h]), _mm512_maskz_loadu_ps(mk, keys + j * W + c), v);
+      _mm512_mask_storeu_ps(ah + c, mk, v);
+    }
+  }
+}
+#else
+// The portable loops, per head: scores, the online-softmax update, the values.
+void scores_scalar(const float* qT, const float* keys, int64_t nk, int64_t H, int64_t W, int64_t HP, float* S) {
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < nk; ++j) {
+      float sv = 0.f;
+      for (int64_t d = 0; d < W; ++d) sv += qT[d * HP + h] * keys[j * W + d];
+      S[j * HP + h] = sv;
+    }
+}
+
+void softmax_update_scalar(float* S, int64_t nk, int64_t H, int64_t HP, float* m, float* l, float* alpha) {
+  for (int64_t h = 0; h < H; ++h) {
+    float mx = m[h];
+    for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, S[j * HP + h]);
+    const float a = std::exp2(m[h] - mx);
+    l[h] *= a;
+    for (int64_t j = 0; j < nk; ++j) {
+      S[j * HP + h] = std::exp2(S[j * HP + h] - mx);
+      l[h] += S[j * HP + h];
+    }
+    m[h] = mx;
+    alpha[h] = a;
+  }
+}
+
+void accumulate_scalar(const float* S, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W,
+                   const float* alpha, float* acc) {
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t c = 0; c < R; ++c) {
+      float v = acc[h * R + c] * alpha[h];
+      for (int64_t j = 0; j < nk; ++j) v += S[j * HP + h] * keys[j * W + c];
+      acc[h * R + c] = v;
+    }
+}
+#endif
+
+// One block of nk keys for one query row: scores, the online-softmax update, the values into acc [H, R].
+void attend_block(Scratch& s, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W, bool pairs, float* acc) {
+#ifdef MLA_AVX512
+  for (int64_t hc = 0; hc < HP; hc += 16) {
+    if (pairs)
+      scores_bf16(s.qT2.data(), s.kp.data(), nk, W, HP, hc, s.S.data());
+    else
+      scores_f32(s.qT.data(), s.keys.data(), nk, W, HP, hc, s.S.data());
+    softmax_update(s.S.data(), nk, HP, hc, s.m.data(), s.l.data(), s.alpha.data());
+  }
+  if (pairs) {
+    probs_as_pairs(s.S.data(), nk, HP, s.P2.data());
+    accumulate_bf16(s.P2.data(), s.kp.data(), nk, H, HP, R, s.alpha.data(), acc);
+  } else {
+    accumulate_f32(s.S.data(), s.keys.data(), nk, H, HP, R, W, s.alpha.data(), acc);
+  }
+#else
+  (void)pairs;
+  scores_scalar(s.qT.data(), s.keys.data(), nk, H, W, HP, s.S.data());
+  softmax_update_scalar(s.S.data(), nk, H, HP, s.m.data(), s.l.data(), s.alpha.data());
+  accumulate_scalar(s.S.data(), s.keys.data(), nk, H, HP, R, W, s.alpha.data(), acc);
+#endif
+}
+
+// Query token i of split sp: its unnormalised output acc [H, R] and per head (max, sum) ml [H, 2] over the split's
+// keys up to the query's own position (causal).
+void attend_query(const KeyReader& kr, const Split& sp, const float* q, int64_t i, int64_t start, int64_t H, int64_t HP,
+                  int64_t R, int64_t W, float qscale, bool pairs, Scratch& s, float* acc, float* ml) {
+  load_query(q, H, W, HP, qscale, pairs, s);
+  std::fill(acc, acc + H * R, 0.f);
+  std::fill(s.m.begin(), s.m.end(), -INFINITY);
+  std::fill(s.l.begin(), s.l.end(), 0.f);
+  const int64_t kend = std::min(sp.k1, start + i + 1);  // causal: keys up to the query's position
+  for (int64_t kb = sp.k0; kb < kend; kb += KEYS) {
+    const int64_t nk = std::min(KEYS, kend - kb);
+    gather_keys(kr, sp.b, kb, nk, W, pairs, s);
+    attend_block(s, nk, H, HP, R, W, pairs, acc);
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    ml[h * 2] = s.m[h];
+    ml[h * 2 + 1] = s.l[h];
+  }
+}
+
+// Each query token's splits merged by their log-sum-exp into O [T, H, R].
+void merge_splits(const SplitPlan& plan, const int32_t* CU, int64_t B, int64_t H, int64_t R, const float* ACC,
+                  const float* ML, float* O) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t q0 = CU[b], nq = CU[b + 1] - q0;
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          float M = -INFINITY;
+          for (int64_t t : plan.of_sequence[b]) M = std::max(M, ML[((plan.splits[t].row + i) * H + h) * 2]);
+          float den = 0.f;
+          float* o = O + ((q0 + i) * H + h) * R;
+          std::fill(o, o + R, 0.f);
+          for (int64_t t : plan.of_sequence[b]) {
+            const float* ml = ML + ((plan.splits[t].row + i) * H + h) * 2;
+            if (ml[1] == 0.f) continue;  // a split past the query's position
+            const float w = std::exp2(ml[0] - M);
+            den += w * ml[1];
+            const float* a = ACC + ((plan.splits[t].row + i) * H + h) * R;
+            for (int64_t c = 0; c < R; ++c) o[c] += w * a[c];
+          }
+          for (int64_t c = 0; c < R; ++c) o[c] /= den;
+        }
+    }
+  });
+}
+
+// O [T, H, R] float32 = softmax(scale * (q_lat . c_kv + q_pe . k_pe)) . c_kv per head, each query token over its
+// sequence's cached tokens up to its own position (kernels/reference.py mla_decode); Q [T, H, R + DR] float32 is
+// [q_lat | q_pe].
+void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const torch::Tensor& cache,
+            const torch::Tensor& block_tables, const torch::Tensor& cu_seqlens_q, const torch::Tensor& seq_lens,
+            double scale, CacheKind kind, float* O) {
+  TORCH_CHECK(cache.dim() == 3 && cache.is_contiguous(), "the cache must be contiguous [blocks, block_size, width]");
+  const int64_t W = R + DR, B = block_tables.size(0), HP = (H + 15) / 16 * 16;
+  auto bt = block_tables.to(torch::kInt32).contiguous();
+  auto cu = cu_seqlens_q.to(torch::kInt32).contiguous();
+  auto lens = seq_lens.to(torch::kInt32).contiguous();
+  const int32_t* CU = cu.data_ptr<int32_t>();
+  const int32_t* LEN = lens.data_ptr<int32_t>();
+  const KeyReader kr{reinterpret_cast<const uint8_t*>(cache.data_ptr()), bt.data_ptr<int32_t>(), bt.size(1),
+                     cache.size(1), cache.size(2) * cache.element_size(), R, DR, kind};
+  const SplitPlan plan = plan_splits(CU, LEN, B, at::get_num_threads());
+  auto acc_part = torch::empty({plan.rows, H, R}, torch::kFloat32);
+  auto ml_part = torch::empty({plan.rows, H, 2}, torch::kFloat32);
+  float* ACC = acc_part.data_ptr<float>();
+  float* ML = ml_part.data_ptr<float>();
+  const float qscale = float(scale) * LOG2E;  // scores in the log2 domain
+#ifdef MLA_AVX512
+  const bool pairs = kind == CacheKind::BFLOAT16 && W % 2 == 0;  // a bf16 cache, read in place by bf16 pair products
+#else
+  const bool pairs = false;
+#endif
+  at::parallel_for(0, int64_t(plan.splits.size()), 1, [&](int64_t i0, int64_t i1) {
+    Scratch s(pairs, W, HP);
+    for (int64_t ti = i0; ti < i1; ++ti) {
+      const Split& sp = plan.splits[ti];
+      const int64_t q0 = CU[sp.b], nq = CU[sp.b + 1] - q0, start = LEN[sp.b] - nq;
+      for (int64_t i = 0; i < nq; ++i)
+        attend_query(kr, sp, Q + (q0 + i) * H * W, i, start, H, HP, R, W, qscale, pairs, s,
+                     ACC + (sp.row + i) * H * R, ML + (sp.row + i) * H * 2);
+    }
+  });
+  merge_splits(plan, CU, B, H, R, ACC, ML, O);
+}
+
+const void* head_weight(const torch::Tensor& w, int64_t H) {
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == H && w.is_contiguous() &&
+                  (w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kFloat32),
+              "per-head weights must be contiguous bf16 or fp32 [H, ., .]");
+  return w.data_ptr();
+}
+
+}  // namespace
+
+// kernels/reference.py mla_decode: o_lat [T, H, R] in q_lat's dtype.
+torch::Tensor mla_decode(torch::Tensor q_lat, torch::Tensor q_pe, torch::Tensor cache, torch::Tensor block_tables,
+                         torch::Tensor cu_seqlens_q, torch::Tensor seq_lens, double scale, CacheKind kind) {
+  TORCH_CHECK(q_lat.dim() == 3 && q_pe.dim() == 3 && q_pe.size(0) == q_lat.size(0) && q_pe.size(1) == q_lat.size(1),
+              "mla_decode: q_lat [T, H, R], q_pe [T, H, DR]");
+  const int64_t T = q_lat.size(0), H = q_lat.size(1), R = q_lat.size(2), DR = q_pe.size(2);
+  const std::vector<float> ql = values_f32(q_lat), qp = values_f32(q_pe);
+  std::vector<float> q(T * H * (R + DR)), o(T * H * R, NAN);
+  for (int64_t i = 0; i < T * H; ++i) {
+    std::memcpy(q.data() + i * (R + DR), ql.data() + i * R, R * 4);
+    std::memcpy(q.data() + i * (R + DR) + R, qp.data() + i * DR, DR * 4);
+  }
+  attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind, o.data());
+  return tensor_from(o.data(), {T, H, R}, q_lat.scalar_type());
+}
+
+// The absorbed attention of a decode step in one call: q_lat = q_nope through W_UK, mla_decode over the latent
+// cache, back through W_UV. q_nope [T, H, nope], q_pe [T, H, DR] (views of q), w_uk [H, nope, R], w_uv [H, v, R]
+// (bf16 or fp32) -> o [T, H, v] in q_nope's dtype; float32 throughout.
+torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor w_uk, torch::Tensor w_uv,
+                           torch::Tensor cache, torch::Tensor block_tables, torch::Tensor cu_seqlens_q,
+                           torch::Tensor seq_lens, double scale, CacheKind kind) {
+  TORCH_CHECK(q_nope.dim() == 3 && q_pe.dim() == 3 && q_pe.size(0) == q_nope.size(0) && q_pe.size(1) == q_nope.size(1),
+              "mla_absorbed: q_nope [T, H, nope], q_pe [T, H, DR]");
+  const int64_t T = q_nope.size(0), H = q_nope.size(1), DN = q_nope.size(2), DR = q_pe.size(2);
+  const int64_t R = w_uk.size(2), V = w_uv.size(1), W = R + DR;
+  const void* UK = head_weight(w_uk, H);
+  const void* UV = head_weight(w_uv, H);
+  TORCH_CHECK(w_uk.size(1) == DN && w_uv.size(2) == R, "mla_absorbed: w_uk [H, nope, R], w_uv [H, v, R]");
+  const bool uk16 = w_uk.scalar_type() == torch::kBFloat16, uv16 = w_uv.scalar_type() == torch::kBFloat16;
+  const int64_t uk_elt = w_uk.element_size(), uv_elt = w_uv.element_size();
+  const std::vector<float> qn = values_f32(q_nope), qp = values_f32(q_pe);
+  std::vector<float> q(T * H * W, 0.f), o_lat(T * H * R, NAN), o(T * H * V, NAN);
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {  // q_lat[t, h] = q_nope[t, h] @ W_UK[h]
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        float* qr = q.data() + (t * H + h) * W;
+        for (int64_t a = 0; a < DN; ++a)
+          axpy(qr, qn[(t * H + h) * DN + a], static_cast<const char*>(UK) + (h * DN + a) * R * uk_elt, uk16, R);
+        std::memcpy(qr + R, qp.data() + (t * H + h) * DR, DR * 4);
+      }
+  });
+  attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind, o_lat.data());
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {  // o[t, h] = o_lat[t, h] @ W_UV[h].T
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t v = 0; v < V; ++v) {
+        const void* wr = static_cast<const char*>(UV) + (h * V + v) * R * uv_elt;
+        for (int64_t t = 0; t < T; ++t) o[(t * H + h) * V + v] = dot(o_lat.data() + (t * H + h) * R, wr, uv16, R);
+      }
+  });
+  return tensor_from(o.data(), {T, H, V}, q_nope.scalar_type());
+}
+
+}  // namespace mla

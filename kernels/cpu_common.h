@@ -1,0 +1,155 @@
+// What every CPU kernel file shares: the bf16 conversions, the AVX-512 helpers (masked tails, a vector 2^x, bf16
+// loads), the conversion of a few rows of any float dtype to float32 and back, and the small dot and axpy over a bf16
+// or fp32 weight row. They are inline here, rather than in a file of their own, so that each kernel's inner loops
+// can inline them: a call per 16 values would cost as much as the arithmetic it wraps.
+//
+// Without AVX-512 (F, BW, VNNI and BF16) MLA_AVX512 stays undefined and every kernel runs its portable scalar loop.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#define MLA_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace mla {
+
+constexpr int64_t QB = 128;  // activation quantization block = int4 weight group
+
+using bf16 = at::BFloat16;
+
+inline uint16_t bf16_bits(float v) {  // round to nearest even, as at::BFloat16
+  const at::BFloat16 b(v);
+  uint16_t r;
+  std::memcpy(&r, &b, 2);
+  return r;
+}
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T>
+inline float to_f(T v) { return float(v); }
+template <typename T>
+inline T from_f(float v) { return T(v); }
+
+#ifdef MLA_AVX512
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+inline __mmask64 tail_mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
+inline __mmask32 tail_mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : ((__mmask32(1) << n) - 1); }
+inline __mmask16 tail_mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// 2^t for t <= 128 (below -126: about 0): 2^frac by its Taylor polynomial (|frac| <= 0.5, error < 2e-7), scaled by
+// 2^round with scalef.
+inline __m512 exp2_ps(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-126.f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.540353e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 bfloat16 values as float32 (a bf16 is the top half of a float32).
+inline __m512 load_bf16(const uint16_t* p, __mmask16 mk = 0xFFFF) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+}
+
+inline __m512 load_w(const void* w, bool is_bf16, int64_t i, __mmask16 mk) {
+  return is_bf16 ? load_bf16(static_cast<const uint16_t*>(w) + i, mk)
+                 : _mm512_maskz_loadu_ps(mk, static_cast<const float*>(w) + i);
+}
+#endif
+
+// y[0:n] += a * w[0:n], w bf16 or float32.
+inline void axpy(float* y, float a, const void* w, bool is_bf16, int64_t n) {
+  int64_t i = 0;
+#ifdef MLA_AVX512
+  const __m512 av = _mm512_set1_ps(a);
+  for (; i < n; i += 16) {
+    const __mmask16 mk = tail_mask16(n - i);
+    _mm512_mask_storeu_ps(y + i, mk, _mm512_fmadd_ps(av, load_w(w, is_bf16, i, mk), _mm512_maskz_loadu_ps(mk, y + i)));
+  }
+#endif
+  for (; i < n; ++i)
+    y[i] += a * (is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(w)[i]) : static_cast<const float*>(w)[i]);
+}
+
+// x[0:n] . w[0:n], w bf16 or float32.
+inline float dot(const float* x, const void* w, bool is_bf16, int64_t n) {
+  float s = 0.f;
+  int64_t i = 0;
+#ifdef MLA_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; i < n; i += 16) {
+    const __mmask16 mk = tail_mask16(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + i), load_w(w, is_bf16, i, mk), acc);
+  }
+  s = hsum(acc);
+#endif
+  for (; i < n; ++i)
+    s += x[i] * (is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(w)[i]) : static_cast<const float*>(w)[i]);
+  return s;
+}
+
+// Dispatch on the float dtype of a tensor: fn(type tag).
+template <typename F>
+void float_dispatch(at::ScalarType st, F fn) {
+  if (st == torch::kFloat32) fn(float());
+  else if (st == torch::kBFloat16) fn(at::BFloat16());
+  else if (st == torch::kFloat16) fn(at::Half());
+  else TORCH_CHECK(false, "float32, bfloat16 or float16 expected");
+}
+
+// x (float32, bfloat16 or float16; a view of up to 3 dims with a contiguous last one, as q_nope is of q) as
+// contiguous float32 values, read in place: for a few rows, cheaper than a torch op.
+inline std::vector<float> values_f32(torch::Tensor x) {
+  if (x.dim() < 1 || x.dim() > 3 || x.stride(-1) != 1) x = x.contiguous().view(-1);
+  const int64_t n = x.dim(), A = n == 3 ? x.size(0) : 1, B = n >= 2 ? x.size(n - 2) : 1, C = x.size(n - 1);
+  const int64_t sa = n == 3 ? x.stride(0) : 0, sb = n >= 2 ? x.stride(n - 2) : 0;
+  std::vector<float> f(A * B * C);
+  float_dispatch(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = x.data_ptr<T>();
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c) f[(a * B + b) * C + c] = float(p[a * sa + b * sb + c]);
+  });
+  return f;
+}
+
+// float32 values into the contiguous float tensor out, converted to its dtype.
+inline void store_f32(const float* v, torch::Tensor& out) {
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+  float_dispatch(out.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    T* p = out.data_ptr<T>();
+    for (int64_t i = 0; i < out.numel(); ++i) p[i] = T(v[i]);
+  });
+}
+
+inline torch::Tensor tensor_from(const float* v, at::IntArrayRef shape, at::ScalarType st) {
+  auto out = torch::empty(shape, torch::TensorOptions().dtype(st));
+  store_f32(v, out);
+  return out;
+}
+
+}  // namespace mla
