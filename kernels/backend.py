@@ -116,7 +116,10 @@ class CpuBackend(TorchBackend):
 
     def __init__(self, device, cache_format: CacheFormat):
         super().__init__(device, cache_format)
-        self.kind = cpu.cache_kind(cache_format)  # None: a format the C++ neither writes nor reads (fp8, float16)
+        self.kind = cpu.cache_kind(cache_format)
+        if self.kind is None:  # a format the C++ neither writes nor reads (fp8, float16): the references serve it
+            self.write_latent, self.mla_decode = super().write_latent, super().mla_decode
+            self.absorbed = super().absorbed
 
     def linear(self, x, w):
         if x.shape[0] <= FEW_ROWS:
@@ -143,20 +146,18 @@ class CpuBackend(TorchBackend):
         return cpu.silu_mul(h)
 
     def write_latent(self, kv_cache, slot_mapping, c_kv, k_pe):
-        if self.kind is None:
-            return super().write_latent(kv_cache, slot_mapping, c_kv, k_pe)
         cpu.write_latent(kv_cache, slot_mapping, c_kv, k_pe)  # one call, not a cat, a cast, a scatter
 
     def mla_decode(self, q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
                    max_q_len=None):
-        if self.kind is not None and max_rows(cu_seqlens_q, max_q_len) <= FEW_ROWS:
+        if max_rows(cu_seqlens_q, max_q_len) <= FEW_ROWS:
             return cpu.mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
                                   self.kind)
         return super().mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale)
 
     def absorbed(self, q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens, softmax_scale,
                  max_q_len=None):
-        if self.kind is not None and max_rows(cu_seqlens_q, max_q_len) <= FEW_ROWS:
+        if max_rows(cu_seqlens_q, max_q_len) <= FEW_ROWS:
             return cpu.mla_absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens,
                                     softmax_scale, self.kind)
         return super().absorbed(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens,
