@@ -5,8 +5,9 @@ it, so no kernel has to work the format out again from a tensor.
 Float formats (bfloat16, float16, float32): a row is [c_kv: kv_lora_rank | k_pe: rope_dim] in that dtype.
 Packed formats, stored as uint8 rows of bytes_per_token:
   [latent: kv_lora_rank values, int8 or fp8 e4m3 | scales: num_scales float32 | k_pe: rope_dim in the model dtype]
-int8: one scale per token (512 + 4 + 128 = 644 B in bf16); fp8: four scales, one per quarter (128 values) of the
-latent (512 + 16 + 128 = 656 B, FlashMLA's layout). k_pe stays unquantized: it carries the position and is small."""
+int8: one scale per token (512 + 4 + 128 = 644 B in bf16); fp8: four scales, one per quarter of the latent (128
+values at kv_lora_rank 512: 512 + 16 + 128 = 656 B, FlashMLA's layout; 12 values at kv_lora_rank 48). k_pe stays
+unquantized: it carries the position and is small."""
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,8 @@ def quantize(c_kv: torch.Tensor, fmt: CacheFormat):
     y = x / scale[..., None]
     if fmt.name == "int8":
         y = torch.floor(y + 0.5).clamp_(-127, 127)  # round half up: what the Triton write does
+    # fp8: torch's conversion rounds to nearest, ties to even, and keeps the sign of zero; the Triton write
+    # (kernels/cache_write.py) stores the same bytes
     return y.to(fmt.latent_dtype).view(c_kv.shape), scale
 
 

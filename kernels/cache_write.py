@@ -33,25 +33,33 @@ def _write_latent_kernel(lat, scl, rope, slot_mapping, c_kv, k_pe,
             scale = tl.zeros([BLOCK_R], tl.float32)
             for g in tl.static_range(NUM_SCALES):  # absmax per group of R / NUM_SCALES values
                 in_g = (group == g) & r_ok
-                s_g = tl.max(tl.where(in_g, tl.abs(x), 0.0), 0) / qmax
+                # div_rn: IEEE division as torch's (a GPU's default float32 division is approximate), so that
+                # both backends store the same scale and the same quantized bytes
+                s_g = tl.math.div_rn(tl.max(tl.where(in_g, tl.abs(x), 0.0), 0), qmax)
                 s_g = tl.where(s_g > 0, s_g, 1.0)
                 tl.store(scl + blk * s_sb + off * s_ss + g, s_g)
                 scale = tl.where(in_g, s_g, scale)
-            y = x / tl.where(r_ok, scale, 1.0)
+            y = tl.math.div_rn(x, tl.where(r_ok, scale, 1.0))
             if ROUND == 1:  # int8: round half up and clamp
                 y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -qmax), qmax)
             elif ROUND == 2:
                 # fp8 e4m3, written as its bits (the latent is passed as uint8): sm_80 has no fp8 conversion, and
-                # Triton's interpreter (3.9) gets the conversion's rounding carry wrong (127.9 -> 64). First round
-                # onto the grid (3 mantissa bits, subnormal step 2^-9), then take sign, exponent and the top three
-                # mantissa bits from the float32's own bits.
-                e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(y), 1e-30))), -6.0)
-                step = tl.exp2(e - 3.0)
-                y = tl.floor(y / step + 0.5) * step
+                # Triton's interpreter (3.9) gets the conversion's rounding carry wrong (127.9 -> 64). The bytes are
+                # torch's float8_e4m3fn conversion's: round the magnitude onto the grid (3 mantissa bits, subnormal
+                # step 2^-9) to nearest, ties to even, then take exponent and the top three mantissa bits from the
+                # rounded float32's bits, and the sign from the unrounded value's (a negative that rounds to zero is
+                # -0, 0x80). Exponent and step come from the bits too: an approximate log2 / exp2 could pick the
+                # neighbouring binade's step.
                 f = y.to(tl.int32, bitcast=True)
-                ex = ((f >> 23) & 0xFF) - 127  # the rounded value's own binade
-                normal = (((ex + 7) << 3) | ((f >> 20) & 7)) & 0x7F
-                sub = (tl.abs(y) * 512.0 + 0.5).to(tl.int32)  # below 2^-6: multiples of 2^-9
+                e = tl.maximum(((f >> 23) & 0xFF) - 127, -6)  # y's binade; e4m3's subnormals share 2^-6's step
+                v = tl.abs(y) * ((130 - e) << 23).to(tl.float32, bitcast=True)  # |y| / 2^(e - 3), exact
+                r = tl.floor(v + 0.5)
+                r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # a tie: to even
+                m = r * ((e + 124) << 23).to(tl.float32, bitcast=True)  # times 2^(e - 3), exact
+                fm = m.to(tl.int32, bitcast=True)
+                ex = ((fm >> 23) & 0xFF) - 127  # the rounded value's own binade (rounding may carry into the next)
+                normal = (((ex + 7) << 3) | ((fm >> 20) & 7)) & 0x7F
+                sub = (m * 512.0).to(tl.int32)  # below 2^-6: multiples of 2^-9
                 y = tl.where(ex < -6, sub, normal) | tl.where(f < 0, 0x80, 0)
             tl.store(lat + blk * s_lb + off * s_ls + offs_r, y.to(lat.dtype.element_ty), mask=r_ok)
         tl.store(rope + blk * s_rb + off * s_rs + offs_d, p.to(rope.dtype.element_ty), mask=offs_d < DR)

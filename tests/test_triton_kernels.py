@@ -300,6 +300,70 @@ def test_write_latent_packed(name, dtype, dims):
     assert ((deq - deq_w).abs() <= step * (1.01 if name == "int8" else 32)).all()  # at most one rounding step
 
 
+def rounding_edges(T, R, num_scales, qmax):
+    """Rows whose every group has absmax qmax * 2^k, so that the scale is exactly 2^k and the scaled values are
+    these: every midpoint between two neighbours of the e4m3 grid (ties; in [0, 16) also int8's n + 0.5) and the
+    float32 values on either side of it, of both signs, negatives that round to zero, and -0 (the sign is a bit
+    of the byte too)."""
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (grid[1:] + grid[:-1]) / 2
+    around = torch.cat((mid, torch.nextafter(mid, grid[1:]), torch.nextafter(mid, grid[:-1]), grid[1:]))
+    edges = torch.cat((around, -around, torch.tensor([-0.0, -0.3 * 2 ** -9, -0.0, 0.0])))
+    g = torch.Generator().manual_seed(5)
+    y = edges[torch.randperm(len(edges), generator=g).repeat(-(-T * R // len(edges)))[:T * R]]
+    y = y.view(T, num_scales, -1).clamp(-qmax, qmax)
+    y[:, :, 0] = qmax  # the group's absmax
+    return (y * 2.0 ** torch.arange(-6, T - 6)[:, None, None]).view(T, R)  # 448 * 2^5 < float16 max
+
+
+@pytest.mark.parametrize("name", PACKED)
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize("dims", [SMALL, GROUPS, REAL], ids=["small", "groups", "real"])
+def test_write_latent_packed_same_bytes(name, dtype, dims):
+    """The Triton write and the torch write store the same bytes, scales and rounding included (ties to even and
+    the sign of zero, as torch's float8 conversion; int8 half up, as kernels/cache_format.py quantize), on random rows
+    over five decades and on rows made of rounding edges: one engine may write a cache the other reads."""
+    g = torch.Generator().manual_seed(17)
+    R, DR, BS = dims["R"], dims["DR"], dims["BS"]
+    fmt = CacheFormat(name, R, DR, dtype)
+    T = 12
+    slots = torch.randperm(3 * BS, generator=g)[:2 * T].to(DEV)
+    c_kv = torch.cat((torch.randn(T, R, generator=g) * torch.logspace(-3, 2, T)[:, None],
+                      rounding_edges(T, R, fmt.num_scales, fmt.qmax)))
+    c_kv[3] = 0  # an all-zero row: scale 1
+    c_kv, k_pe = c_kv.to(dtype).to(DEV), rand(g, 2 * T, DR, dtype=dtype)
+    ours = torch.full((3, BS, fmt.bytes_per_token), 0xFF, dtype=torch.uint8, device=DEV)
+    want = ours.clone()
+    kernels.write_latent(ours, slots, c_kv, k_pe, fmt, backend="triton")
+    kernels.write_latent(want, slots, c_kv, k_pe, fmt, backend="torch")
+    rows, rows_w = ours.view(-1, fmt.bytes_per_token), want.view(-1, fmt.bytes_per_token)
+    differ = (rows != rows_w).nonzero()
+    assert differ.shape[0] == 0, f"{differ.shape[0]} bytes differ, first (slot, byte): {differ[:4].tolist()}"
+
+
+@pytest.mark.parametrize("name", PACKED)
+@pytest.mark.parametrize("dims", [SMALL, GROUPS, REAL], ids=["small", "groups", "real"])
+def test_decode_packed_reads_what_torch_dequantizes(name, dims):
+    """The decode kernel reads a packed row as cache_format.dequantize does, to the bit: with one key per sequence
+    the attention output is that key's latent (softmax weight 1, float32 throughout)."""
+    g = torch.Generator().manual_seed(19)
+    R, DR, BS, H = dims["R"], dims["DR"], dims["BS"], dims["H"]
+    fmt = CacheFormat(name, R, DR, torch.float32)
+    B = 6
+    c_kv = torch.cat((torch.randn(B // 2, R, generator=g) * torch.logspace(-2, 2, B // 2)[:, None],
+                      rounding_edges(B - B // 2, R, fmt.num_scales, fmt.qmax))).to(DEV)
+    blocks = torch.randperm(B + 2, generator=g)[:B].to(DEV)
+    cache = torch.full((B + 2, BS, fmt.bytes_per_token), 0xFF, dtype=torch.uint8, device=DEV)
+    kernels.write_latent(cache, blocks * BS, c_kv, rand(g, B, DR, dtype=torch.float32), fmt, backend="torch")
+    ones = torch.ones(B, dtype=torch.int32, device=DEV)
+    out = triton_decode.mla_decode(rand(g, B, H, R, dtype=torch.float32), rand(g, B, H, DR, dtype=torch.float32),
+                                   cache, blocks[:, None].to(torch.int32), torch.cat((ones[:1] * 0, ones.cumsum(0))).int(),
+                                   ones, 0.1, fmt, out=poisoned(B, H, R, dtype=torch.float32))
+    latent, scales, _ = fmt.views(cache[blocks, 0])
+    want = cache_format.dequantize(latent, scales, torch.float32)  # [B, R]
+    torch.testing.assert_close(out, want[:, None, :].expand(B, H, R), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", PACKED)
 @pytest.mark.parametrize("dims", [SMALL, REAL, GROUPS], ids=["small", "real", "groups"])
 def test_decode_packed(name, dims, monkeypatch):
