@@ -141,7 +141,8 @@ def build_parser():
                         "process (all at once, or --concurrency at a time)")
     b.add_argument("--url", default=None, help="instead of the tests: the same requests sent to an OpenAI-compatible "
                    "server (mla serve, llama-server, ...), streamed, e.g. http://127.0.0.1:8000")
-    b.add_argument("--num-prompts", type=_int_at_least(1), default=32, help="requests sent to --url")
+    b.add_argument("--num-prompts", type=_int_at_least(1), default=32,
+                   help="requests sent to --url (their random token ids are drawn from --model's or --config's vocabulary)")
     b.add_argument("--concurrency", type=_int_list(1), default=None,
                    help="requests in flight at most, e.g. 1,4,16 (--url default 1; --serve default all)")
     b.add_argument("--api-key", default=os.environ.get("MLA_API_KEY"), help="bearer token for --url")
@@ -476,8 +477,8 @@ def main(argv=None):
         import torch
         torch.set_num_threads(args.threads)
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve, "tune": cmd_tune, "plan": cmd_plan,
-         "perplexity": cmd_perplexity}[args.command](args)
+        {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve, "tune": cmd_tune,
+         "plan": cmd_plan, "perplexity": cmd_perplexity}[args.command](args)
         sys.stdout.flush()
     except (ModelError, ValueError) as e:
         print(f"mla {args.command}: error: {e}", file=sys.stderr)

@@ -34,8 +34,8 @@ def serve(config: EngineConfig, host: str, port: int, model_name: str, api_key: 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     engine.start()
-    print(f"mla serve: {model_name} on http://{host}:{port}/v1 (max context {llm.config.max_model_len} tokens)",
-          file=sys.stderr, flush=True)
+    print(f"mla serve: {model_name} loaded (max context {llm.config.max_model_len} tokens); the API will be at "
+          f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
     try:
         server.run()
     finally:
