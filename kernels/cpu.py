@@ -34,14 +34,17 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
 def build_dir() -> str:
-    """Our own build folder, keyed by everything that determines the binary (the sources, torch's version, the
-    flags, this CPU's features), so that two checkouts, environments or torch versions never rebuild each other's."""
+    """Our own build folder, keyed by everything that determines the binary (the sources and where they are, torch's
+    and Python's versions, the flags, this CPU's features), so that two checkouts, environments or torch versions
+    never rebuild each other's."""
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
-    h.update(" ".join((torch.__version__, sys.version, *CFLAGS, _cpu_flags())).encode())
+    # the folder too: the build files record the sources' absolute paths, so two checkouts sharing one build folder
+    # would rebuild it each time they take turns
+    h.update(" ".join((here, torch.__version__, sys.version, *CFLAGS, _cpu_flags())).encode())
     root = os.environ.get("MLA_ENGINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mla-engine"))
     return os.path.join(root, "cpu-kernels", h.hexdigest()[:16])
 
