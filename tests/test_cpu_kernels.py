@@ -245,3 +245,25 @@ def test_write_latent_packed_int8_matches_reference(dtype):
     write_latent(want, slots, c_kv, k_pe, fmt)
     assert torch.equal(got, want)
     assert not (got.view(-1, fmt.width)[slots] == 0xA5).all(-1).any()
+
+
+# ---- the typed boundary -------------------------------------------------------------------------------------------
+def test_bound_structs_have_the_dataclasses_fields():
+    """The C++ DecodeLayerWeights and Router are filled field by field from the Python dataclasses: same names, and a
+    name on one side only is a TypeError when converting (once, at engine start), not a silently unset field."""
+    from dataclasses import dataclass, fields
+    e = cpu.ext()
+    for py, native in ((cpu.DecodeLayerWeights, e.DecodeLayerWeights), (Router, e.Router)):
+        assert {k for k, v in vars(native).items() if isinstance(v, property)} == {f.name for f in fields(py)}
+
+    @dataclass(frozen=True)
+    class Misspelled:
+        top_k: int
+        topk_grup: int
+    with pytest.raises(TypeError, match="topk_grup"):
+        cpu._native(e.Router(), Misspelled(1, 1), lambda f, v: v)
+    router = Router(6, "sigmoid", "noaux_tc", 8, 4, True, 2.5)
+    native = cpu.native_router(router)
+    assert native is cpu.native_router(router)  # converted once per setting
+    assert (native.top_k, native.scoring, native.method, native.n_group, native.topk_group, native.norm,
+            native.scale) == (6, e.Scoring.sigmoid, e.TopkMethod.noaux_tc, 8, 4, True, 2.5)
