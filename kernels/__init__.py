@@ -9,7 +9,6 @@ without one, the cache is a plain float cache of its tensor's dtype. The Triton 
 so the torch backend never needs a working Triton."""
 import torch
 
-from . import cpu
 from .backend import BACKENDS, FEW_ROWS, TorchBackend, make_backend
 from .backend import head_matmul as _head_matmul
 from .cpu import DecodeLayerWeights

@@ -77,13 +77,6 @@ def ext():
     return _ext
 
 
-def streams(w) -> bool:
-    """Whether the kernels take this weight: bf16 / fp32 tensors (contiguous) and CPU QuantWeights."""
-    if isinstance(w, torch.Tensor):
-        return w.dtype in (torch.bfloat16, torch.float32) and w.is_contiguous()
-    return w.qweight.is_contiguous()
-
-
 def ref(w):
     """A weight as the C++ takes it: a WeightRef of a float tensor, or of a QuantWeight's qweight and scales."""
     if isinstance(w, torch.Tensor):
