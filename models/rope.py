@@ -26,6 +26,11 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return interpolation * (1 - keep) + extrapolation * keep
 
 
+# The least table reserved at once: growing it moves the tables (a captured CUDA graph would keep the old ones), so
+# short contexts still reserve a few thousand positions.
+MIN_RESERVED_POSITIONS = 4096
+
+
 class RotaryEmbedding:
     """cos/sin tables for positions 0..n-1, computed in float32. The caller reserves the positions it will use
     (host-side, before the forward pass), so rotating never reads a device value back: no sync, and a captured
@@ -48,7 +53,7 @@ class RotaryEmbedding:
         """Make positions 0..n-1 available."""
         if n <= self.cos.shape[0]:
             return
-        n = max(n, 2 * self.cos.shape[0], 4096)
+        n = max(n, 2 * self.cos.shape[0], MIN_RESERVED_POSITIONS)
         freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
         self.cos = torch.cos(freqs) * self.attention_factor  # [n, rope_dim / 2]
         self.sin = torch.sin(freqs) * self.attention_factor
