@@ -22,7 +22,8 @@ def build_rank(config: EngineConfig, par: Parallel = Parallel(), device: torch.d
     C++ CPU kernels the first time), its share of the weights loaded, its latent cache allocated. device: this
     rank's (default: the config's); wrap(model): what rank 0 runs instead (engine/parallel.py announces each call)."""
     device = device or config.torch_device
-    ops = make_backend(config.backend, device, config.torch_dtype, config.cache_format)
+    ops = make_backend(config.backend, device, config.torch_dtype, config.cache_format,
+                       quantized_weights=config.weight_dtype is not None)
     fmt = dataclasses.replace(config.weight_format, device=device)
     model = load_model(config.model, fmt, config.model_config, config.progress and par.rank == 0,
                        dummy=config.load_format == "dummy", par=par, ops=ops)

@@ -200,14 +200,22 @@ class TritonBackend(TorchBackend):
 BACKENDS = ("torch", "triton")  # what a caller names; "torch" on the CPU is served by the C++ kernels where built
 
 
-def make_backend(name: str, device, dtype: torch.dtype, cache_format: CacheFormat):
-    """The backend a run uses: Triton, the C++ CPU kernels (a bf16 / fp32 model on the CPU, where they build; the
-    one-time build happens here, at start), or the torch references."""
+def cpu_kernels_serve(quantized_weights: bool) -> bool:
+    """Whether the C++ kernels serve a CPU run: they are built, and vectorized (AVX-512) or the weights are int8 /
+    int4. Without AVX-512 their portable loops lose to torch's GEMV over float weights by 3-7x
+    (bench/results/prefix-cache-cpu.md)."""
+    ext = cpu.ext()
+    return ext is not None and (quantized_weights or ext.has_avx512())
+
+
+def make_backend(name: str, device, dtype: torch.dtype, cache_format: CacheFormat, quantized_weights: bool = True):
+    """The backend a run uses: Triton, the C++ CPU kernels (a bf16 / fp32 model on the CPU, where they build and
+    serve: cpu_kernels_serve; the one-time build happens here, at start), or the torch references."""
     if name not in BACKENDS:
         raise ValueError(f"kernel argument: backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device(device)
     if name == "triton":
         return TritonBackend(device, cache_format)
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and cpu.ext() is not None:
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and cpu_kernels_serve(quantized_weights):
         return CpuBackend(device, cache_format)
     return TorchBackend(device, cache_format)

@@ -178,12 +178,14 @@ def test_tied_embeddings_match_transformers(tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype,weight_dtype,kv_cache_dtype", [("float32", None, "auto"), ("bfloat16", None, "auto"),
                                                                ("bfloat16", "int4", "int8"), ("float32", "int8", "int8")])
-def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_dtype, kv_cache_dtype):
+def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_dtype, kv_cache_dtype, monkeypatch):
     """A CPU decode step runs each decoder layer as one C++ call (kernels/cpu_layer.cpp DecodeLayer): the same
     tokens and logprobs as the Python layer (the same kernels, in the same order and roundings) with it turned off."""
-    from kernels import cpu
+    from kernels import backend, cpu
     if cpu.ext() is None:
         pytest.skip("the C++ extension does not build here")
+    # taken whatever the CPU: without AVX-512 the engine would give float weights to torch (cpu_kernels_serve)
+    monkeypatch.setattr(backend, "cpu_kernels_serve", lambda quantized: True)
     llm = LLM(checkpoints[name], device="cpu", dtype=dtype, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype,
               attn_mode="auto", progress=False, kv_cache_memory_gib=0.05)
     prompts = [prompt(n, seed=30 + n) for n in (9, 2, 21)]
@@ -206,3 +208,14 @@ def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_d
         assert a.token_ids == b.token_ids
         for la, lb in zip(a.logprobs, b.logprobs):
             assert abs(list(la.values())[0] - list(lb.values())[0]) < 1e-5
+
+
+def test_the_cpu_kernels_serve_where_they_pay(checkpoints):
+    """Chosen once at start: the C++ kernels serve quantized weights, and float weights only where they are
+    vectorized (AVX-512); elsewhere torch's GEMV is faster for float weights."""
+    from kernels import cpu
+    if cpu.ext() is None:
+        pytest.skip("the C++ extension does not build here")
+    kw = dict(device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
+    assert LLM(checkpoints["v2_qlora"], **kw).model.ops.name == ("cpu" if cpu.ext().has_avx512() else "torch")
+    assert LLM(checkpoints["v2_qlora"], weight_dtype="int8", **kw).model.ops.name == "cpu"
