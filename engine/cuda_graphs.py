@@ -83,16 +83,14 @@ class DecodeGraphs:
         B = len(input_ids)
         bucket = next(b for b in self.buckets if b >= B)
         width = max(len(t) for t in tables)
+        pad = bucket - B  # padding rows: token 0 at position 0, written into the padding block, length 1
         tokens, host_tables, lens = self.host_tokens[:, :bucket], self.host_tables[:bucket, :width], \
             self.host_seq_lens[:bucket]
-        tokens.zero_()  # padding rows: token 0 at position 0 ...
-        tokens[2].fill_(self.pad_block * self.block_size)  # ... written into the padding block
-        tokens[:, :B] = torch.tensor([input_ids, positions, slots], dtype=torch.int64)
-        host_tables.fill_(self.pad_block)
-        for i, t in enumerate(tables):
-            host_tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        lens.fill_(1)
-        lens[:B] = torch.tensor(seq_lens, dtype=torch.int32)
+        tokens.copy_(torch.tensor([input_ids + [0] * pad, positions + [0] * pad,
+                                   slots + [self.pad_block * self.block_size] * pad]))
+        host_tables.copy_(torch.tensor([t + [self.pad_block] * (width - len(t)) for t in tables]
+                                       + [[self.pad_block] * width] * pad))
+        lens.copy_(torch.tensor(seq_lens + [1] * pad))
         self.tokens[:, :bucket].copy_(tokens, non_blocking=True)
         self.block_tables[:bucket, :width].copy_(host_tables, non_blocking=True)
         self.seq_lens[:bucket].copy_(lens, non_blocking=True)
