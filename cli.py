@@ -148,6 +148,11 @@ def build_parser():
     b.add_argument("--api-key", default=os.environ.get("MLA_API_KEY"), help="bearer token for --url")
     b.add_argument("--prompt-lens", type=_int_range, default=(16, 512), help="MIN,MAX prompt lengths (--serve, --url)")
     b.add_argument("--gen-lens", type=_int_range, default=(16, 128), help="MIN,MAX output lengths (--serve, --url)")
+    b.add_argument("--turns", type=_int_at_least(1), default=1,
+                   help="multi-turn chats (--serve, --url): each of the --num-prompts (--serve N) conversations sends "
+                        "TURNS requests in turn, each resending the conversation so far plus a new message")
+    b.add_argument("--user-lens", type=_int_range, default=(16, 64),
+                   help="MIN,MAX lengths of the messages after the first (--turns; the first's are --prompt-lens)")
     b.add_argument("--kernels", action="store_true",
                    help="instead of the model: the attention kernels alone vs copy bandwidth, SDPA and matmul peak, "
                         "at the shapes of --config (default: DeepSeek-V2-Lite)")
@@ -419,14 +424,15 @@ def _bench_serving(args):
     num = args.serve or args.num_prompts
     with tempfile.TemporaryDirectory() as tmp:
         model, load_format = _bench_model(args, tmp) if not args.url else (args.config or args.model, "auto")
-        requests = bench_serve.make_requests(num, args.prompt_lens, args.gen_lens, ModelConfig.from_hf(model).vocab_size)
+        sessions = bench_serve.make_chats(num, args.turns, args.prompt_lens, args.user_lens, args.gen_lens,
+                                          ModelConfig.from_hf(model).vocab_size)
         if args.url:
-            results = [bench_serve.run_http(args.url, requests, c, args.api_key) for c in args.concurrency or [1]]
+            results = [bench_serve.run_http(args.url, sessions, c, args.api_key) for c in args.concurrency or [1]]
         else:
             from engine import LLM
             llm = LLM(engine_config(args, model=model, attn_mode=args.attn_mode[0],
                                     kv_cache_dtype=args.kv_cache_dtype[0], load_format=load_format))
-            results = [bench_serve.run_engine(llm, requests, c) for c in args.concurrency or [num]]
+            results = [bench_serve.run_engine(llm, sessions, c) for c in args.concurrency or [num]]
     print(bench_serve.report(results, args.output))
 
 

@@ -150,6 +150,34 @@ def test_bench_serve_continuous_batching(capsys, checkpoints):
                  "--gen-lens")
 
 
+def test_bench_serve_chats_resend_their_history_and_hit_the_prefix_cache(capsys, checkpoints):
+    """--turns 3: each turn's prompt is the last one's, a reply and a new message; with prefix caching the last
+    prompt's full blocks are found (its last partial block and the reply are not: the reply in the history is not
+    the one the model generated), without it nothing is."""
+    from models.config import ModelConfig
+    from tools.bench_serve import make_chats
+    flags = ["bench", "--model", checkpoints["v2_qlora"], "--serve", "3", "--turns", "3", "--prompt-lens", "70,100",
+             "--user-lens", "3,9", "--gen-lens", "2,5", "--concurrency", "2", "--output", "json"]
+    runs = []
+    for extra in ([], ["--no-prefix-caching"]):
+        code, out = main(capsys, *flags, *extra)
+        assert code == 0, out.err
+        runs.append(json.loads(out.out))
+    on, off = runs
+    chats = make_chats(3, 3, (70, 100), (3, 9), (2, 5), ModelConfig.from_hf(checkpoints["v2_qlora"]).vocab_size)
+    assert [len(c) for c in chats] == [3, 3, 3]
+    for c in chats:  # each turn extends the last one's prompt by a reply of the asked length and a message
+        for a, b in zip(c, c[1:]):
+            assert b.prompt_token_ids[:len(a.prompt_token_ids)] == a.prompt_token_ids
+            assert 3 + a.max_tokens <= len(b.prompt_token_ids) - len(a.prompt_token_ids) <= 9 + a.max_tokens
+    block = 64
+    found = sum(len(a.prompt_token_ids) // block * block for c in chats for a in c[:-1])
+    assert on["requests"] == off["requests"] == 9 and on["failed"] == off["failed"] == 0
+    assert on["prompt_tokens"] == off["prompt_tokens"] == sum(len(r.prompt_token_ids) for c in chats for r in c)
+    assert off["cached_tokens"] == 0 and found <= on["cached_tokens"] <= found + 6 * block
+    assert on["preemptions"] == off["preemptions"] == 0
+
+
 def test_bench_compares_modes_and_cache_formats_in_one_run(capsys, tiny_config):
     code, out = main(capsys, "bench", "--config", tiny_config, "-p", "12", "-n", "2", "-r", "1",
                      "--attn-mode", "absorbed,expanded", "--kv-cache-dtype", "auto,int8", "--baseline", "transformers",

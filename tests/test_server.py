@@ -377,6 +377,13 @@ def test_bench_url_sends_the_same_requests_as_in_process(server, checkpoints, ca
         assert r["requests"] == 5 and r["failed"] == 0
         assert (r["prompt_tokens"], r["output_tokens"]) == (in_process["prompt_tokens"], in_process["output_tokens"])
         assert 0 < r["ttft_p50_s"] <= r["e2e_p99_s"] <= r["wall_s"] and r["output_tps"] > 0
+    # chats: the server reports the prompt tokens its cache held (usage) and its preemptions (/metrics)
+    assert cli.main(["bench", "--url", server.url, "--api-key", KEY, "--num-prompts", "2", "--turns", "2",
+                     "--concurrency", "2", "--model", checkpoints["v2_qlora"], "--prompt-lens", "70,80", "--gen-lens", "3,7",
+                     "--output", "json"]) == 0
+    chats = json.loads(capsys.readouterr().out)
+    assert chats["requests"] == 4 and chats["failed"] == 0
+    assert chats["cached_tokens"] >= 2 * 64 and chats["preemptions"] == 0  # each second turn finds a 64-token block
     assert cli.main(["bench", "--url", server.url, "--num-prompts", "1", *flags]) == 1  # no key: a one-line error
     assert "401" in capsys.readouterr().err
 
