@@ -98,7 +98,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, shared=None) -> torch.Tensor:
 
 
 def dequantize(qw: QuantWeight, out: torch.Tensor):
-    """A 2-D QuantWeight (or a block of its rows) into the bf16 tensor out [N, K]."""
+    """A 2-D QuantWeight (or a block of its rows) into out [N, K], bf16 or float32."""
     ext().dequantize(ref(qw), out)
 
 

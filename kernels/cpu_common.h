@@ -3,7 +3,8 @@
 // or fp32 weight row. They are inline here, rather than in a file of their own, so that each kernel's inner loops
 // can inline them: a call per 16 values would cost as much as the arithmetic it wraps.
 //
-// Without AVX-512 (F, BW, VNNI and BF16) MLA_AVX512 stays undefined and every kernel runs its portable scalar loop.
+// Without AVX-512 (F, BW, VNNI and BF16) MLA_AVX512 stays undefined and every kernel runs its portable scalar loop,
+// except for the int8 / int4 products, which have AVX2 loops (MLA_AVX2).
 #pragma once
 
 #include <torch/extension.h>
@@ -18,6 +19,11 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 #define MLA_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 without those: the int8 / int4 products and the dequantization have loops of their own (cpu_gemv.cpp);
+// the rest runs the portable loops (float weights go to torch's GEMV there: kernels/backend.py).
+#define MLA_AVX2 1
 #include <immintrin.h>
 #endif
 

@@ -24,6 +24,7 @@
 #include "cpu_kernels.h"
 
 #include <atomic>
+#include <type_traits>
 
 namespace mla {
 namespace {
@@ -308,6 +309,79 @@ void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, con
 }
 #endif
 
+#ifdef MLA_AVX2
+// AVX2 has no unsigned x signed byte dot with int32 accumulation (VNNI), so vpmaddubsw multiplies byte pairs into
+// int16 sums and vpmaddwd adds those pairs into int32. The int16 sums must not saturate: an int8 weight's magnitude
+// (at most 128) multiplies x (within +-127) carrying the weight's sign (so both fit), and the int8 rows are signed
+// dots, sum_b sx * w . xq, without the +128 offset the VNNI path corrects for (dot_rows adds that correction back);
+// the int4 nibbles (at most 15) multiply x as they are, four products summed in int16 before the widening.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+template <int C>
+void row_q8(const uint8_t* w, const int8_t* x, int64_t ldx, const float* sx, int64_t KB, int64_t K, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+  alignas(32) uint8_t tail[QB];
+  for (int64_t b = 0; b < KB; ++b) {
+    const int64_t k0 = b * QB;
+    _mm_prefetch((const char*)w + PREFETCH + k0, _MM_HINT_T0);
+    _mm_prefetch((const char*)w + PREFETCH + k0 + 64, _MM_HINT_T0);
+    const uint8_t* wb = w + k0;
+    if (k0 + QB > K) {  // the last, short block: zeros past K (x is zero there too)
+      std::memset(tail, 0, QB);
+      std::memcpy(tail, wb, K - k0);
+      wb = tail;
+    }
+    __m256i mag[4], sgn[4];
+    for (int j = 0; j < 4; ++j) sgn[j] = load32(wb + 32 * j), mag[j] = _mm256_sign_epi8(sgn[j], sgn[j]);
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xb = x + c * ldx + k0;
+      __m256i d = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j)
+        d = _mm256_add_epi32(d, _mm256_madd_epi16(
+                                    _mm256_maddubs_epi16(mag[j], _mm256_sign_epi8(load32(xb + 32 * j), sgn[j])), ones));
+      acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sx[c * KB + b]), acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) out[c] = hsum(acc[c]);
+}
+
+template <int C>
+void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, const float* sx, const float* sxsum,
+            int64_t KB, float* out) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[C];
+  float corr[C];
+  for (int c = 0; c < C; ++c) {
+    acc[c] = _mm256_setzero_ps(), corr[c] = 0.f;
+    for (int64_t b = 0; b < KB; ++b) corr[c] += ws[b] * sxsum[c * KB + b];
+  }
+  for (int64_t b = 0; b < KB; ++b) {
+    _mm_prefetch((const char*)w + PREFETCH + b * 64, _MM_HINT_T0);
+    const __m256i v0 = load32(w + b * 64), v1 = load32(w + b * 64 + 32);
+    const __m256i lo0 = _mm256_and_si256(v0, low), lo1 = _mm256_and_si256(v1, low);
+    const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+    const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+    for (int c = 0; c < C; ++c) {  // x's block: its 64 even-indexed values (the low nibbles'), then the odd ones
+      const int8_t* xb = x + c * ldx + b * QB;
+      const __m256i s = _mm256_add_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(lo0, load32(xb)), _mm256_maddubs_epi16(lo1, load32(xb + 32))),
+          _mm256_add_epi16(_mm256_maddubs_epi16(hi0, load32(xb + 64)), _mm256_maddubs_epi16(hi1, load32(xb + 96))));
+      acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)),
+                               _mm256_set1_ps(ws[b] * sx[c * KB + b]), acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) out[c] = hsum(acc[c]) - 8.f * corr[c];
+}
+#endif
+
 // Calls CALL(C) with C, the rows of x of this pass, as a compile-time constant.
 #define MLA_DISPATCH_C(C, CALL) \
   switch (C) {                  \
@@ -319,23 +393,9 @@ void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, con
 
 namespace {
 
-// o[c] = x_{m + c} . W_g[n] for c < C (C <= MT): one pass over the weight row for C rows of x.
-void dot_rows(const WeightRows& W, const Acts& A, int64_t g, int64_t n, int64_t m, int64_t C, float* o) {
+// The portable loop of dot_rows: int8 rows include the +128 correction (the VNNI path's form).
+void dot_rows_scalar(const WeightRows& W, const Acts& A, int64_t g, int64_t n, int64_t m, int64_t C, float* o) {
   const uint8_t* wr = W.row(g, n);
-#ifdef MLA_AVX512
-#define MLA_CALL(C_)                                                                                          \
-  switch (W.kind) {                                                                                           \
-    case F32: row_f32<C_>((const float*)wr, A.f.data() + m * A.ld, A.ld, W.K, o); break;                      \
-    case BF16: row_bf16<C_>((const uint16_t*)wr, A.h.data() + m * A.ld, A.ld, W.K, o); break;                 \
-    case Q8: row_q8<C_>(wr, A.q.data() + m * A.ld, A.ld, A.sx.data() + m * A.KB, A.KB, W.K, o); break;        \
-    case Q4:                                                                                                  \
-      row_q4<C_>(wr, W.scales + (g * W.N + n) * W.KB, A.q.data() + m * A.ld, A.ld, A.sx.data() + m * A.KB,   \
-                 A.sxsum.data() + m * A.KB, A.KB, o);                                                         \
-      break;                                                                                                  \
-  }
-  MLA_DISPATCH_C(C, MLA_CALL)
-#undef MLA_CALL
-#else
   for (int64_t c = 0; c < C; ++c) {
     const int64_t r = m + c;
     float s = 0.f;
@@ -358,11 +418,41 @@ void dot_rows(const WeightRows& W, const Acts& A, int64_t g, int64_t n, int64_t 
           s += A.sx[r * A.KB + b] * float(d);
         }
       }
-      if (W.kind == Q8) s += A.corr[r];  // the int8 sums carry + corr, as the AVX-512 path's do
+      if (W.kind == Q8) s += A.corr[r];
     }
     o[c] = s;
   }
+}
+
+// o[c] = x_{m + c} . W_g[n] for c < C (C <= MT): one pass over the weight row for C rows of x.
+void dot_rows(const WeightRows& W, const Acts& A, int64_t g, int64_t n, int64_t m, int64_t C, float* o) {
+  const uint8_t* wr = W.row(g, n);
+  const int8_t* xq = A.q.data() + m * A.ld;
+  switch (W.kind) {
+#ifdef MLA_AVX512
+#define MLA_F32(C_) row_f32<C_>((const float*)wr, A.f.data() + m * A.ld, A.ld, W.K, o)
+#define MLA_BF16(C_) row_bf16<C_>((const uint16_t*)wr, A.h.data() + m * A.ld, A.ld, W.K, o)
+    case F32: MLA_DISPATCH_C(C, MLA_F32) break;
+    case BF16: MLA_DISPATCH_C(C, MLA_BF16) break;
+#undef MLA_F32
+#undef MLA_BF16
 #endif
+#if defined(MLA_AVX512) || defined(MLA_AVX2)
+#define MLA_Q8(C_) row_q8<C_>(wr, xq, A.ld, A.sx.data() + m * A.KB, A.KB, W.K, o)
+#define MLA_Q4(C_) \
+  row_q4<C_>(wr, W.scales + (g * W.N + n) * W.KB, xq, A.ld, A.sx.data() + m * A.KB, A.sxsum.data() + m * A.KB, A.KB, o)
+    case Q8:
+      MLA_DISPATCH_C(C, MLA_Q8)
+#ifdef MLA_AVX2
+      for (int64_t c = 0; c < C; ++c) o[c] += A.corr[m + c];  // AVX2's signed dots, in the VNNI path's form
+#endif
+      break;
+    case Q4: MLA_DISPATCH_C(C, MLA_Q4) break;
+#undef MLA_Q8
+#undef MLA_Q4
+#endif
+    default: dot_rows_scalar(W, A, g, n, m, C, o);
+  }
   if (W.kind == Q8) {
     const float ws = W.scales[g * W.N + n];
     for (int64_t c = 0; c < C; ++c) o[c] = ws * (o[c] - A.corr[m + c]);
@@ -531,51 +621,86 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
   return tensor_from(ys.data(), {T, D}, x.scalar_type());
 }
 
-// A quantized weight -> bfloat16 out [N, K]: the operand of the prefill GEMM, written one block of rows at a time
-// into one buffer by the caller. int8: qweight [N, K], scales [N]; int4: qweight [N, Kp / 2], scales [N, Kp / 128].
+namespace {
+inline void put(float v, float* o) { *o = v; }
+inline void put(float v, uint16_t* o) { *o = bf16_bits(v); }
+
+// One quantized row (its scales S: int8 one, int4 one per group) -> K values of O (float32, or bf16 bits).
+template <typename O>
+void dequantize_row(const uint8_t* q, const float* S, bool int4, int64_t K, O* o) {
+  int64_t k = 0;
+#ifdef MLA_AVX512
+  if constexpr (std::is_same_v<O, uint16_t>) {
+    if (int4) {  // 16 bytes -> 32 values: each byte's low nibble then its high one, packed as two bf16 per 32 bits
+      for (; k + 32 <= K; k += 32) {
+        const __m512 s = _mm512_set1_ps(S[k / QB]);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
+        const __m512i eight = _mm512_set1_epi32(8);
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight)), s);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight)), s);
+        const __m512i lo16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+        const __m512i hi16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+        _mm512_storeu_si512(o + k, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
+      }
+    } else {
+      const __m512 s = _mm512_set1_ps(S[0]);
+      for (; k + 16 <= K; k += 16) {
+        const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s)));
+      }
+    }
+  }
+#endif
+#if defined(MLA_AVX512) || defined(MLA_AVX2)
+  if constexpr (std::is_same_v<O, float>) {
+    if (int4) {  // 8 bytes -> 16 values: the low nibbles and the high ones interleaved back into k order
+      const __m256i fifteen = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+      for (; k + 16 <= K; k += 16) {
+        const __m256 s = _mm256_set1_ps(S[k / QB]);
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k / 2)));
+        const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, fifteen), eight)), s);
+        const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight)), s);
+        const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
+        _mm256_storeu_ps(o + k, _mm256_permute2f128_ps(a, b, 0x20));
+        _mm256_storeu_ps(o + k + 8, _mm256_permute2f128_ps(a, b, 0x31));
+      }
+    } else {
+      const __m256 s = _mm256_set1_ps(S[0]);
+      for (; k + 8 <= K; k += 8)
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(
+                                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k)))), s));
+    }
+  }
+#endif
+  for (; k < K; ++k)
+    put(int4 ? float(int32_t(k % 2 ? q[k / 2] >> 4 : q[k / 2] & 0xF) - 8) * S[k / QB] : float(int8_t(q[k])) * S[0],
+        o + k);
+}
+}  // namespace
+
+// A quantized weight -> out [N, K] in bfloat16 or float32: the operand of the prefill GEMM, written one block of
+// rows at a time into one buffer by the caller. int8: qweight [N, K], scales [N]; int4: qweight [N, Kp / 2],
+// scales [N, Kp / 128].
 void dequantize(const WeightRef& w, torch::Tensor out) {
   TORCH_CHECK(w.scales.has_value(), "dequantize: a quantized weight (qweight and scales)");
   const torch::Tensor &qweight = w.tensor, &scales = *w.scales;
   const int64_t K = w.K;
   const bool int4 = w.int4;
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && scales.is_contiguous(), "qweight [N, ...]");
-  const int64_t N = qweight.size(0), KB = (K + QB - 1) / QB, ldw = int4 ? KB * QB / 2 : K;
+  const int64_t N = qweight.size(0), KB = (K + QB - 1) / QB, ldw = int4 ? KB * QB / 2 : K, lds = int4 ? KB : 1;
   TORCH_CHECK(qweight.size(1) == ldw && scales.size(0) == N && (!int4 || scales.size(1) == KB), "quantized shapes");
-  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.numel() == N * K, "out bf16 [N, K]");
+  const bool f32 = out.scalar_type() == torch::kFloat32;
+  TORCH_CHECK((f32 || out.scalar_type() == torch::kBFloat16) && out.is_contiguous() && out.numel() == N * K,
+              "out bf16 or float32 [N, K]");
   const uint8_t* Q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const float* S = scales.data_ptr<float>();
-  uint16_t* O = reinterpret_cast<uint16_t*>(out.data_ptr<bf16>());
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* q = Q + n * ldw;
-      uint16_t* o = O + n * K;
-      int64_t k = 0;
-#ifdef MLA_AVX512
-      if (int4) {  // 16 bytes -> 32 values: each byte's low nibble then its high one, packed as two bf16 per 32 bits
-        for (; k + 32 <= K; k += 32) {
-          const __m512 s = _mm512_set1_ps(S[n * KB + k / QB]);
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
-          const __m512i eight = _mm512_set1_epi32(8);
-          const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight)), s);
-          const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight)), s);
-          const __m512i lo16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
-          const __m512i hi16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
-          _mm512_storeu_si512(o + k, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
-        }
-      } else {
-        const __m512 s = _mm512_set1_ps(S[n]);
-        for (; k + 16 <= K; k += 16) {
-          const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s)));
-        }
-      }
-#endif
-      for (; k < K; ++k) {
-        const float v = int4 ? float(int32_t(k % 2 ? q[k / 2] >> 4 : q[k / 2] & 0xF) - 8) * S[n * KB + k / QB]
-                             : float(int8_t(q[k])) * S[n];
-        o[k] = bf16_bits(v);
-      }
+      if (f32)
+        dequantize_row(Q + n * ldw, S + n * lds, int4, K, out.data_ptr<float>() + n * K);
+      else
+        dequantize_row(Q + n * ldw, S + n * lds, int4, K, reinterpret_cast<uint16_t*>(out.data_ptr<bf16>()) + n * K);
     }
   });
 }

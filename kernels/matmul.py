@@ -19,14 +19,14 @@ def quant_linear_reference(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
 
 def dequantized_gemm(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
     """Prefill on the CPU: the weight dequantized block by block of rows (never all of it at once) into the GEMM in
-    x's dtype; bf16 blocks by the C++ kernel, other dtypes by QuantWeight.dequantize."""
+    x's dtype; bf16 and float32 blocks by the C++ kernel, float16 by QuantWeight.dequantize."""
     N, K = qw.shape
     y = x.new_empty(x.shape[0], N)
-    bf16 = x.dtype == torch.bfloat16
-    buf = torch.empty(min(N, DEQUANT_ROWS) * K, dtype=torch.bfloat16) if bf16 else None
+    native = x.dtype in (torch.bfloat16, torch.float32)
+    buf = torch.empty(min(N, DEQUANT_ROWS) * K, dtype=x.dtype) if native else None
     for n0 in range(0, N, DEQUANT_ROWS):
         n1 = min(N, n0 + DEQUANT_ROWS)
-        if bf16:
+        if native:
             w = buf[:(n1 - n0) * K].view(n1 - n0, K)
             cpu.dequantize(qw.rows(n0, n1), w)
         else:

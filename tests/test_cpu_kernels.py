@@ -50,13 +50,14 @@ def test_quant_gemv_matches_reference(M, N, K, mode):
     assert (y - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("N,K", [(7, 201), (33, 2048), (3, 31)])
-def test_dequantize_matches_reference(N, K, mode):
+def test_dequantize_matches_reference(N, K, mode, dtype):
     qw = quantize_weight(rand(N, K, seed=8), mode)
-    out = torch.full((N, K), float("nan"), dtype=torch.bfloat16)
+    out = torch.full((N, K), float("nan"), dtype=dtype)
     cpu.dequantize(qw, out)
-    torch.testing.assert_close(out, qw.dequantize(torch.bfloat16), atol=0, rtol=0)
+    torch.testing.assert_close(out, qw.dequantize(dtype), atol=0, rtol=0)
 
 
 # ---- absorbed attention -------------------------------------------------------------------------------------------
