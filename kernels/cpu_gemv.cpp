@@ -353,17 +353,29 @@ void row_q8(const uint8_t* w, const int8_t* x, int64_t ldx, const float* sx, int
   for (int c = 0; c < C; ++c) out[c] = hsum(acc[c]);
 }
 
+// Per row, the products of the weight's and x's scales (sc) and the +8 offset's correction are computed 8 groups
+// at a time before the loop, as in the VNNI path; two groups per step, each with its own accumulator.
 template <int C>
 void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, const float* sx, const float* sxsum,
             int64_t KB, float* out) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[C];
+  alignas(32) float sc[C][MAX_KB];
   float corr[C];
   for (int c = 0; c < C; ++c) {
-    acc[c] = _mm256_setzero_ps(), corr[c] = 0.f;
-    for (int64_t b = 0; b < KB; ++b) corr[c] += ws[b] * sxsum[c * KB + b];
+    __m256 cv = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= KB; b += 8) {
+      const __m256 wv = _mm256_loadu_ps(ws + b);
+      _mm256_store_ps(sc[c] + b, _mm256_mul_ps(wv, _mm256_loadu_ps(sx + c * KB + b)));
+      cv = _mm256_fmadd_ps(wv, _mm256_loadu_ps(sxsum + c * KB + b), cv);
+    }
+    corr[c] = hsum(cv);
+    for (; b < KB; ++b) sc[c][b] = ws[b] * sx[c * KB + b], corr[c] += ws[b] * sxsum[c * KB + b];
+    corr[c] *= 8.f;
   }
-  for (int64_t b = 0; b < KB; ++b) {
+  __m256 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, int u) __attribute__((always_inline)) {
     _mm_prefetch((const char*)w + PREFETCH + b * 64, _MM_HINT_T0);
     const __m256i v0 = load32(w + b * 64), v1 = load32(w + b * 64 + 32);
     const __m256i lo0 = _mm256_and_si256(v0, low), lo1 = _mm256_and_si256(v1, low);
@@ -374,11 +386,14 @@ void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, con
       const __m256i s = _mm256_add_epi16(
           _mm256_add_epi16(_mm256_maddubs_epi16(lo0, load32(xb)), _mm256_maddubs_epi16(lo1, load32(xb + 32))),
           _mm256_add_epi16(_mm256_maddubs_epi16(hi0, load32(xb + 64)), _mm256_maddubs_epi16(hi1, load32(xb + 96))));
-      acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)),
-                               _mm256_set1_ps(ws[b] * sx[c * KB + b]), acc[c]);
+      acc[c][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), _mm256_broadcast_ss(sc[c] + b),
+                                  acc[c][u]);
     }
-  }
-  for (int c = 0; c < C; ++c) out[c] = hsum(acc[c]) - 8.f * corr[c];
+  };
+  int64_t b = 0;
+  for (; b + 2 <= KB; b += 2) block(b, 0), block(b + 1, 1);
+  if (b < KB) block(b, 0);
+  for (int c = 0; c < C; ++c) out[c] = hsum(_mm256_add_ps(acc[c][0], acc[c][1])) - corr[c];
 }
 #endif
 
