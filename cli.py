@@ -89,7 +89,8 @@ def add_engine_args(p, lists=False):
                    help="weight-only quantization of every linear and expert at load")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
-                   help="CPU threads of torch and the C++ kernels (default: the machine's cores)")
+                   help="CPU threads of torch and the C++ kernels, per rank with --tp (default: the machine's cores, "
+                        "shared out among the ranks)")
     p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
                    help="tensor parallelism over N ranks (processes the engine starts; gloo on CPUs, NCCL on GPUs)")
 
@@ -224,7 +225,7 @@ def engine_config(args, **overrides) -> EngineConfig:
                   kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, mla_threshold=args.mla_threshold,
                   kv_cache_memory_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens,
                   enable_prefix_caching=not args.no_prefix_caching, weight_dtype=args.weight_dtype,
-                  enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp)
+                  enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, threads=args.threads)
     return EngineConfig(**{**fields, **overrides})
 
 

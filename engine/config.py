@@ -54,6 +54,7 @@ class EngineConfig:
     progress: bool = True
     load_format: str = "auto"
     tensor_parallel_size: int = 1
+    threads: int | None = None  # CPU threads per rank (torch's and the C++ kernels'); None: the cores shared out
     model_config: ModelConfig | None = field(default=None, repr=False, compare=False)  # set by resolve()
 
     def __post_init__(self):
@@ -66,6 +67,8 @@ class EngineConfig:
             _choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         if self.mla_threshold is not None and self.mla_threshold < 1:
             raise ValueError(f"mla_threshold={self.mla_threshold}: must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads}: must be at least 1")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")

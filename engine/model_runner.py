@@ -1,6 +1,7 @@
 """One rank of an engine: build_rank assembles it (kernel backend, model, latent cache, runner), and the ModelRunner
 turns a scheduled step into tensors (in this one place), runs the model, and returns the hidden states."""
 import dataclasses
+import os
 
 import torch
 
@@ -22,6 +23,8 @@ def build_rank(config: EngineConfig, par: Parallel = Parallel(), device: torch.d
     C++ CPU kernels the first time), its share of the weights loaded, its latent cache allocated. device: this
     rank's (default: the config's); wrap(model): what rank 0 runs instead (engine/parallel.py announces each call)."""
     device = device or config.torch_device
+    if device.type == "cpu" and (config.threads or par.size > 1):  # else torch's default: every core
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // par.size))
     ops = make_backend(config.backend, device, config.torch_dtype, config.cache_format,
                        quantized_weights=config.weight_dtype is not None)
     fmt = dataclasses.replace(config.weight_format, device=device)

@@ -5,7 +5,6 @@ model that runs collectives (a forward pass, the logits) is announced to them fi
 and the step's metadata), by one broadcast; then all ranks run it together. gloo on CPUs, NCCL on GPUs."""
 import atexit
 import dataclasses
-import os
 import socket
 import sys
 from datetime import timedelta
@@ -29,8 +28,6 @@ def _init(config, rank: int, port: int) -> Parallel:
     device = config.torch_device
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
-    else:  # the cores are shared out between the ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=size, timeout=TIMEOUT)
     return Parallel(rank, size)

@@ -15,6 +15,21 @@ def test_threads_sets_the_thread_count_of_torch_and_the_kernels(capsys):
     assert "generated 3 tokens" in capsys.readouterr().err
 
 
+def test_threads_are_set_where_each_rank_is_built():
+    """The Python API takes threads too; build_rank (which every tensor-parallel rank runs) sets them."""
+    from engine import LLM, EngineConfig
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        LLM(cli.DEFAULT_MODEL, threads=1, progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert cli.engine_config(cli.build_parser().parse_args(["serve", "--threads", "3", "--tp", "2"])).threads == 3
+    with pytest.raises(ValueError, match="threads=0"):
+        EngineConfig(cli.DEFAULT_MODEL, threads=0)
+
+
 def test_cache_flags_reach_the_engine_config():
     args = cli.build_parser().parse_args(["generate", "-p", "x", "--kv-cache-tokens", "100", "--no-prefix-caching"])
     c = cli.engine_config(args)
