@@ -10,8 +10,8 @@ llama.cpp's converter and llama-quantize). Both llama.cpp projects read the same
 safetensors folder, quantized to int4 at load for q4_0.
 
 For every format, server and concurrency C: the server is started on 127.0.0.1 at a free port (llama-server with
-C slots of a context that holds the longest request, as continuous batching with -np C; mla serve once per format
-and server variant), the same requests (tools/bench_serve: random token ids, greedy, EOS ignored, streamed) are sent
+C slots of a context that holds the longest request, as continuous batching with -np C; mla serve with
+--max-num-seqs C), so that every run starts with an empty cache, the same requests (tools/bench_serve: random token ids, greedy, EOS ignored, streamed) are sent
 with at most C in flight (--num-prompts gives the count at each concurrency; with --turns T that many conversations
 of T turns), and the server is stopped. Each run's numbers are kept as JSON in --work/serve (an interrupted run
 resumes) and one markdown table is printed. Server variant mla-no-prefix-cache is mla serve --no-prefix-caching."""
@@ -93,23 +93,19 @@ def measure(server: str, fmt: str, args, workloads: dict) -> dict:
                 out[c] = json.load(f)
         else:
             todo.append((c, sessions, path))
-    # llama-server's slots are its concurrency (one start per C); mla serve is started once for the largest C
-    groups = [[t] for t in todo] if not server.startswith("mla") else ([todo] if todo else [])
-    for group in groups:
-        slots = max(c for c, _, _ in group)
-        ctx = max(len(r.prompt_token_ids) + r.max_tokens for _, s, _ in group for chat in s for r in chat) + 16
+    # a fresh server per concurrency, with C slots for llama-server: each run starts with an empty cache
+    for c, sessions, path in todo:
+        ctx = max(len(r.prompt_token_ids) + r.max_tokens for chat in sessions for r in chat) + 16
         port = free_port()
-        s = Server(command(server, fmt, args, port, slots, ctx), port,
-                   os.path.join(args.work, "serve", f"{server}-{fmt}-c{slots}.log"))
+        s = Server(command(server, fmt, args, port, c, ctx), port,
+                   os.path.join(args.work, "serve", f"{server}-{fmt}-c{c}-t{args.turns}.log"))
         try:
-            for c, sessions, path in group:
-                print(f"{server} {fmt}: concurrency {c}, {sum(map(len, sessions))} requests", file=sys.stderr,
-                      flush=True)
-                r = bench_serve.run_http(s.url, sessions, c).flat()
-                print(json.dumps(r), file=sys.stderr, flush=True)
-                with open(path, "w") as f:
-                    json.dump(r, f)
-                out[c] = r
+            print(f"{server} {fmt}: concurrency {c}, {sum(map(len, sessions))} requests", file=sys.stderr, flush=True)
+            r = bench_serve.run_http(s.url, sessions, c).flat()
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            with open(path, "w") as f:
+                json.dump(r, f)
+            out[c] = r
         finally:
             s.stop()
     return out
