@@ -239,6 +239,57 @@ void accumulate_f32(const float* S, const float* keys, int64_t nk, int64_t H, in
     }
   }
 }
+#elif defined(MLA_AVX2)
+// The float32 path above with 8 heads per vector (AVX2): scores, the online-softmax update, the values.
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* kj = keys + j * W;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 2 <= W; d += 2) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + d * HP + hc), _mm256_set1_ps(kj[d]), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + (d + 1) * HP + hc), _mm256_set1_ps(kj[d + 1]), s1);
+    }
+    if (d < W) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qT + d * HP + hc), _mm256_set1_ps(kj[d]), s0);
+    _mm256_storeu_ps(S + j * HP + hc, _mm256_add_ps(s0, s1));
+  }
+}
+
+void softmax_update(float* S, int64_t nk, int64_t HP, int64_t hc, float* m, float* l, float* alpha) {
+  const __m256 old = _mm256_loadu_ps(m + hc);
+  __m256 mx = old;
+  for (int64_t j = 0; j < nk; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(S + j * HP + hc));
+  const __m256 a = exp2_ps(_mm256_sub_ps(old, mx));  // old = -inf: about 0
+  __m256 lv = _mm256_mul_ps(_mm256_loadu_ps(l + hc), a);
+  for (int64_t j = 0; j < nk; ++j) {
+    const __m256 p = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(S + j * HP + hc), mx));
+    _mm256_storeu_ps(S + j * HP + hc, p);
+    lv = _mm256_add_ps(lv, p);
+  }
+  _mm256_storeu_ps(l + hc, lv);
+  _mm256_storeu_ps(m + hc, mx);
+  _mm256_storeu_ps(alpha + hc, a);
+}
+
+void accumulate_f32(const float* S, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W,
+                    const float* alpha, float* acc) {
+  for (int64_t h = 0; h < H; ++h) {
+    const __m256 a = _mm256_set1_ps(alpha[h]);
+    float* ah = acc + h * R;
+    int64_t c = 0;
+    for (; c + 8 <= R; c += 8) {
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(ah + c), a);
+      for (int64_t j = 0; j < nk; ++j)
+        v = _mm256_fmadd_ps(_mm256_set1_ps(S[j * HP + h]), _mm256_loadu_ps(keys + j * W + c), v);
+      _mm256_storeu_ps(ah + c, v);
+    }
+    for (; c < R; ++c) {
+      float v = ah[c] * alpha[h];
+      for (int64_t j = 0; j < nk; ++j) v += S[j * HP + h] * keys[j * W + c];
+      ah[c] = v;
+    }
+  }
+}
 #else
 // The portable loops, per head: scores, the online-softmax update, the values.
 void scores_scalar(const float* qT, const float* keys, int64_t nk, int64_t H, int64_t W, int64_t HP, float* S) {
@@ -292,6 +343,13 @@ void attend_block(Scratch& s, int64_t nk, int64_t H, int64_t HP, int64_t R, int6
   } else {
     accumulate_f32(s.S.data(), s.keys.data(), nk, H, HP, R, W, s.alpha.data(), acc);
   }
+#elif defined(MLA_AVX2)
+  (void)pairs;
+  for (int64_t hc = 0; hc < HP; hc += 8) {
+    scores_f32(s.qT.data(), s.keys.data(), nk, W, HP, hc, s.S.data());
+    softmax_update(s.S.data(), nk, HP, hc, s.m.data(), s.l.data(), s.alpha.data());
+  }
+  accumulate_f32(s.S.data(), s.keys.data(), nk, H, HP, R, W, s.alpha.data(), acc);
 #else
   (void)pairs;
   scores_scalar(s.qT.data(), s.keys.data(), nk, H, W, HP, s.S.data());

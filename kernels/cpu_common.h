@@ -85,6 +85,36 @@ inline __m512 load_w(const void* w, bool is_bf16, int64_t i, __mmask16 mk) {
 }
 #endif
 
+#ifdef MLA_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 2^t as exp2_ps above, 8 lanes; 2^round added to the exponent bits (no scalef in AVX2).
+inline __m256 exp2_ps(__m256 t) {
+  t = _mm256_max_ps(t, _mm256_set1_ps(-126.f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.540353e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504109e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)));
+}
+
+// 8 values of w (bf16 or float32) from index i, as float32.
+inline __m256 load8_w(const void* w, bool is_bf16, int64_t i) {
+  return is_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i))), 16))
+                 : _mm256_loadu_ps(static_cast<const float*>(w) + i);
+}
+#endif
+
 // y[0:n] += a * w[0:n], w bf16 or float32.
 inline void axpy(float* y, float a, const void* w, bool is_bf16, int64_t n) {
   int64_t i = 0;
@@ -94,6 +124,9 @@ inline void axpy(float* y, float a, const void* w, bool is_bf16, int64_t n) {
     const __mmask16 mk = tail_mask16(n - i);
     _mm512_mask_storeu_ps(y + i, mk, _mm512_fmadd_ps(av, load_w(w, is_bf16, i, mk), _mm512_maskz_loadu_ps(mk, y + i)));
   }
+#elif defined(MLA_AVX2)
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8_w(w, is_bf16, i), _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i)
     y[i] += a * (is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(w)[i]) : static_cast<const float*>(w)[i]);
@@ -110,6 +143,13 @@ inline float dot(const float* x, const void* w, bool is_bf16, int64_t n) {
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + i), load_w(w, is_bf16, i, mk), acc);
   }
   s = hsum(acc);
+#elif defined(MLA_AVX2)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8_w(w, is_bf16, i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load8_w(w, is_bf16, i + 8), acc1);
+  }
+  s = hsum(_mm256_add_ps(acc0, acc1));
 #endif
   for (; i < n; ++i)
     s += x[i] * (is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(w)[i]) : static_cast<const float*>(w)[i]);

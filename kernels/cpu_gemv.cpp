@@ -315,12 +315,6 @@ void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, con
 // (at most 128) multiplies x (within +-127) carrying the weight's sign (so both fit), and the int8 rows are signed
 // dots, sum_b sx * w . xq, without the +128 offset the VNNI path corrects for (dot_rows adds that correction back);
 // the int4 nibbles (at most 15) multiply x as they are, four products summed in int16 before the widening.
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
 template <int C>
