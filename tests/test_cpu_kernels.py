@@ -88,6 +88,7 @@ def paged_batch(q_lens, prefix_lens, H, R, DR, BS, dtype, seed=0):
     ([1], [700], 16, 512, 64, 64),  # one long sequence: split over the threads, merged
     ([1, 3, 1], [21, 9, 0], 3, 40, 8, 4),  # odd widths, several queries (causal among them), an empty prefix
     ([2, 1], [300, 33], 20, 48, 16, 16),  # more heads than one vector of 16
+    ([2, 1], [45, 0], 5, 37, 6, 8),  # a latent width that is no multiple of a vector (8 or 16 floats)
 ])
 def test_decode_attention_matches_reference(q_lens, prefix_lens, H, R, DR, BS, dtype):
     from kernels import reference
@@ -121,6 +122,7 @@ def test_decode_attention_on_an_int8_cache():
 @pytest.mark.parametrize("q_lens,prefix_lens,H,DN,V,R,DR", [
     ([1], [300], 16, 128, 128, 512, 64),  # V2-Lite's head shapes
     ([1, 2], [20, 6], 3, 37, 23, 40, 8),  # odd widths, two sequences, two queries in one
+    ([2], [9], 9, 21, 11, 45, 3),  # widths that are no multiple of a vector
 ])
 def test_absorbed_attention_in_one_call(q_lens, prefix_lens, H, DN, V, R, DR, dtype):
     """mla_absorbed = q_nope @ W_UK per head, mla_decode, @ W_UV.T per head (kernels.mla_absorbed's torch path)."""
