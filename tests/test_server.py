@@ -414,3 +414,50 @@ def test_a_full_queue_answers_503_then_sigterm_exits_0(checkpoints, tmp_path):
         assert "Traceback" not in s.output()
     finally:
         s.stop()
+
+
+def _stat(pid) -> tuple[str, int] | None:
+    """Linux: (state, parent pid) of a process, from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return state, int(ppid)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and (_stat(d) or ("", 0))[1] == pid]
+
+
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"  # a zombie has exited (nobody may reap it in a container)
+
+
+def test_two_ranks_serve_one_ranks_tokens_and_exit_on_sigterm(checkpoints, llm, tmp_path):
+    """`mla serve --tp 2`: the engine loop drives both ranks; greedy text equals one rank's, streamed or not, and
+    SIGTERM ends the server and its second rank."""
+    s = ServerProcess(checkpoints["v2_qlora"], str(tmp_path / "server.log"), "--tp", "2")
+    try:
+        s.wait_healthy()
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        texts = ["the value of the list", "function returns"]
+        want = [w.text for w in llm.generate(texts, greedy(8))]
+        got = client.completions.create(model=NAME, prompt=texts, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert [c.text for c in got.choices] == want
+        stream = client.completions.create(model=NAME, prompt=texts[0], max_tokens=8, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want[0]
+        ranks = _children(s.proc.pid)
+        assert ranks  # the second rank is a process of the server's
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(20) == 0
+        deadline = time.monotonic() + 10
+        while any(map(_alive, ranks)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, ranks))
+        assert "Traceback" not in s.output()
+    finally:
+        s.stop()
