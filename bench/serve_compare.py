@@ -47,7 +47,8 @@ class Server:
         import httpx
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        # in the log's folder: ik_llama.cpp's server writes a llama.log into its working directory
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=os.path.dirname(log))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
