@@ -128,6 +128,7 @@ def main():
     p.add_argument("--user-lens", default="16,64")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
+    args.work = os.path.abspath(args.work)  # the servers run in --work/serve, so every path given them is absolute
     lens = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
     conc, nums = lens(args.concurrency), lens(args.num_prompts)
     if len(conc) != len(nums):
