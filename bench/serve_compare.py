@@ -4,10 +4,10 @@
         [--servers mla,llama.cpp,ik_llama.cpp] [--concurrency 1,4,16] [--num-prompts 4,4,16]
         [--prompt-lens 16,1024] [--gen-lens 16,256] [--turns 1] [--user-lens 16,64] [--threads 2]
 
---work holds the checkpoint that bench/llamacpp_compare.py writes (DIR/model: the 27-layer, 8-expert V2-Lite cut,
-random bf16 weights) and its GGUFs (DIR/llama.cpp-bf16.gguf, DIR/llama.cpp-q4_0.gguf: made by that script, or by
-llama.cpp's converter and llama-quantize). Both llama.cpp projects read the same GGUF; mla serve reads the
-safetensors folder, quantized to int4 at load for q4_0.
+--work holds the checkpoint of bench/llamacpp_compare.py (DIR/model: the 27-layer, 8-expert V2-Lite cut, random
+bf16 weights) and its GGUFs (DIR/llama.cpp-bf16.gguf, ...-q4_0.gguf); what is missing is made by that script's own
+functions (the GGUFs by --llama-cpp's converter and llama-quantize, else --ik-llama-cpp's). Both llama.cpp projects
+read the same GGUF; mla serve reads the safetensors folder, quantized to int4 at load for q4_0.
 
 For every format, server and concurrency C: the server is started on 127.0.0.1 at a free port (llama-server with
 C slots of a context that holds the longest request, as continuous batching with -np C; mla serve with
@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+import llamacpp_compare  # noqa: E402
 from tools import bench_serve  # noqa: E402
 
 MLA_FLAGS = {"bf16": [], "q4_0": ["--weight-dtype", "int4"], "q8_0": ["--weight-dtype", "int8"]}
@@ -77,9 +78,8 @@ def command(server: str, fmt: str, args, port: int, slots: int, ctx: int) -> lis
                 "--port", str(port), "--max-num-seqs", str(slots), "--threads", str(args.threads),
                 "--log-level", "warning"] + MLA_FLAGS[fmt] + (["--no-prefix-caching"] if "no-prefix" in server else [])
     project = args.llama_cpp if server == "llama.cpp" else args.ik_llama_cpp
-    gguf = os.path.join(args.work, f"llama.cpp-{fmt}.gguf")
     extra = ["-mla", "3", "-fa", "on"] if server == "ik_llama.cpp" else []
-    return [os.path.join(project, "build", "bin", "llama-server"), "-m", gguf, "--host", "127.0.0.1", "--port",
+    return [os.path.join(project, "build", "bin", "llama-server"), "-m", args.gguf[fmt], "--host", "127.0.0.1", "--port",
             str(port), "-np", str(slots), "-c", str(slots * ctx), "-t", str(args.threads), "--cont-batching"] + extra
 
 
@@ -138,8 +138,13 @@ def main():
         if name in servers and not flag:
             p.error(f"server {name} needs --{name.replace('.', '-').replace('_', '-')} DIR")
     os.makedirs(os.path.join(args.work, "serve"), exist_ok=True)
+    model = llamacpp_compare.checkpoint(argparse.Namespace(
+        work=args.work, config=os.path.join(HERE, "configs", "deepseek-v2-lite.json"), layers=27, experts=8))
+    converter = args.llama_cpp or args.ik_llama_cpp
+    anchors = any(not s.startswith("mla") for s in servers)
+    args.gguf = {f: llamacpp_compare.gguf(converter, model, f, args.work) for f in args.formats.split(",")} if anchors else {}
     from models.config import ModelConfig
-    vocab = ModelConfig.from_hf(os.path.join(args.work, "model")).vocab_size
+    vocab = ModelConfig.from_hf(model).vocab_size
     workloads = {c: bench_serve.make_chats(n, args.turns, lens(args.prompt_lens), lens(args.user_lens),
                                            lens(args.gen_lens), vocab) for c, n in zip(conc, nums)}
     results = {(s, f): measure(s, f, args, workloads) for f in args.formats.split(",") for s in servers}
