@@ -6,7 +6,7 @@ import re
 import sys
 import time
 
-from engine.config import ATTN_MODES, BACKENDS, DTYPES, KV_CACHE_DTYPES, WEIGHT_DTYPES, EngineConfig
+from engine.config import ATTN_MODES, BACKENDS, DTYPES, KV_CACHE_DTYPES, PREFILL_GEMMS, WEIGHT_DTYPES, EngineConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "models", "default")
@@ -87,6 +87,10 @@ def add_engine_args(p, lists=False):
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES,
                    help="weight-only quantization of every linear and expert at load")
+    p.add_argument("--prefill-gemm", default="auto", choices=PREFILL_GEMMS,
+                   help="how prompts multiply int8/int4 weights on the CPU: dequantized into a float GEMM, or int8 x "
+                        "int8 (activations quantized per token; float32 models). auto: int8 on CPUs with VNNI but no "
+                        "bf16 arithmetic")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
                    help="CPU threads of torch and the C++ kernels, per rank with --tp (default: the machine's cores, "
@@ -225,7 +229,8 @@ def engine_config(args, **overrides) -> EngineConfig:
                   kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, mla_threshold=args.mla_threshold,
                   kv_cache_memory_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens,
                   enable_prefix_caching=not args.no_prefix_caching, weight_dtype=args.weight_dtype,
-                  enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, threads=args.threads)
+                  enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, threads=args.threads,
+                  prefill_gemm=args.prefill_gemm)
     return EngineConfig(**{**fields, **overrides})
 
 

@@ -29,11 +29,11 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-FORMATS = {  # gguf type -> (mla bench flags, label)
+FORMATS = {  # gguf type -> (mla bench flags, label); activations: --dtype auto (bf16 where the CPU multiplies bf16)
     "f32": (["--dtype", "float32"], "float32"),
-    "bf16": (["--dtype", "bfloat16"], "bf16"),
-    "q8_0": (["--dtype", "bfloat16", "--weight-dtype", "int8"], "int8 / Q8_0"),
-    "q4_0": (["--dtype", "bfloat16", "--weight-dtype", "int4"], "int4 / Q4_0"),
+    "bf16": ([], "bf16"),
+    "q8_0": (["--weight-dtype", "int8"], "int8 / Q8_0"),
+    "q4_0": (["--weight-dtype", "int4"], "int4 / Q4_0"),
 }
 # The converter hashes the tokenizer's output to name its pre-tokenizer; a tokenizer made here has no known hash,
 # so the converter is told the one DeepSeek-V2 uses. llama-bench never tokenizes text.
@@ -57,6 +57,22 @@ mod.main()
 def sh(cmd, **kw):
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     return subprocess.run(cmd, check=True, **kw)
+
+
+def run_measured(cmd: list[str], out: str) -> int:
+    """Runs cmd with its stdout to the file out; returns the peak resident memory of the process in bytes (its own
+    rusage: mapped model pages it touched count, as they occupy memory)."""
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL if "llama-bench" in cmd[0] else None)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{cmd[0]} failed (exit {os.waitstatus_to_exitcode(status)}); its output: {out}")
+    return usage.ru_maxrss * 1024
+
+
+def peak_file(json_file: str) -> str:
+    return json_file.removesuffix(".json") + ".peak"
 
 
 def make_tokenizer(path: str):
@@ -90,15 +106,16 @@ def checkpoint(args) -> str:
     return path
 
 
-def gguf(project: str, model: str, fmt: str, work: str) -> str:
+def gguf(project: str, model: str, fmt: str, work: str, q4_from: str = "bf16") -> str:
+    """The GGUF of the checkpoint in fmt by project's converter (q4_0: llama-quantize from the q4_from GGUF)."""
     name = os.path.basename(os.path.normpath(project))
     out = os.path.join(work, f"{name}-{fmt}.gguf")
     if os.path.exists(out):
         return out
     if fmt == "q4_0":
-        src = gguf(project, model, "bf16", work)
-        sh([os.path.join(project, "build", "bin", "llama-quantize"), src, out, "Q4_0", "2"], stdout=subprocess.DEVNULL,
-           stderr=subprocess.DEVNULL)
+        src = gguf(project, model, q4_from, work)
+        sh([os.path.join(project, "build", "bin", "llama-quantize")] + (["--allow-requantize"] if q4_from != "bf16" else []) +
+           [src, out, "Q4_0", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return out
     code = CONVERT.format(gguf_py=os.path.join(project, "gguf-py"), root=project, script=os.path.join(project, "convert_hf_to_gguf.py"),
                           model=model, outtype=fmt, out=out)
@@ -113,10 +130,23 @@ def llama_bench(project: str, model: str, flags: list[str], tests: list[str], re
     if not os.path.exists(out):
         cmd = [os.path.join(project, "build", "bin", "llama-bench"), "-m", model, "-t", "2", "-r", str(reps),
                "-o", "json"] + flags + tests
-        with open(out, "w") as f:
-            sh(cmd, stdout=f, stderr=subprocess.DEVNULL)
+        peak = run_measured(cmd, out + ".part")
+        with open(peak_file(out), "w") as f:
+            f.write(str(peak))
+        os.replace(out + ".part", out)
     with open(out) as f:
         return json.load(f)
+
+
+def peak_gib(work: str, tags: list[str]) -> float | None:
+    """The largest peak resident memory of the runs tagged (None when a run was measured before peaks were kept)."""
+    peaks = []
+    for t in tags:
+        f = peak_file(os.path.join(work, f"{t}.json"))
+        if not os.path.exists(f):
+            return None
+        peaks.append(int(open(f).read()))
+    return max(peaks) / 2 ** 30 if peaks else None
 
 
 def best(rows: list, **match) -> dict:
@@ -141,7 +171,7 @@ def anchors(args, model: str, fmt: str) -> dict:
         tags = [f"{name}-{fmt}-short{flag}0", f"{name}-{fmt}-short{flag}1"] + \
             ([f"{name}-{fmt}-depth512"] if short_only else [f"{name}-{fmt}-pp4096", f"{name}-{fmt}-depth"])
         measured = all(os.path.exists(os.path.join(args.work, f"{t}.json")) for t in tags)
-        path = None if measured else gguf(project, model, fmt, args.work)  # measured before: no GGUF needed
+        path = None if measured else gguf_for(args, project, model, fmt)  # measured before: no GGUF needed
         short = {v: llama_bench(project, path, flags + [flag, v], ["-p", "512", "-n", "32"], args.reps, args.work,
                                 f"{name}-{fmt}-short{flag}{v}") for v in ("0", "1")}
         cost = {v: sum((r["n_prompt"] + r["n_gen"]) / r["avg_ts"] for r in rows) for v, rows in short.items()}
@@ -151,31 +181,52 @@ def anchors(args, model: str, fmt: str) -> dict:
         long = [] if short_only and not os.path.exists(os.path.join(args.work, f"{pp4096}.json")) else \
             llama_bench(project, path, flags, ["-p", "4096", "-n", "0"], args.reps, args.work, pp4096)
         deep = llama_bench(project, path, flags, depth_tests, args.reps, args.work, tags[-1])
-        r = {"flags": " ".join(flags)}
+        r = {"flags": " ".join(flags), "peak": peak_gib(args.work, tags)}
         for row in short[best] + long + [row for row in deep if row["n_gen"] == 32]:
             # llama.cpp reports a depth as n_depth; ik_llama.cpp's -gp as the prompt before the generation
             depth = row.get("n_depth", 0) or (row["n_prompt"] if row["n_gen"] else 0)
             test = f"pp{row['n_prompt']}" if not row["n_gen"] else f"tg{row['n_gen']}" + (f" @ d{depth}" if depth else "")
             r.setdefault(test, row["avg_ts"])
         res[name] = r
-        if path and not args.keep_gguf:
-            os.remove(path)
+        if path and not args.one_gguf:
+            done_with(args, path, fmt)
+    shared = os.path.join(args.work, f"{os.path.basename(os.path.normpath(args.llama_cpp or args.ik_llama_cpp or '-'))}-{fmt}.gguf")
+    if args.one_gguf and os.path.exists(shared):
+        done_with(args, shared, fmt)
     return res
+
+
+def gguf_for(args, project: str, model: str, fmt: str) -> str:
+    """The GGUF project runs: of its own converter, or with --one-gguf the first given project's (the same file for
+    both)."""
+    converter = (args.llama_cpp or args.ik_llama_cpp) if args.one_gguf else project
+    return gguf(converter, model, fmt, args.work, args.q4_from)
+
+
+def done_with(args, path: str, fmt: str):
+    """Deletes a measured GGUF (unless --keep-gguf), keeping the source of a Q4_0 still to be made."""
+    q4 = path.removesuffix(f"-{fmt}.gguf") + "-q4_0.gguf"
+    if args.keep_gguf or (fmt == args.q4_from and "q4_0" in args.formats.split(",") and not os.path.exists(q4)):
+        return
+    os.remove(path)
 
 
 def ours(args, model: str, fmt: str) -> dict:
     flags, _ = FORMATS[fmt]
-    r = {}
+    r, tags = {}, []
     for i, tests in enumerate((["-p", "512,4096", "-n", "0"], ["-p", "0", "-n", "32", "-d", "0,512,4096"])):
-        out = os.path.join(args.work, f"mla-engine-{fmt}-{('pp', 'tg')[i]}.json")
+        tags.append(f"mla-engine-{fmt}-{('pp', 'tg')[i]}")
+        out = os.path.join(args.work, f"{tags[-1]}.json")
         if not os.path.exists(out):
             cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "bench", "--model", model, "-r", str(args.reps),
                    "--output", "json"] + flags + tests
-            text = sh(cmd, stdout=subprocess.PIPE, text=True).stdout
-            with open(out, "w") as f:
-                f.write(text)
+            peak = run_measured(cmd, out + ".part")
+            with open(peak_file(out), "w") as f:
+                f.write(str(peak))
+            os.replace(out + ".part", out)
         with open(out) as f:
             r.update({row["test"]: row["tps"] for row in json.load(f)})
+    r["peak"] = peak_gib(args.work, tags)
     return r
 
 
@@ -195,6 +246,11 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-ours", action="store_true", help="only the anchors (e.g. to measure them first)")
     p.add_argument("--keep-gguf", action="store_true")
+    p.add_argument("--one-gguf", action="store_true",
+                   help="both anchors run the GGUFs of the first project given (its converter; one file per format)")
+    p.add_argument("--q4-from", default="bf16", choices=["bf16", "q8_0"],
+                   help="the GGUF llama-quantize makes Q4_0 from (q8_0, with --allow-requantize: for the full-size "
+                        "model, whose 31 GB bf16 GGUF next to its checkpoint may not fit the disk)")
     p.add_argument("--no-4096", default="", metavar="PROJECTS",
                    help="e.g. llama.cpp: leave out its pp4096 and tg @ d4096 (each 4096-token prompt takes it minutes)")
     args = p.parse_args()
@@ -213,7 +269,10 @@ def main():
                 ratios.append(ri)
             lines.append(f"| {test} | {FORMATS[fmt][1]} | {fmt_ts(m)} | {fmt_ts(lc)} | {fmt_ts(ik)} | "
                          f"{fmt_ts(rl) if rl is None else f'{rl:.2f}'} | {fmt_ts(ri) if ri is None else f'{ri:.2f}'} |")
-        print("\n".join(lines[-5:]), file=sys.stderr, flush=True)
+        peaks = [o.get("peak"), a["llama.cpp"].get("peak"), a["ik_llama.cpp"].get("peak")]
+        lines.append(f"| peak memory (GiB) | {FORMATS[fmt][1]} | " + " | ".join("-" if g is None else f"{g:.2f}" for g in peaks)
+                     + " | | |")
+        print("\n".join(lines[-6:]), file=sys.stderr, flush=True)
     print("\n".join(lines))
     if ratios:
         print(f"\ngeometric mean mla / ik_llama.cpp over {len(ratios)} rows: "

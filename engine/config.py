@@ -21,6 +21,10 @@ BACKENDS = ("auto", "triton", "torch")
 KV_CACHE_DTYPES = ("auto",) + CACHE_FORMATS
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the config's shapes (no weight files read)
 WEIGHT_DTYPES = ("int8", "int4")  # weight-only quantization of the linears and experts; None keeps the model dtype
+# How prompts multiply int8 / int4 weights on the CPU (kernels/matmul.py): dequantized into a GEMM in the model dtype,
+# or int8 x int8 (activations quantized per token; float32 models only). auto: int8 where the CPU has VNNI and no bf16
+# arithmetic, so that the model runs in float32, whose GEMM is about 4x slower there than the int8 one.
+PREFILL_GEMMS = ("auto", "dequantize", "int8")
 # Query tokens per sequence from which the expanded path serves a forward pass, per device kind, unless `mla tune`
 # measured this device (engine/tune.py). cpu: measured by `mla tune` (bench/results/tune-cpu.md); cuda: vLLM's
 # FlashMLA crossover until measured on a GPU.
@@ -55,6 +59,7 @@ class EngineConfig:
     load_format: str = "auto"
     tensor_parallel_size: int = 1
     threads: int | None = None  # CPU threads per rank (torch's and the C++ kernels'); None: the cores shared out
+    prefill_gemm: str = "auto"
     model_config: ModelConfig | None = field(default=None, repr=False, compare=False)  # set by resolve()
 
     def __post_init__(self):
@@ -63,6 +68,7 @@ class EngineConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("prefill_gemm", self.prefill_gemm, PREFILL_GEMMS)
         if self.weight_dtype is not None:
             _choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         if self.mla_threshold is not None and self.mla_threshold < 1:
@@ -102,6 +108,7 @@ class EngineConfig:
         if n > 1 and device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + n:
             raise ValueError(f"tensor_parallel_size={n} needs {n} CUDA devices, {torch.cuda.device_count()} present")
         resolved = replace(self, device=str(device), dtype=dtype, backend=backend,
+                           prefill_gemm=self._prefill_gemm(device, dtype, backend),
                            kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
                            mla_threshold=self.mla_threshold or tuned_threshold(device) or MLA_THRESHOLD[device.type],
                            max_model_len=max_len, model_config=model_cfg)
@@ -109,6 +116,17 @@ class EngineConfig:
             return resolved
         from . import memory  # memory.py reads EngineConfig's fields: imported where used
         return memory.plan_memory(resolved)
+
+    def _prefill_gemm(self, device: torch.device, dtype: str, backend: str) -> str:
+        cpu_quant = device.type == "cpu" and backend == "torch" and self.weight_dtype is not None
+        if self.prefill_gemm == "int8" and not (cpu_quant and dtype == "float32"):
+            raise ValueError("prefill_gemm='int8' is for int8 / int4 weights (weight_dtype) in a float32 model on the "
+                             "CPU with the torch backend")
+        if self.prefill_gemm != "auto":
+            return self.prefill_gemm
+        flags = cpu_flags()
+        vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+        return "int8" if cpu_quant and dtype == "float32" and vnni and not cpu_has_bf16() else "dequantize"
 
     def check_split(self, cfg: ModelConfig):
         """Over several ranks every split dimension must divide evenly (models/parallel.py)."""
@@ -160,11 +178,16 @@ class EngineConfig:
         return CacheFormat(self.kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.torch_dtype)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX), as /proc/cpuinfo lists its flags."""
+def cpu_flags() -> list[str]:
+    """This CPU's feature flags, as /proc/cpuinfo lists them (none where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return False
+        return []
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX)."""
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -15,7 +15,7 @@ from . import cpu, reference
 from .cache_format import CacheFormat
 from .cache_format import unpack as unpack_cache
 from .cache_format import write_latent as write_packed
-from .matmul import dequantized_gemm, quant_linear_reference
+from .matmul import dequantized_gemm, int8_gemm, quant_linear_reference
 from .moe import Router, moe_experts_reference
 from .weights import QuantWeight
 
@@ -111,11 +111,13 @@ class TorchBackend:
 
 class CpuBackend(TorchBackend):
     """The C++ kernels for few rows; torch (oneDNN) GEMMs for many. Chosen only for bf16 / fp32 models, whose float
-    weights the C++ reads in place (contiguous, as WeightFormat stores them) like every QuantWeight."""
+    weights the C++ reads in place (contiguous, as WeightFormat stores them) like every QuantWeight. int8_prefill:
+    prompts multiply quantized weights int8 x int8 (kernels/matmul.py int8_gemm), else dequantized."""
     name = "cpu"
 
-    def __init__(self, device, cache_format: CacheFormat):
+    def __init__(self, device, cache_format: CacheFormat, int8_prefill: bool = False):
         super().__init__(device, cache_format)
+        self.quant_gemm = int8_gemm if int8_prefill else dequantized_gemm
         self.kind = cpu.cache_kind(cache_format)
         if self.kind is None:  # a format the C++ neither writes nor reads (fp8, float16): the references serve it
             self.write_latent, self.mla_decode = super().write_latent, super().mla_decode
@@ -124,7 +126,7 @@ class CpuBackend(TorchBackend):
     def linear(self, x, w):
         if x.shape[0] <= FEW_ROWS:
             return cpu.gemv(x, w)
-        return dequantized_gemm(x, w) if isinstance(w, QuantWeight) else F.linear(x, w)
+        return self.quant_gemm(x, w) if isinstance(w, QuantWeight) else F.linear(x, w)
 
     def moe(self, x, topk_ids, topk_weights, w13, w2, shared=None):
         if x.shape[0] <= FEW_ROWS:  # every picked expert read once for all its tokens, shared experts too: one call
@@ -208,14 +210,16 @@ def cpu_kernels_serve(quantized_weights: bool) -> bool:
     return ext is not None and (quantized_weights or ext.has_avx512())
 
 
-def make_backend(name: str, device, dtype: torch.dtype, cache_format: CacheFormat, quantized_weights: bool = True):
+def make_backend(name: str, device, dtype: torch.dtype, cache_format: CacheFormat, quantized_weights: bool = True,
+                 int8_prefill: bool = False):
     """The backend a run uses: Triton, the C++ CPU kernels (a bf16 / fp32 model on the CPU, where they build and
-    serve: cpu_kernels_serve; the one-time build happens here, at start), or the torch references."""
+    serve: cpu_kernels_serve; the one-time build happens here, at start; int8_prefill: see CpuBackend), or the torch
+    references."""
     if name not in BACKENDS:
         raise ValueError(f"kernel argument: backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device(device)
     if name == "triton":
         return TritonBackend(device, cache_format)
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and cpu_kernels_serve(quantized_weights):
-        return CpuBackend(device, cache_format)
+        return CpuBackend(device, cache_format, int8_prefill)
     return TorchBackend(device, cache_format)

@@ -102,6 +102,21 @@ def dequantize(qw: QuantWeight, out: torch.Tensor):
     ext().dequantize(ref(qw), out)
 
 
+def quantize_tokens(x: torch.Tensor) -> tuple:
+    """x float32 [M, K] -> (xq int8 [M, K], sx float32 [M]), x ~ xq * sx row by row: the int8 GEMM's activations."""
+    return tuple(ext().quantize_tokens(x))
+
+
+def requantize_rows(qw: QuantWeight, out: torch.Tensor, scales: torch.Tensor):
+    """A 2-D int4 QuantWeight (or a block of its rows) as int8 rows into out [N, K] with one scale each in scales [N]."""
+    ext().requantize_rows(ref(qw), out, scales)
+
+
+def scale_int32(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, out: torch.Tensor):
+    """out [M, N] (float32, rows contiguous) = acc (int32 [M, N]) * sx[:, None] * sw[None, :]."""
+    ext().scale_int32(acc, sx, sw, out)
+
+
 def route(x, gate, bias, router) -> tuple:
     """kernels/reference.py route for a kernels.moe.Router: (ids int64 [T, k], weights float32 [T, k])."""
     return ext().route(x, gate, bias, native_router(router))
@@ -215,6 +230,21 @@ def quantize_rows_reference(x: torch.Tensor, interleave: bool):
     if interleave:
         xq = torch.cat((xq[..., 0::2], xq[..., 1::2]), -1)
     return xq.to(torch.int8).view(M, KB * QB), sx, sxsum
+
+
+def quantize_tokens_reference(x: torch.Tensor) -> tuple:
+    """(xq int8 [M, K], sx [M]): x ~ xq * sx with one scale per row, as the C++ rounds (x times 1 / sx, in float32)."""
+    amax = x.float().abs().amax(-1)
+    sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.round(x.float() * (1 / sx)[:, None]).clamp(-127, 127).to(torch.int8), sx
+
+
+def int8_gemm_reference(x: torch.Tensor, qw) -> torch.Tensor:
+    """The int8 x int8 prompt product as kernels/matmul.py int8_gemm defines it: x quantized per row, the weight as
+    int8 rows (int8 as stored; int4 dequantized and requantized per row), the integer sums in float64: [M, N]."""
+    xq, sx = quantize_tokens_reference(x)
+    wq, sw = (qw.qweight, qw.scales) if qw.mode == "int8" else quantize_tokens_reference(qw.dequantize(torch.float32))
+    return ((xq.double() @ wq.double().T) * sx.double()[:, None] * sw.double()[None, :]).float()
 
 
 def gemv_quant_reference(x: torch.Tensor, qw) -> torch.Tensor:

@@ -121,10 +121,10 @@ void gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t
 }
 
 #ifdef MLA_AVX512
-inline __m512bh bcast_pair(const void* p) {  // one 32-bit word (two bf16) in every lane
+inline __m512i bcast_pair(const void* p) {  // one 32-bit word (two bf16) in every lane
   int32_t v;
   std::memcpy(&v, p, 4);
-  return (__m512bh)_mm512_set1_epi32(v);
+  return _mm512_set1_epi32(v);
 }
 
 // A bf16 cache read as it is stored, with bf16 pair dot products (vdpbf16ps: 32 multiply-adds per instruction,
@@ -137,11 +137,11 @@ void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int
   for (; j + 4 <= nk; j += 4) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t p = 0; p < W / 2; ++p) {
-      const __m512bh q = (__m512bh)_mm512_loadu_si512(qT2 + p * HP + hc);
-      a0 = _mm512_dpbf16_ps(a0, q, bcast_pair(kp[j] + 2 * p));
-      a1 = _mm512_dpbf16_ps(a1, q, bcast_pair(kp[j + 1] + 2 * p));
-      a2 = _mm512_dpbf16_ps(a2, q, bcast_pair(kp[j + 2] + 2 * p));
-      a3 = _mm512_dpbf16_ps(a3, q, bcast_pair(kp[j + 3] + 2 * p));
+      const __m512i q = _mm512_loadu_si512(qT2 + p * HP + hc);
+      a0 = dpbf16(a0, q, bcast_pair(kp[j] + 2 * p));
+      a1 = dpbf16(a1, q, bcast_pair(kp[j + 1] + 2 * p));
+      a2 = dpbf16(a2, q, bcast_pair(kp[j + 2] + 2 * p));
+      a3 = dpbf16(a3, q, bcast_pair(kp[j + 3] + 2 * p));
     }
     _mm512_storeu_ps(S + j * HP + hc, a0);
     _mm512_storeu_ps(S + (j + 1) * HP + hc, a1);
@@ -151,7 +151,7 @@ void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int
   for (; j < nk; ++j) {
     __m512 a0 = _mm512_setzero_ps();
     for (int64_t p = 0; p < W / 2; ++p)
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(qT2 + p * HP + hc), bcast_pair(kp[j] + 2 * p));
+      a0 = dpbf16(a0, _mm512_loadu_si512(qT2 + p * HP + hc), bcast_pair(kp[j] + 2 * p));
     _mm512_storeu_ps(S + j * HP + hc, a0);
   }
 }
@@ -214,9 +214,9 @@ void accumulate_bf16(const uint32_t* P2, const uint16_t* const* kp, int64_t nk, 
         const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, kp[j] + c));
         const __m512i hi = j + 1 < nk ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, kp[j + 1] + c)), 16)
                                       : _mm512_setzero_si512();
-        const __m512bh v = (__m512bh)_mm512_or_si512(lo, hi);
+        const __m512i v = _mm512_or_si512(lo, hi);
         const uint32_t* pp = P2 + (j / 2) * HP + h0;
-        for (int u = 0; u < 16; ++u) a[u] = _mm512_dpbf16_ps(a[u], v, bcast_pair(pp + u));
+        for (int u = 0; u < 16; ++u) a[u] = dpbf16(a[u], v, bcast_pair(pp + u));
       }
       for (int u = 0; u < 16; ++u)
         if (u < nh) _mm512_mask_storeu_ps(acc + (h0 + u) * R + c, mk, a[u]);
@@ -426,8 +426,10 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
   float* ACC = acc_part.data_ptr<float>();
   float* ML = ml_part.data_ptr<float>();
   const float qscale = float(scale) * LOG2E;  // scores in the log2 domain
-#ifdef MLA_AVX512
-  const bool pairs = kind == CacheKind::BFLOAT16 && W % 2 == 0;  // a bf16 cache, read in place by bf16 pair products
+#if defined(MLA_AVX512) && defined(__AVX512BF16__)
+  // a bf16 cache, read in place by bf16 pair products (the query and probabilities rounded to bf16). Without the
+  // instruction its emulation is no faster than the float32 path, which keeps them in float32.
+  const bool pairs = kind == CacheKind::BFLOAT16 && W % 2 == 0;
 #else
   const bool pairs = false;
 #endif

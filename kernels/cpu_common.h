@@ -3,8 +3,9 @@
 // or fp32 weight row. They are inline here, rather than in a file of their own, so that each kernel's inner loops
 // can inline them: a call per 16 values would cost as much as the arithmetic it wraps.
 //
-// Without AVX-512 (F, BW, VNNI and BF16) MLA_AVX512 stays undefined and every kernel runs its portable scalar loop,
-// except for the int8 / int4 products, which have AVX2 loops (MLA_AVX2).
+// Without AVX-512 (F, BW and VNNI) MLA_AVX512 stays undefined and every kernel runs its portable scalar loop, except
+// for the int8 / int4 products, which have AVX2 loops (MLA_AVX2). AVX512_BF16 is not required: where it is missing
+// (Skylake to Ice Lake servers, and hypervisors that hide it) its two instructions are emulated (dpbf16, to_bf16).
 #pragma once
 
 #include <torch/extension.h>
@@ -17,7 +18,7 @@
 #include <optional>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define MLA_AVX512 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -77,6 +78,34 @@ inline __m512 exp2_ps(__m512 t) {
 // 16 bfloat16 values as float32 (a bf16 is the top half of a float32).
 inline __m512 load_bf16(const uint16_t* p, __mmask16 mk = 0xFFFF) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+}
+
+// acc + the pair dot of bf16 pairs: lane i gains a[2i] * b[2i] + a[2i + 1] * b[2i + 1] (vdpbf16ps). Emulated
+// without AVX512_BF16 by two fp32 multiply-adds, whose rounding may differ from the instruction's in the last bit.
+inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
+#ifdef __AVX512BF16__
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+  const __m512i high = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)),
+                        acc);
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, high)),
+                         _mm512_castsi512_ps(_mm512_and_si512(b, high)), acc);
+#endif
+}
+
+// 16 floats to bf16, rounded to nearest even (vcvtneps2bf16; emulated with integer rounding, NaN kept a NaN).
+inline __m256i to_bf16(__m512 v) {
+#ifdef __AVX512BF16__
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                            _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+#endif
 }
 
 inline __m512 load_w(const void* w, bool is_bf16, int64_t i, __mmask16 mk) {

@@ -6,6 +6,8 @@
 //                torch ops between the products (sorting pairs by expert, gathers, the weighted sum, casts) cost
 //                about as much as the products themselves in a decode step
 //   dequantize   a quantized weight's rows to bf16, the operand of a prompt's GEMM
+//   quantize_tokens, requantize_rows, scale_int32   the operands and the epilogue of the int8 x int8 prompt GEMM
+//                (torch._int_mm, kernels/matmul.py int8_gemm): one scale per row of x and per row of the weight
 //
 // Float weights (bf16, fp32): fp32 accumulation (vdpbf16ps for bf16, one 32-value pair-dot per instruction).
 // int8 / int4 weights: the activations are quantized per block of 128 values to int8 (quantize_rows), and the dot
@@ -156,7 +158,7 @@ struct Acts {
         int64_t i = 0;
 #ifdef MLA_AVX512
         for (; i + 16 <= K; i += 16)  // round to nearest even, as at::BFloat16 does
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(hr + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + i)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(hr + i), to_bf16(_mm512_loadu_ps(xr + i)));
 #endif
         for (; i < K; ++i) hr[i] = bf16_bits(xr[i]);
       }
@@ -201,17 +203,17 @@ void row_bf16(const uint16_t* w, const uint16_t* x, int64_t ldx, int64_t K, floa
   const char* pf = (const char*)w + PREFETCH;
   for (; k + 64 <= K; k += 64) {
     _mm_prefetch(pf + 2 * k, _MM_HINT_T0), _mm_prefetch(pf + 2 * k + 64, _MM_HINT_T0);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+    const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
     for (int c = 0; c < C; ++c) {
-      acc[c][0] = _mm512_dpbf16_ps(acc[c][0], w0, (__m512bh)_mm512_loadu_si512(x + c * ldx + k));
-      acc[c][1] = _mm512_dpbf16_ps(acc[c][1], w1, (__m512bh)_mm512_loadu_si512(x + c * ldx + k + 32));
+      acc[c][0] = dpbf16(acc[c][0], w0, _mm512_loadu_si512(x + c * ldx + k));
+      acc[c][1] = dpbf16(acc[c][1], w1, _mm512_loadu_si512(x + c * ldx + k + 32));
     }
   }
   for (; k < K; k += 32) {
     const __mmask32 mk = tail_mask32(K - k);
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mk, w + k);
+    const __m512i wv = _mm512_maskz_loadu_epi16(mk, w + k);
     for (int c = 0; c < C; ++c)
-      acc[c][0] = _mm512_dpbf16_ps(acc[c][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mk, x + c * ldx + k));
+      acc[c][0] = dpbf16(acc[c][0], wv, _mm512_maskz_loadu_epi16(mk, x + c * ldx + k));
   }
   for (int c = 0; c < C; ++c) out[c] = hsum(_mm512_add_ps(acc[c][0], acc[c][1]));
 }
@@ -647,8 +649,8 @@ void dequantize_row(const uint8_t* q, const float* S, bool int4, int64_t K, O* o
         const __m512i eight = _mm512_set1_epi32(8);
         const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight)), s);
         const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight)), s);
-        const __m512i lo16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
-        const __m512i hi16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+        const __m512i lo16 = _mm512_cvtepu16_epi32(to_bf16(lo));
+        const __m512i hi16 = _mm512_cvtepu16_epi32(to_bf16(hi));
         _mm512_storeu_si512(o + k, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
       }
     } else {
@@ -656,7 +658,7 @@ void dequantize_row(const uint8_t* q, const float* S, bool int4, int64_t K, O* o
       for (; k + 16 <= K; k += 16) {
         const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s)));
+                            to_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s)));
       }
     }
   }
@@ -711,6 +713,86 @@ void dequantize(const WeightRef& w, torch::Tensor out) {
       else
         dequantize_row(Q + n * ldw, S + n * lds, int4, K, reinterpret_cast<uint16_t*>(out.data_ptr<bf16>()) + n * K);
     }
+  });
+}
+
+// ---- the int8 x int8 prompt GEMM (kernels/matmul.py int8_gemm) ----------------------------------------------------
+namespace {
+// K float32 values -> K int8 with one scale, amax / 127 (1 for an all-zero row); rounded to nearest, ties to even.
+void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+  float amax = 0.f;
+  int64_t k = 0;
+#ifdef MLA_AVX512
+  __m512 mx = _mm512_setzero_ps();
+  for (; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask16(K - k), x + k)));
+  amax = _mm512_reduce_max_ps(mx);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  k = 0;
+#ifdef MLA_AVX512
+  for (; k < K; k += 16) {
+    const __mmask16 mk = tail_mask16(K - k);
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), _mm512_set1_ps(inv)));
+    _mm512_mask_cvtsepi32_storeu_epi8(q + k, mk, v);
+  }
+#endif
+  for (; k < K; ++k) q[k] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * inv))));
+  *scale = s;
+}
+}  // namespace
+
+// x float32 [M, K] (rows contiguous) -> (xq int8 [M, K], sx float32 [M]): each row with one scale.
+std::vector<torch::Tensor> quantize_tokens(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1, "x must be float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), ld = x.stride(0);
+  auto xq = torch::empty({M, K}, torch::kInt8);
+  auto sx = torch::empty({M}, torch::kFloat32);
+  const float* X = x.data_ptr<float>();
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row(X + m * ld, K, xq.data_ptr<int8_t>() + m * K, sx.data_ptr<float>() + m);
+  });
+  return {xq, sx};
+}
+
+// An int4 weight's rows as int8 with one scale per row (its dequantized values requantized, amax / 127): the
+// weight operand of the int8 GEMM, one block of rows at a time into buffers of the caller's. (int8 weights are in
+// that form as stored.)
+void requantize_rows(const WeightRef& w, torch::Tensor out, torch::Tensor scales_out) {
+  TORCH_CHECK(w.scales.has_value() && w.int4, "requantize_rows: an int4 weight");
+  const torch::Tensor &qweight = w.tensor, &scales = *w.scales;
+  const int64_t K = w.K, N = qweight.size(0), KB = (K + QB - 1) / QB;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.size(1) == KB * QB / 2 &&
+                  scales.is_contiguous() && scales.size(0) == N && scales.size(1) == KB, "int4 weight [N, Kp / 2]");
+  TORCH_CHECK(out.scalar_type() == torch::kInt8 && out.is_contiguous() && out.numel() == N * K, "out int8 [N, K]");
+  TORCH_CHECK(scales_out.scalar_type() == torch::kFloat32 && scales_out.numel() == N, "scales_out float32 [N]");
+  const uint8_t* Q = qweight.data_ptr<uint8_t>();
+  const float* S = scales.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      dequantize_row(Q + n * KB * QB / 2, S + n * KB, true, K, row.data());
+      quantize_row(row.data(), K, out.data_ptr<int8_t>() + n * K, scales_out.data_ptr<float>() + n);
+    }
+  });
+}
+
+// out[m, n] = acc[m, n] * sx[m] * sw[n]: the int8 GEMM's int32 sums [M, N] as float32, into out (rows contiguous,
+// e.g. a block of columns of the whole product).
+void scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor out) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt32 && acc.is_contiguous(), "acc int32 [M, N]");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(sx.scalar_type() == torch::kFloat32 && sx.is_contiguous() && sx.numel() == M, "sx float32 [M]");
+  TORCH_CHECK(sw.scalar_type() == torch::kFloat32 && sw.is_contiguous() && sw.numel() == N, "sw float32 [N]");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(0) == M && out.size(1) == N &&
+                  out.stride(1) == 1, "out float32 [M, N], rows contiguous");
+  const int32_t* A = acc.data_ptr<int32_t>();
+  const float *SX = sx.data_ptr<float>(), *SW = sw.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t ld = out.stride(0);
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) O[m * ld + n] = float(A[m * N + n]) * SX[m] * SW[n];
   });
 }
 }  // namespace mla

@@ -1,8 +1,13 @@
 """The products of the torch and CPU backends (kernels/backend.py) for a weight-only quantized weight (QuantWeight,
-kernels/weights.py): the reference (F.linear over the dequantized weight) and the CPU prompt path, which dequantizes
-the weight to bf16 one block of DEQUANT_ROWS rows at a time into oneDNN's GEMM. That path was measured against
-int8 x int8 (torch._int_mm on activations quantized per row) at V2-Lite's shapes: as fast or faster, and about 3.5x
-more accurate (figures in bench/results/kernels-cpu.md). Few-row products (a decode step) stream the weight through the C++
+kernels/weights.py): the reference (F.linear over the dequantized weight) and the two CPU prompt paths, each working
+one block of DEQUANT_ROWS weight rows at a time:
+  dequantized_gemm  the weight dequantized to the model dtype into oneDNN's float GEMM. Where the CPU has bf16
+                    arithmetic (AMX, AVX512_BF16) this was measured as fast as int8 x int8 and more accurate
+                    (bench/results/kernels-cpu.md).
+  int8_gemm         int8 x int8 (torch._int_mm): activations quantized per row, the weight as int8 rows. Where the
+                    CPU has VNNI but no bf16 arithmetic, the model runs in float32, whose GEMM is about 4x slower
+                    than the int8 one (bench/results/cpu-xeon-noamx-2026-12-06.md).
+EngineConfig.prefill_gemm chooses between them once. Few-row products (a decode step) stream the weight through the C++
 kernels instead (kernels/cpu.py); the Triton GEMM is kernels/triton_quant_linear.py."""
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,25 @@ def dequantized_gemm(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
         else:
             w = qw.rows(n0, n1).dequantize(x.dtype)
         y[:, n0:n1] = x @ w.t()
+    return y
+
+
+def int8_gemm(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+    """Prefill on the CPU, int8 x int8: x (float32) quantized per row once; int8 weights multiply as stored, int4
+    ones are requantized per row (kernels/cpu.py int8_gemm_reference defines the result)."""
+    N, K = qw.shape
+    xq, sx = cpu.quantize_tokens(x)
+    y = x.new_empty(x.shape[0], N)
+    if qw.mode == "int4":
+        buf, sbuf = torch.empty(min(N, DEQUANT_ROWS), K, dtype=torch.int8), torch.empty(min(N, DEQUANT_ROWS))
+    for n0 in range(0, N, DEQUANT_ROWS):
+        n1 = min(N, n0 + DEQUANT_ROWS)
+        if qw.mode == "int8":
+            wq, sw = qw.qweight[n0:n1], qw.scales[n0:n1]
+        else:
+            wq, sw = buf[:n1 - n0], sbuf[:n1 - n0]
+            cpu.requantize_rows(qw.rows(n0, n1), wq, sw)
+        cpu.scale_int32(torch._int_mm(xq, wq.t()), sx, sw, y[:, n0:n1])
     return y
 
 

@@ -45,3 +45,23 @@ def test_kv_cache_tokens_and_gib_exclude_each_other(capsys):
         cli.build_parser().parse_args(["generate", "-p", "x", "--kv-cache-tokens", "64", "--kv-cache-gib", "1"])
     assert e.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,dtype,weight_dtype,want", [
+    (["avx512_vnni"], "auto", "int4", "int8"),  # VNNI, no bf16 arithmetic: a float32 model, int8 GEMMs
+    (["avx512_vnni", "amx_bf16"], "float32", "int4", "dequantize"),  # bf16 hardware: dequantized (more accurate)
+    (["avx2"], "auto", "int8", "dequantize"),  # no VNNI
+    (["avx512_vnni"], "auto", None, "dequantize"),  # float weights: nothing to multiply in int8
+])
+def test_prefill_gemm_is_settled_once_from_the_cpu(monkeypatch, flags, dtype, weight_dtype, want):
+    from engine import config
+    monkeypatch.setattr(config, "cpu_flags", lambda: flags)
+    c = config.EngineConfig(cli.DEFAULT_MODEL, device="cpu", dtype=dtype, weight_dtype=weight_dtype)
+    assert c.resolve(plan_memory=False).prefill_gemm == want
+
+
+def test_prefill_gemm_int8_is_refused_where_it_does_not_apply(capsys):
+    assert cli.main(["generate", "-p", "x", "-n", "1", "--weight-dtype", "int4", "--dtype", "bfloat16",
+                     "--prefill-gemm", "int8"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "prefill_gemm='int8'" in err[-1] and "Traceback" not in "\n".join(err)

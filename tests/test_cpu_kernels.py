@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu
+from kernels.matmul import int8_gemm
 from kernels.moe import Router
 from kernels.weights import quantize_weight
 
@@ -28,6 +29,15 @@ def test_float_gemv_matches_linear(M, N, K, dtype):
     assert y.dtype == dtype and y.shape == (M, N)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
     torch.testing.assert_close(y.double(), ref, atol=tol, rtol=tol)
+
+
+def test_float_activations_round_to_bf16_as_torch_does():
+    """x float32 against a bf16 weight is rounded to bf16 first (vcvtneps2bf16, or its emulation where the CPU has
+    no AVX512_BF16): through an identity weight, each output is that rounding; ties go to even."""
+    x = rand(3, 53, seed=9)
+    x[0, :6] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -130, 3.0e38, 2 + 2 ** -7])
+    y = cpu.gemv(x, torch.eye(53, dtype=torch.bfloat16), out=torch.full((3, 53), float("nan")))
+    assert torch.equal(y, x.to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -58,6 +68,44 @@ def test_dequantize_matches_reference(N, K, mode, dtype):
     out = torch.full((N, K), float("nan"), dtype=dtype)
     cpu.dequantize(qw, out)
     torch.testing.assert_close(out, qw.dequantize(dtype), atol=0, rtol=0)
+
+
+# ---- the int8 x int8 prompt GEMM (kernels/matmul.py int8_gemm) ----------------------------------------------------
+def test_quantize_tokens_matches_reference():
+    x = rand(7, 301, seed=12) * torch.logspace(-3, 2, 301)
+    x[3] = 0  # an all-zero row keeps a finite scale
+    for got, want in zip(cpu.quantize_tokens(x), cpu.quantize_tokens_reference(x)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("N,K", [(7, 201), (33, 2048), (3, 31)])
+def test_requantize_rows_matches_reference(N, K):
+    qw = quantize_weight(rand(N, K, seed=13), "int4")
+    out, scales = torch.full((N, K), 99, dtype=torch.int8), torch.full((N,), float("nan"))
+    cpu.requantize_rows(qw, out, scales)
+    want_q, want_s = cpu.quantize_tokens_reference(qw.dequantize())
+    torch.testing.assert_close(out, want_q, atol=0, rtol=0)
+    torch.testing.assert_close(scales, want_s, atol=0, rtol=0)
+
+
+def test_scale_int32_writes_a_block_of_columns():
+    acc = torch.randint(-2 ** 20, 2 ** 20, (5, 13), dtype=torch.int32)
+    sx, sw = rand(5, seed=14), rand(13, seed=15)
+    out = torch.full((5, 40), float("nan"))
+    cpu.scale_int32(acc, sx, sw, out[:, 11:24])
+    torch.testing.assert_close(out[:, 11:24], acc.float() * sx[:, None] * sw[None, :])
+    assert out[:, :11].isnan().all() and out[:, 24:].isnan().all()  # nothing outside the block
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("M,N,K", [(17, 37, 201), (40, 1100, 300), (23, 9, 10944 // 8)])
+def test_int8_gemm_matches_reference(M, N, K, mode):
+    """N 1100: two blocks of DEQUANT_ROWS weight rows."""
+    x, qw = rand(M, K, seed=16), quantize_weight(rand(N, K, seed=17) / K ** 0.5, mode)
+    y = int8_gemm(x, qw)
+    torch.testing.assert_close(y, cpu.int8_gemm_reference(x, qw), atol=1e-5, rtol=1e-5)
+    exact = F.linear(x, qw.dequantize())  # the activations' quantization, one scale per row, costs about 1%
+    assert (y - exact).norm() / exact.norm() < 0.02
 
 
 # ---- absorbed attention -------------------------------------------------------------------------------------------

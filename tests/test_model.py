@@ -136,14 +136,22 @@ def test_expanded_path_bounded_chunks_match(engines, hf_models, monkeypatch):
         assert (engines("v2_lite", mode).prompt_logits(ids) - want).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("prefill_gemm", ["dequantize", "int8"])
 @pytest.mark.parametrize("mode,max_diff,max_nll_diff", [("int8", 0.1, 0.01), ("int4", 1.5, 0.1)])
-def test_weight_only_quantization_stays_close(engines, checkpoints, mode, max_diff, max_nll_diff):
-    """int8 / int4 weights: prompt logprobs close to the float32 model's, decode (packed CPU kernels) and prefill."""
+def test_weight_only_quantization_stays_close(engines, checkpoints, mode, max_diff, max_nll_diff, prefill_gemm):
+    """int8 / int4 weights: prompt logprobs close to the float32 model's, decode (packed CPU kernels) and prefill
+    (weights dequantized into the GEMM, or int8 x int8)."""
+    from kernels import cpu
+    if prefill_gemm == "int8" and cpu.ext() is None:
+        pytest.skip("the int8 prompt GEMM's operands are made by the C++ extension, which does not build here")
     ids = prompt(30, seed=7)
     ref = torch.log_softmax(engines("v2_lite", "auto").prompt_logits(ids), -1)
     q = LLM(checkpoints["v2_lite"], device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.05,
-            weight_dtype=mode)
+            weight_dtype=mode, prefill_gemm=prefill_gemm)
     import kernels
+    if cpu.ext() is not None:  # the path asked for is the one taken
+        from kernels.matmul import dequantized_gemm, int8_gemm
+        assert q.model.ops.quant_gemm is {"dequantize": dequantized_gemm, "int8": int8_gemm}[prefill_gemm]
     assert isinstance(q.model.lm_head, kernels.QuantWeight) and isinstance(q.model.layers[1].mlp.w13, kernels.QuantWeight) and q.model.layers[1].mlp.w13.stacked
     got = torch.log_softmax(q.prompt_logits(ids), -1)
     assert (got - ref).abs().max().item() < max_diff

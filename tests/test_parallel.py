@@ -28,8 +28,9 @@ def same(one, two, tol=1e-4):
             assert all(abs(la[t] - lb[t]) < tol for t in la.keys() & lb.keys())
             for x, y in ((la, lb), (lb, la)):  # a token listed on one side only was a near tie on the other
                 assert all(x[t] < min(y.values()) + tol for t in x.keys() - y.keys())
-        for la, lb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
-            assert all(abs(la[t] - lb[t]) < tol for t in la)
+        for la, lb, t in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:]):
+            assert abs(la[t] - lb[t]) < tol  # the prompt's token, and the most likely one (which may differ in a tie)
+            assert abs(max(la.values()) - max(lb.values())) < tol
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -39,9 +40,10 @@ def same(one, two, tol=1e-4):
     ("v2_qlora", dict(weight_dtype="int8")),  # each rank quantizes its own share
 ])
 def test_two_ranks_give_one_ranks_tokens_and_logprobs(checkpoints, name, kw):
-    # int8: a rank quantizes the activations of its own share of a row (blocks of 128), so the float32 sums differ
-    # by the quantization's rounding; float32 weights agree to 1e-4
-    tol = 2e-2 if "weight_dtype" in kw else 1e-4
+    # int8: a rank quantizes the activations of its own share of a row (blocks of 128 in decode steps; the whole
+    # share, one scale, in the int8 prompt GEMM), so the float32 sums differ by the quantization's rounding (measured:
+    # up to 0.017 dequantized, 0.031 int8 x int8); float32 weights agree to 1e-4
+    tol = 5e-2 if "weight_dtype" in kw else 1e-4
     same(run(checkpoints[name], **kw), run(checkpoints[name], tensor_parallel_size=2, **kw), tol)
 
 

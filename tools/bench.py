@@ -138,14 +138,16 @@ def run(configs: list[EngineConfig], tests: list[tuple], reps: int, label: str, 
         if baseline and base is None:
             base = TransformersRunner(c.model, llm.device, llm.dtype)
         if with_roofline and peaks is None:
-            peaks = roofline.device_peaks(llm.device, llm.dtype)
-            print(f"roofline: pp limit {peaks['tflops'] * 1e3:.0f} GFLOP/s ({c.dtype} GEMM), tg limit "
-                  f"{peaks['gbps']:.1f} GB/s (read)", file=sys.stderr)
+            gemm = torch.int8 if c.prefill_gemm == "int8" else llm.dtype
+            peaks = roofline.device_peaks(llm.device, gemm)
+            print(f"roofline: pp limit {peaks['tflops'] * 1e3:.0f} GFLOP/s ({str(gemm).removeprefix('torch.')} GEMM), "
+                  f"tg limit {peaks['gbps']:.1f} GB/s (read)", file=sys.stderr)
         check_tests(llm, tests)
         ours, cfg = EngineRunner(llm), llm.model_config
         info = dict(model=label, params=roofline.fmt_params(roofline.param_count(cfg)),
                     device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
-                    dtype=c.dtype, weights=c.weight_dtype or "-", cache=c.kv_cache_dtype, mode=c.attn_mode)
+                    dtype=c.dtype, cache=c.kv_cache_dtype, mode=c.attn_mode,
+                    weights=(c.weight_dtype or "-") + (" (int8 GEMM)" if c.prefill_gemm == "int8" else ""))
         for kind, n, d, b in tests:
             name = f"{kind}{n}" + (f" @ d{d}" if d else "") + (f" x{b}" if b > 1 else "")
             seed = len(rows)

@@ -11,8 +11,8 @@ from models.deepseek import DeepseekModel
 
 def device_peaks(device: torch.device, dtype) -> dict:
     """The two limits of this device, measured now: matrix throughput (one square GEMM in the dtype the prompt's
-    GEMMs run in: the model dtype; quantized weights are dequantized into it) and the read bandwidth (a sum over a
-    large array: a decode step only reads)."""
+    GEMMs run in: the model dtype, into which quantized weights are dequantized, or int8 for the int8 x int8 prompt
+    GEMM) and the read bandwidth (a sum over a large array: a decode step only reads)."""
     from .kernel_bench import Timer, peak_matmul, read_bandwidth
     cuda = device.type == "cuda"
     timer = Timer(device, min_reps=5, target_s=0.5)
