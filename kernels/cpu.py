@@ -12,6 +12,7 @@ The torch references are F.linear over the (dequantized) weight and kernels/refe
 What crosses into the C++ is typed (kernels/cpu_kernels.h): a weight as a WeightRef, the router as a Router with
 TopkMethod and Scoring enums, the cache format as a CacheKind, a decoder layer's weights as the C++
 DecodeLayerWeights, converted field by field from the dataclass below once, when the engine starts."""
+import fcntl
 import functools
 import hashlib
 import os
@@ -69,8 +70,15 @@ def ext():
         if not built:
             print("mla: building the CPU kernels for this machine, once (about a minute)", file=sys.stderr, flush=True)
         try:
-            _ext = load(name="mla_cpu_kernels", sources=[os.path.join(here, s) for s in SOURCES],
-                        extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=path, verbose=False)
+            # torch's own lock (a file named "lock", waited on until it is deleted) outlives a build that was
+            # killed, and every later start would wait on it forever. Builds here first take an flock, which the
+            # OS releases when its holder dies: a "lock" found while holding it is such a leftover.
+            with open(os.path.join(path, "build.flock"), "w") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                if os.path.exists(os.path.join(path, "lock")):
+                    os.remove(os.path.join(path, "lock"))
+                _ext = load(name="mla_cpu_kernels", sources=[os.path.join(here, s) for s in SOURCES],
+                            extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=path, verbose=False)
         except Exception as e:  # no compiler or headers: the torch paths serve
             print(f"mla: CPU kernels unavailable, the slower torch path serves ({str(e).splitlines()[0] if str(e) else e!r})",
                   file=sys.stderr)

@@ -156,10 +156,23 @@ void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int
   }
 }
 
-// Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, two accumulators (even
-// and odd d) so that consecutive multiply-adds do not wait on each other.
+// Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j. Eight keys per pass
+// over q: each load of 16 heads' q[d] serves eight multiply-adds (one load each would leave the loads the limit),
+// and eight independent sums keep both FMA units busy.
 void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
-  for (int64_t j = 0; j < nk; ++j) {
+  constexpr int JT = 8;
+  int64_t j = 0;
+  for (; j + JT <= nk; j += JT) {
+    const float* kj = keys + j * W;
+    __m512 a[JT];
+    for (int u = 0; u < JT; ++u) a[u] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < W; ++d) {
+      const __m512 q = _mm512_loadu_ps(qT + d * HP + hc);
+      for (int u = 0; u < JT; ++u) a[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(kj[u * W + d]), a[u]);
+    }
+    for (int u = 0; u < JT; ++u) _mm512_storeu_ps(S + (j + u) * HP + hc, a[u]);
+  }
+  for (; j < nk; ++j) {
     const float* kj = keys + j * W;
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t d = 0;
@@ -224,18 +237,30 @@ void accumulate_bf16(const uint32_t* P2, const uint16_t* const* kp, int64_t nk, 
   }
 }
 
-// acc[h] = acc[h] * alpha[h] + sum_j p[j][h] * c_kv_j over float32 key rows, 16 latent values at a time.
+// acc[h] = acc[h] * alpha[h] + sum_j p[j][h] * c_kv_j over float32 key rows, 16 latent values at a time, for eight
+// heads at once: each load of a key row's 16 values serves eight multiply-adds (heads past H: one at a time).
 void accumulate_f32(const float* S, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W,
-                const float* alpha, float* acc) {
-  for (int64_t h = 0; h < H; ++h) {
-    const __m512 a = _mm512_set1_ps(alpha[h]);
-    float* ah = acc + h * R;
-    for (int64_t c = 0; c < R; c += 16) {
-      const __mmask16 mk = tail_mask16(R - c);
-      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, ah + c), a);
+                    const float* alpha, float* acc) {
+  constexpr int HT = 8;
+  for (int64_t c = 0; c < R; c += 16) {
+    const __mmask16 mk = tail_mask16(R - c);
+    int64_t h0 = 0;
+    for (; h0 + HT <= H; h0 += HT) {
+      __m512 v[HT];
+      for (int u = 0; u < HT; ++u)
+        v[u] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, acc + (h0 + u) * R + c), _mm512_set1_ps(alpha[h0 + u]));
+      for (int64_t j = 0; j < nk; ++j) {
+        const __m512 kv = _mm512_maskz_loadu_ps(mk, keys + j * W + c);
+        const float* sj = S + j * HP + h0;
+        for (int u = 0; u < HT; ++u) v[u] = _mm512_fmadd_ps(_mm512_set1_ps(sj[u]), kv, v[u]);
+      }
+      for (int u = 0; u < HT; ++u) _mm512_mask_storeu_ps(acc + (h0 + u) * R + c, mk, v[u]);
+    }
+    for (; h0 < H; ++h0) {
+      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, acc + h0 * R + c), _mm512_set1_ps(alpha[h0]));
       for (int64_t j = 0; j < nk; ++j)
-        v = _mm512_fmadd_ps(_mm512_set1_ps(S[j * HP + h]), _mm512_maskz_loadu_ps(mk, keys + j * W + c), v);
-      _mm512_mask_storeu_ps(ah + c, mk, v);
+        v = _mm512_fmadd_ps(_mm512_set1_ps(S[j * HP + h0]), _mm512_maskz_loadu_ps(mk, keys + j * W + c), v);
+      _mm512_mask_storeu_ps(acc + h0 * R + c, mk, v);
     }
   }
 }

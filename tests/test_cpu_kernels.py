@@ -16,6 +16,20 @@ pytestmark = pytest.mark.skipif(cpu.ext() is None, reason="no C++ compiler for t
 SHAPES = [(1, 37, 201), (3, 64, 2048), (5, 130, 1408), (16, 9, 10944 // 8), (17, 33, 65)]
 
 
+def test_a_build_killed_midway_does_not_hang_the_next_start():
+    """torch's build lock left by a killed build (the file "lock" in the build folder) is cleared, not waited on."""
+    import os
+    import subprocess
+    import sys
+    stale = os.path.join(cpu.build_dir(), "lock")
+    open(stale, "w").close()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", "from kernels import cpu; assert cpu.ext() is not None"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(stale)
+
+
 def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
