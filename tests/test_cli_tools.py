@@ -57,6 +57,17 @@ def test_bench_markdown_and_csv(capsys, tiny_config):
     assert out.out.splitlines()[0].startswith("model,params,device")
 
 
+@pytest.mark.parametrize("prefill_gemm", ["dequantize", "int8"])
+def test_bench_names_the_prompt_gemm_that_runs(capsys, tiny_config, prefill_gemm):
+    """The weights column says "(int8 GEMM)" when the backend multiplies prompts int8 x int8, and only then."""
+    from kernels import cpu
+    code, out = main(capsys, "bench", "--config", tiny_config, "--layers", "2", "-p", "20", "-n", "0", "-r", "1",
+                     "--dtype", "float32", "--weight-dtype", "int4", "--prefill-gemm", prefill_gemm, "--output", "json")
+    assert code == 0, out.err
+    int8_runs = prefill_gemm == "int8" and cpu.ext() is not None
+    assert json.loads(out.out)[0]["weights"] == "int4" + (" (int8 GEMM)" if int8_runs else "")
+
+
 def test_tune_reports_and_saves_the_crossover(capsys, tiny_config, checkpoints, tmp_path, monkeypatch):
     import engine.llm
     import engine.tune

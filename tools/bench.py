@@ -125,6 +125,13 @@ def check_tests(llm: LLM, tests: list[tuple]):
                              "raise --kv-cache-gib")
 
 
+def int8_gemm_runs(llm) -> bool:
+    """Whether prompts multiply the quantized weights int8 x int8: what the backend does (prefill_gemm int8 needs the
+    C++ kernels, without which the torch references serve)."""
+    from kernels.matmul import int8_gemm
+    return getattr(llm.model.ops, "quant_gemm", None) is int8_gemm
+
+
 def run(configs: list[EngineConfig], tests: list[tuple], reps: int, label: str, baseline: bool = False,
         with_roofline: bool = False, progress: bool = True) -> list[dict]:
     """Every test (kind "pp" | "tg", tokens, depth, batch) on an engine per config, one row each; transformers
@@ -138,7 +145,7 @@ def run(configs: list[EngineConfig], tests: list[tuple], reps: int, label: str, 
         if baseline and base is None:
             base = TransformersRunner(c.model, llm.device, llm.dtype)
         if with_roofline and peaks is None:
-            gemm = torch.int8 if c.prefill_gemm == "int8" else llm.dtype
+            gemm = torch.int8 if int8_gemm_runs(llm) else llm.dtype
             peaks = roofline.device_peaks(llm.device, gemm)
             print(f"roofline: pp limit {peaks['tflops'] * 1e3:.0f} GFLOP/s ({str(gemm).removeprefix('torch.')} GEMM), "
                   f"tg limit {peaks['gbps']:.1f} GB/s (read)", file=sys.stderr)
@@ -147,7 +154,7 @@ def run(configs: list[EngineConfig], tests: list[tuple], reps: int, label: str, 
         info = dict(model=label, params=roofline.fmt_params(roofline.param_count(cfg)),
                     device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
                     dtype=c.dtype, cache=c.kv_cache_dtype, mode=c.attn_mode,
-                    weights=(c.weight_dtype or "-") + (" (int8 GEMM)" if c.prefill_gemm == "int8" else ""))
+                    weights=(c.weight_dtype or "-") + (" (int8 GEMM)" if int8_gemm_runs(llm) else ""))
         for kind, n, d, b in tests:
             name = f"{kind}{n}" + (f" @ d{d}" if d else "") + (f" x{b}" if b > 1 else "")
             seed = len(rows)
