@@ -59,16 +59,19 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def run_measured(cmd: list[str], out: str) -> int:
-    """Runs cmd with its stdout to the file out; returns the peak resident memory of the process in bytes (its own
-    rusage: mapped model pages it touched count, as they occupy memory)."""
+def run_measured(cmd: list[str], out: str):
+    """Runs cmd with its stdout to the file out (written whole or not at all) and the peak resident memory of the
+    process in bytes beside it (peak_file; its own rusage: mapped model pages it touched count, as they occupy
+    memory)."""
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    with open(out, "w") as f:
+    with open(out + ".part", "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.DEVNULL if "llama-bench" in cmd[0] else None)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{cmd[0]} failed (exit {os.waitstatus_to_exitcode(status)}); its output: {out}")
-    return usage.ru_maxrss * 1024
+        raise SystemExit(f"{cmd[0]} failed (exit {os.waitstatus_to_exitcode(status)}); its output: {out}.part")
+    with open(peak_file(out), "w") as f:
+        f.write(str(usage.ru_maxrss * 1024))
+    os.replace(out + ".part", out)
 
 
 def peak_file(json_file: str) -> str:
@@ -130,10 +133,7 @@ def llama_bench(project: str, model: str, flags: list[str], tests: list[str], re
     if not os.path.exists(out):
         cmd = [os.path.join(project, "build", "bin", "llama-bench"), "-m", model, "-t", "2", "-r", str(reps),
                "-o", "json"] + flags + tests
-        peak = run_measured(cmd, out + ".part")
-        with open(peak_file(out), "w") as f:
-            f.write(str(peak))
-        os.replace(out + ".part", out)
+        run_measured(cmd, out)
     with open(out) as f:
         return json.load(f)
 
@@ -157,7 +157,7 @@ def best(rows: list, **match) -> dict:
 
 def anchors(args, model: str, fmt: str) -> dict:
     """tok/s per test name for llama.cpp and ik_llama.cpp."""
-    res = {}
+    res, shared = {}, None
     for name, project, flags, flag, depth_tests in (
             ("llama.cpp", args.llama_cpp, [], "-fa", ["-p", "0", "-n", "32", "-d", "512,4096"]),
             ("ik_llama.cpp", args.ik_llama_cpp, ["-mla", "3", "-fa", "1", "-fmoe", "1"], "-rtr",
@@ -191,10 +191,11 @@ def anchors(args, model: str, fmt: str) -> dict:
             test = f"pp{row['n_prompt']}" if not row["n_gen"] else f"tg{row['n_gen']}" + (f" @ d{depth}" if depth else "")
             r.setdefault(test, row["avg_ts"])
         res[name] = r
-        if path and not args.one_gguf:
+        if path and args.one_gguf:  # the other project may run it still
+            shared = path
+        elif path:
             done_with(args, path, fmt)
-    shared = os.path.join(args.work, f"{os.path.basename(os.path.normpath(args.llama_cpp or args.ik_llama_cpp or '-'))}-{fmt}.gguf")
-    if args.one_gguf and os.path.exists(shared):
+    if shared:
         done_with(args, shared, fmt)
     return res
 
@@ -223,10 +224,7 @@ def ours(args, model: str, fmt: str) -> dict:
         if not os.path.exists(out):
             cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "bench", "--model", model, "-r", str(args.reps),
                    "--output", "json"] + flags + tests
-            peak = run_measured(cmd, out + ".part")
-            with open(peak_file(out), "w") as f:
-                f.write(str(peak))
-            os.replace(out + ".part", out)
+            run_measured(cmd, out)
         with open(out) as f:
             r.update({row["test"]: row["tps"] for row in json.load(f)})
     r["peak"] = peak_gib(args.work, tags)

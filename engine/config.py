@@ -10,6 +10,7 @@ import torch
 
 from kernels import CacheFormat, WeightFormat
 from kernels.cache_format import NAMES as CACHE_FORMATS
+from kernels.cpu import cpu_flags
 from models.config import ModelConfig
 from models.errors import ModelError
 
@@ -176,15 +177,6 @@ class EngineConfig:
         cfg = self.model_config
         self._need_resolved()
         return CacheFormat(self.kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.torch_dtype)
-
-
-def cpu_flags() -> list[str]:
-    """This CPU's feature flags, as /proc/cpuinfo lists them (none where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
 
 
 def cpu_has_bf16() -> bool:

@@ -45,17 +45,18 @@ def build_dir() -> str:
             h.update(f.read())
     # the folder too: the build files record the sources' absolute paths, so two checkouts sharing one build folder
     # would rebuild it each time they take turns
-    h.update(" ".join((here, torch.__version__, sys.version, *CFLAGS, _cpu_flags())).encode())
+    h.update(" ".join((here, torch.__version__, sys.version, *CFLAGS, *cpu_flags())).encode())
     root = os.environ.get("MLA_ENGINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mla-engine"))
     return os.path.join(root, "cpu-kernels", h.hexdigest()[:16])
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> list[str]:
+    """This CPU's feature flags, as /proc/cpuinfo lists them (none where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return ""
+        return []
 
 
 def ext():
