@@ -86,7 +86,9 @@ def add_engine_args(p, lists=False):
                    help="compute every prompt whole (default: reuse the cached blocks of earlier requests' prefixes)")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES,
-                   help="weight-only quantization of every linear and expert at load")
+                   help="how every linear and expert is stored: int8/int4 weight-only quantization at load, or bfloat16 "
+                        "under a float32 model (the same results at half the bytes; the default for a bf16 "
+                        "checkpoint run in float32 on the CPU)")
     p.add_argument("--prefill-gemm", default="auto", choices=PREFILL_GEMMS,
                    help="how prompts multiply int8/int4 weights on the CPU: dequantized into a float GEMM, or int8 x "
                         "int8 (activations quantized per token; float32 models). auto: int8 on CPUs with VNNI but no "

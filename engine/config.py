@@ -21,7 +21,11 @@ ATTN_MODES = ("auto", "absorbed", "expanded")
 BACKENDS = ("auto", "triton", "torch")
 KV_CACHE_DTYPES = ("auto",) + CACHE_FORMATS
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the config's shapes (no weight files read)
-WEIGHT_DTYPES = ("int8", "int4")  # weight-only quantization of the linears and experts; None keeps the model dtype
+# How the linears and experts are stored (kernels/weights.py WeightFormat): weight-only quantization, or bfloat16
+# under a float32 model; None keeps the model dtype. A bf16 checkpoint computed in float32 on the CPU (no bf16
+# arithmetic there) keeps bfloat16 weights by default: the same products at half the bytes a decode step reads.
+QUANT_WEIGHT_DTYPES = ("int8", "int4")
+WEIGHT_DTYPES = QUANT_WEIGHT_DTYPES + ("bfloat16",)
 # How prompts multiply int8 / int4 weights on the CPU (kernels/matmul.py): dequantized into a GEMM in the model dtype,
 # or int8 x int8 (activations quantized per token; float32 models only). auto: int8 where the CPU has VNNI and no bf16
 # arithmetic, so that the model runs in float32, whose GEMM is about 4x slower there than the int8 one.
@@ -109,6 +113,7 @@ class EngineConfig:
         if n > 1 and device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + n:
             raise ValueError(f"tensor_parallel_size={n} needs {n} CUDA devices, {torch.cuda.device_count()} present")
         resolved = replace(self, device=str(device), dtype=dtype, backend=backend,
+                           weight_dtype=self._weight_dtype(device, dtype, backend, model_cfg),
                            prefill_gemm=self._prefill_gemm(device, dtype, backend),
                            kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
                            mla_threshold=self.mla_threshold or tuned_threshold(device) or MLA_THRESHOLD[device.type],
@@ -118,8 +123,27 @@ class EngineConfig:
         from . import memory  # memory.py reads EngineConfig's fields: imported where used
         return memory.plan_memory(resolved)
 
+    def _weight_dtype(self, device: torch.device, dtype: str, backend: str, model_cfg: ModelConfig) -> str | None:
+        if self.weight_dtype == "bfloat16":
+            if backend != "torch" or dtype not in ("float32", "bfloat16"):
+                raise ValueError("weight_dtype='bfloat16' stores the weights of a float32 model (or a bfloat16 one, "
+                                 "where it changes nothing) with the torch backend")
+            return None if dtype == "bfloat16" else "bfloat16"
+        if self.weight_dtype is None and device.type == "cpu" and backend == "torch" and dtype == "float32" and (
+                self._checkpoint_dtype(model_cfg) == torch.bfloat16):
+            return "bfloat16"
+        return self.weight_dtype
+
+    def _checkpoint_dtype(self, model_cfg: ModelConfig) -> torch.dtype | None:
+        """The dtype of the weights to be loaded: the checkpoint's as stored (not config.json's torch_dtype, which
+        need not match), or the config's for random weights (or where there is only a config.json)."""
+        if self.load_format == "dummy" or not os.path.isdir(self.model):
+            return getattr(torch, model_cfg.torch_dtype)
+        from models.loader import stored_dtype
+        return stored_dtype(self.model)
+
     def _prefill_gemm(self, device: torch.device, dtype: str, backend: str) -> str:
-        cpu_quant = device.type == "cpu" and backend == "torch" and self.weight_dtype is not None
+        cpu_quant = device.type == "cpu" and backend == "torch" and self.weight_dtype in QUANT_WEIGHT_DTYPES
         if self.prefill_gemm == "int8" and not (cpu_quant and dtype == "float32"):
             raise ValueError("prefill_gemm='int8' is for int8 / int4 weights (weight_dtype) in a float32 model on the "
                              "CPU with the torch backend")

@@ -10,7 +10,7 @@ import torch
 
 from models.errors import ModelError
 
-from .config import WEIGHT_DTYPES, EngineConfig
+from .config import QUANT_WEIGHT_DTYPES, EngineConfig
 
 CPU_CACHE_GIB = 4.0  # default KV cache budget on the CPU
 CUDA_CACHE_FRACTION = 0.85  # default on CUDA: this share of what is free after the weights and workspace
@@ -55,7 +55,7 @@ def _does_not_fit(c: EngineConfig, free: int, least: int) -> str:
     msg = (f"{name} needs {need(c):.1f} GiB in {c.dtype}"
            f"{f' with {c.weight_dtype} weights' if c.weight_dtype else ''} (weights, workspace and the "
            f"least KV cache), {free / 2**30:.1f} GiB available on {c.device}")
-    others = [f"--weight-dtype {w} needs {need(replace(c, weight_dtype=w)):.1f} GiB" for w in WEIGHT_DTYPES
+    others = [f"--weight-dtype {w} needs {need(replace(c, weight_dtype=w)):.1f} GiB" for w in QUANT_WEIGHT_DTYPES
               if w != c.weight_dtype]
     return msg + ("; " + ", ".join(others) if others else "")
 

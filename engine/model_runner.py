@@ -26,7 +26,7 @@ def build_rank(config: EngineConfig, par: Parallel = Parallel(), device: torch.d
     if device.type == "cpu" and (config.threads or par.size > 1):  # else torch's default: every core
         torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // par.size))
     ops = make_backend(config.backend, device, config.torch_dtype, config.cache_format,
-                       quantized_weights=config.weight_dtype is not None, int8_prefill=config.prefill_gemm == "int8")
+                       narrow_weights=config.weight_dtype is not None, int8_prefill=config.prefill_gemm == "int8")
     fmt = dataclasses.replace(config.weight_format, device=device)
     model = load_model(config.model, fmt, config.model_config, config.progress and par.rank == 0,
                        dummy=config.load_format == "dummy", par=par, ops=ops)

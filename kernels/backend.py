@@ -15,7 +15,7 @@ from . import cpu, reference
 from .cache_format import CacheFormat
 from .cache_format import unpack as unpack_cache
 from .cache_format import write_latent as write_packed
-from .matmul import dequantized_gemm, int8_gemm, quant_linear_reference
+from .matmul import dequantized_gemm, int8_gemm, quant_linear_reference, widened_gemm
 from .moe import Router, moe_experts_reference
 from .weights import QuantWeight
 
@@ -48,8 +48,11 @@ class TorchBackend:
 
     # ---- products ----------------------------------------------------------------------------------------------
     def linear(self, x, w):
-        """x [M, K] @ w [N, K].T -> [M, N] in x.dtype; w a float tensor or a QuantWeight."""
-        return quant_linear_reference(x, w) if isinstance(w, QuantWeight) else F.linear(x, w)
+        """x [M, K] @ w [N, K].T -> [M, N] in x.dtype; w a float tensor (in x's dtype, or bf16 under float32 x) or a
+        QuantWeight."""
+        if isinstance(w, QuantWeight):
+            return quant_linear_reference(x, w)
+        return F.linear(x, w) if w.dtype == x.dtype else widened_gemm(x, w)
 
     def moe(self, x, topk_ids, topk_weights, w13, w2, shared=None):
         """kernels/moe.py moe_experts: the routed experts' weighted sum (+ the shared experts')."""
@@ -126,7 +129,7 @@ class CpuBackend(TorchBackend):
     def linear(self, x, w):
         if x.shape[0] <= FEW_ROWS:
             return cpu.gemv(x, w)
-        return self.quant_gemm(x, w) if isinstance(w, QuantWeight) else F.linear(x, w)
+        return self.quant_gemm(x, w) if isinstance(w, QuantWeight) else super().linear(x, w)
 
     def moe(self, x, topk_ids, topk_weights, w13, w2, shared=None):
         if x.shape[0] <= FEW_ROWS:  # every picked expert read once for all its tokens, shared experts too: one call
@@ -202,15 +205,15 @@ class TritonBackend(TorchBackend):
 BACKENDS = ("torch", "triton")  # what a caller names; "torch" on the CPU is served by the C++ kernels where built
 
 
-def cpu_kernels_serve(quantized_weights: bool) -> bool:
-    """Whether the C++ kernels serve a CPU run: they are built, and vectorized (AVX-512) or the weights are int8 /
-    int4. Without AVX-512 their portable loops lose to torch's GEMV over float weights by 3-7x
-    (bench/results/prefix-cache-cpu.md)."""
+def cpu_kernels_serve(narrow_weights: bool) -> bool:
+    """Whether the C++ kernels serve a CPU run: they are built, and vectorized (AVX-512) or the weights are in a
+    form torch has no GEMV for (int8 / int4, bf16 under a float32 model), which the C++ has AVX2 loops for. Without
+    AVX-512 their portable loops lose to torch's GEMV over float weights by 3-7x (bench/results/prefix-cache-cpu.md)."""
     ext = cpu.ext()
-    return ext is not None and (quantized_weights or ext.has_avx512())
+    return ext is not None and (narrow_weights or ext.has_avx512())
 
 
-def make_backend(name: str, device, dtype: torch.dtype, cache_format: CacheFormat, quantized_weights: bool = True,
+def make_backend(name: str, device, dtype: torch.dtype, cache_format: CacheFormat, narrow_weights: bool = True,
                  int8_prefill: bool = False):
     """The backend a run uses: Triton, the C++ CPU kernels (a bf16 / fp32 model on the CPU, where they build and
     serve: cpu_kernels_serve; the one-time build happens here, at start; int8_prefill: see CpuBackend), or the torch
@@ -220,6 +223,6 @@ def make_backend(name: str, device, dtype: torch.dtype, cache_format: CacheForma
     device = torch.device(device)
     if name == "triton":
         return TritonBackend(device, cache_format)
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and cpu_kernels_serve(quantized_weights):
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and cpu_kernels_serve(narrow_weights):
         return CpuBackend(device, cache_format, int8_prefill)
     return TorchBackend(device, cache_format)

@@ -9,7 +9,9 @@
 //   quantize_tokens, requantize_rows, scale_int32   the operands and the epilogue of the int8 x int8 prompt GEMM
 //                (torch._int_mm, kernels/matmul.py int8_gemm): one scale per row of x and per row of the weight
 //
-// Float weights (bf16, fp32): fp32 accumulation (vdpbf16ps for bf16, one 32-value pair-dot per instruction).
+// Float weights (bf16, fp32): fp32 accumulation (vdpbf16ps for bf16, one 32-value pair-dot per instruction). bf16
+// weights of a float32 model (x float32: WeightFormat's "bfloat16" storage) are widened to float32 instead, so the
+// product is the float32 one of the same values: the storage halves the bytes read and changes no result.
 // int8 / int4 weights: the activations are quantized per block of 128 values to int8 (quantize_rows), and the dot
 // runs on int8 with int32 accumulation (vpdpbusd, VNNI: unsigned x signed bytes). The unsigned side is the weight:
 //   int8: w + 128 (one xor of the sign bit), corrected by 128 * sum(x_q) per block;
@@ -97,10 +99,11 @@ void quantize_into(const float* x, int64_t M, int64_t K, int64_t ldx, bool inter
 }
 
 // The stored forms of a weight the products read: kernels/weights.py's float tensors and QuantWeight layouts.
-enum Storage { F32, BF16, Q8, Q4 };
+// BF16_F32: bf16 weights against float32 activations (widened, not x rounded to bf16).
+enum Storage { F32, BF16, BF16_F32, Q8, Q4 };
 
 // One weight [N, K], or a stack of G of them [G, N, K] (the routed experts of a layer), as raw rows: a WeightRef
-// checked and resolved once per product.
+// checked and resolved once per product against activations of dtype act (x's).
 struct WeightRows {
   Storage kind;
   const uint8_t* data;
@@ -109,7 +112,7 @@ struct WeightRows {
   const uint8_t* row(int64_t g, int64_t n) const { return data + (g * N + n) * row_bytes; }
 };
 
-WeightRows rows_of(const WeightRef& ref) {
+WeightRows rows_of(const WeightRef& ref, torch::ScalarType act) {
   const torch::Tensor& w = ref.tensor;
   const auto& scales = ref.scales;
   const int64_t K = ref.K;
@@ -121,7 +124,7 @@ WeightRows rows_of(const WeightRef& ref) {
   if (!scales) {
     TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kFloat32, "w must be bf16 or fp32");
     TORCH_CHECK(w.size(-1) == K, "float weight [(G,) N, K]");
-    W.kind = w.scalar_type() == torch::kBFloat16 ? BF16 : F32;
+    W.kind = w.scalar_type() == torch::kFloat32 ? F32 : act == torch::kFloat32 ? BF16_F32 : BF16;
     W.row_bytes = K * w.element_size();
     return W;
   }
@@ -147,7 +150,7 @@ struct Acts {
   std::vector<int8_t> q;
 
   Acts(Storage kind, const float* x, int64_t M, int64_t K, int64_t ldx) : KB((K + QB - 1) / QB), ld(K) {
-    if (kind == F32) {
+    if (kind == F32 || kind == BF16_F32) {
       f.resize(M * K);
       for (int64_t m = 0; m < M; ++m) std::copy(x + m * ldx, x + m * ldx + K, f.data() + m * K);
     } else if (kind == BF16) {
@@ -235,6 +238,29 @@ void row_f32(const float* w, const float* x, int64_t ldx, int64_t K, float* out)
   for (; k < K; k += 16) {
     const __mmask16 mk = tail_mask16(K - k);
     const __m512 wv = _mm512_maskz_loadu_ps(mk, w + k);
+    for (int c = 0; c < C; ++c) acc[c][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x + c * ldx + k), acc[c][0]);
+  }
+  for (int c = 0; c < C; ++c) out[c] = hsum(_mm512_add_ps(acc[c][0], acc[c][1]));
+}
+
+// A bf16 row against float32 rows of x: 32 weights a load, widened (bf16 is float32's upper half) into two FMAs.
+template <int C>
+void row_bf16_f32(const uint16_t* w, const float* x, int64_t ldx, int64_t K, float* out) {
+  __m512 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  const char* pf = (const char*)w + PREFETCH;
+  for (; k + 32 <= K; k += 32) {
+    _mm_prefetch(pf + 2 * k, _MM_HINT_T0);
+    const __m512 w0 = load_bf16(w + k), w1 = load_bf16(w + k + 16);
+    for (int c = 0; c < C; ++c) {
+      acc[c][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + c * ldx + k), acc[c][0]);
+      acc[c][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + c * ldx + k + 16), acc[c][1]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mk = tail_mask16(K - k);
+    const __m512 wv = load_bf16(w + k, mk);
     for (int c = 0; c < C; ++c) acc[c][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x + c * ldx + k), acc[c][0]);
   }
   for (int c = 0; c < C; ++c) out[c] = hsum(_mm512_add_ps(acc[c][0], acc[c][1]));
@@ -391,6 +417,25 @@ void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, con
   if (b < KB) block(b, 0);
   for (int c = 0; c < C; ++c) out[c] = hsum(_mm256_add_ps(acc[c][0], acc[c][1])) - corr[c];
 }
+
+// row_bf16_f32 above, 8 lanes: 16 weights per step into two accumulators.
+template <int C>
+void row_bf16_f32(const uint16_t* w, const float* x, int64_t ldx, int64_t K, float* out) {
+  __m256 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 w0 = load8_w(w, true, k), w1 = load8_w(w, true, k + 8);
+    for (int c = 0; c < C; ++c) {
+      acc[c][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c * ldx + k), acc[c][0]);
+      acc[c][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c * ldx + k + 8), acc[c][1]);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    out[c] = hsum(_mm256_add_ps(acc[c][0], acc[c][1]));
+    for (int64_t j = k; j < K; ++j) out[c] += bf16_to_float(w[j]) * x[c * ldx + j];
+  }
+}
 #endif
 
 // Calls CALL(C) with C, the rows of x of this pass, as a compile-time constant.
@@ -410,10 +455,11 @@ void dot_rows_scalar(const WeightRows& W, const Acts& A, int64_t g, int64_t n, i
   for (int64_t c = 0; c < C; ++c) {
     const int64_t r = m + c;
     float s = 0.f;
-    if (W.kind == F32 || W.kind == BF16) {
+    if (W.kind == F32 || W.kind == BF16 || W.kind == BF16_F32) {
       for (int64_t k = 0; k < W.K; ++k)
-        s += W.kind == F32 ? ((const float*)wr)[k] * A.f[r * A.ld + k]
-                           : bf16_to_float(((const uint16_t*)wr)[k]) * bf16_to_float(A.h[r * A.ld + k]);
+        s += W.kind == F32    ? ((const float*)wr)[k] * A.f[r * A.ld + k]
+             : W.kind == BF16 ? bf16_to_float(((const uint16_t*)wr)[k]) * bf16_to_float(A.h[r * A.ld + k])
+                              : bf16_to_float(((const uint16_t*)wr)[k]) * A.f[r * A.ld + k];
     } else {
       const int8_t* xr = A.q.data() + r * A.ld;
       for (int64_t b = 0; b < A.KB; ++b) {
@@ -447,6 +493,11 @@ void dot_rows(const WeightRows& W, const Acts& A, int64_t g, int64_t n, int64_t 
     case BF16: MLA_DISPATCH_C(C, MLA_BF16) break;
 #undef MLA_F32
 #undef MLA_BF16
+#endif
+#if defined(MLA_AVX512) || defined(MLA_AVX2)
+#define MLA_BF16_F32(C_) row_bf16_f32<C_>((const uint16_t*)wr, A.f.data() + m * A.ld, A.ld, W.K, o)
+    case BF16_F32: MLA_DISPATCH_C(C, MLA_BF16_F32) break;
+#undef MLA_BF16_F32
 #endif
 #if defined(MLA_AVX512) || defined(MLA_AVX2)
 #define MLA_Q8(C_) row_q8<C_>(wr, xq, A.ld, A.sx.data() + m * A.KB, A.KB, W.K, o)
@@ -549,7 +600,7 @@ void swiglu_rows(float* h, int64_t P, int64_t I) {
 // out [M, N] = x @ W.T for one weight w (a float tensor [N, K] or a quantized one); x [M, K] any float dtype; out any
 // float dtype.
 void gemv(torch::Tensor x, const WeightRef& w, torch::Tensor out) {
-  const WeightRows W = rows_of(w);
+  const WeightRows W = rows_of(w, x.scalar_type());
   const int64_t M = x.size(0), N = W.N, K = W.K;
   TORCH_CHECK(W.G == 1 && x.dim() == 2 && x.size(1) == K, "gemv: x [M, K], one weight [N, K]");
   TORCH_CHECK(out.is_contiguous() && out.numel() == M * N && out.is_floating_point(), "out must be contiguous [M, N]");
@@ -567,7 +618,7 @@ void gemv(torch::Tensor x, const WeightRef& w, torch::Tensor out) {
 // pass each; float32 from the first product to the sum, returned in x's dtype.
 torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw, const WeightRef& w13,
                          const WeightRef& w2, const std::optional<WeightRef>& s13, const std::optional<WeightRef>& s2) {
-  const WeightRows W13 = rows_of(w13), W2 = rows_of(w2);
+  const WeightRows W13 = rows_of(w13, x.scalar_type()), W2 = rows_of(w2, x.scalar_type());
   const int64_t T = x.size(0), D = x.size(1), k = ids.size(1), E = W13.G, I = W13.N / 2, P = T * k;
   TORCH_CHECK(x.dim() == 2 && W13.K == D && W13.N % 2 == 0 && W2.G == E && W2.N == D && W2.K == I,
               "moe_decode: x [T, D], w13 [E, 2I, D], w2 [E, D, I]");
@@ -593,7 +644,7 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
   std::optional<WeightRows> S13, S2;
   int64_t Is = 0;
   if (s13) {
-    S13 = rows_of(*s13), S2 = rows_of(*s2), Is = S13->N / 2;
+    S13 = rows_of(*s13, x.scalar_type()), S2 = rows_of(*s2, x.scalar_type()), Is = S13->N / 2;
     TORCH_CHECK(S13->G == 1 && S13->K == D && S13->N % 2 == 0 && S2->G == 1 && S2->N == D && S2->K == Is,
                 "moe_decode: shared weights [2Is, D] and [D, Is]");
   }

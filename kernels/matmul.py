@@ -1,6 +1,6 @@
 """The products of the torch and CPU backends (kernels/backend.py) for a weight-only quantized weight (QuantWeight,
 kernels/weights.py): the reference (F.linear over the dequantized weight) and the two CPU prompt paths, each working
-one block of DEQUANT_ROWS weight rows at a time:
+one block of DEQUANT_ROWS weight rows at a time (as does widened_gemm, for bf16 weights under a float32 model):
   dequantized_gemm  the weight dequantized to the model dtype into oneDNN's float GEMM. Where the CPU has bf16
                     arithmetic (AMX, AVX512_BF16) this was measured as fast as int8 x int8 and more accurate
                     (bench/results/kernels-cpu.md).
@@ -22,22 +22,31 @@ def quant_linear_reference(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
     return F.linear(x, qw.dequantize(x.dtype))
 
 
-def dequantized_gemm(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
-    """Prefill on the CPU: the weight dequantized block by block of rows (never all of it at once) into the GEMM in
-    x's dtype; bf16 and float32 blocks by the C++ kernel, float16 by QuantWeight.dequantize."""
-    N, K = qw.shape
+def _gemm_by_blocks(x: torch.Tensor, N: int, K: int, fill) -> torch.Tensor:
+    """x @ W.T for a weight W [N, K] made in x's dtype DEQUANT_ROWS rows at a time (never all of it at once) by
+    fill(n0, n1, out), into one buffer."""
     y = x.new_empty(x.shape[0], N)
-    native = x.dtype in (torch.bfloat16, torch.float32)
-    buf = torch.empty(min(N, DEQUANT_ROWS) * K, dtype=x.dtype) if native else None
+    buf = torch.empty(min(N, DEQUANT_ROWS) * K, dtype=x.dtype, device=x.device)
     for n0 in range(0, N, DEQUANT_ROWS):
         n1 = min(N, n0 + DEQUANT_ROWS)
-        if native:
-            w = buf[:(n1 - n0) * K].view(n1 - n0, K)
-            cpu.dequantize(qw.rows(n0, n1), w)
-        else:
-            w = qw.rows(n0, n1).dequantize(x.dtype)
+        w = buf[:(n1 - n0) * K].view(n1 - n0, K)
+        fill(n0, n1, w)
         y[:, n0:n1] = x @ w.t()
     return y
+
+
+def dequantized_gemm(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+    """Prefill on the CPU: the weight dequantized block by block into the GEMM in x's dtype; bf16 and float32 blocks
+    by the C++ kernel, float16 by QuantWeight.dequantize."""
+    if x.dtype in (torch.bfloat16, torch.float32):
+        return _gemm_by_blocks(x, *qw.shape, lambda n0, n1, w: cpu.dequantize(qw.rows(n0, n1), w))
+    return _gemm_by_blocks(x, *qw.shape, lambda n0, n1, w: w.copy_(qw.rows(n0, n1).dequantize(x.dtype)))
+
+
+def widened_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a float weight stored in a narrower dtype than x's (bf16 under a float32 model), widened block by
+    block: the float32 product of the same values."""
+    return _gemm_by_blocks(x, *w.shape, lambda n0, n1, out: out.copy_(w[n0:n1]))
 
 
 def int8_gemm(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:

@@ -167,9 +167,11 @@ def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How a model stores its weights: the float dtype and device, weight-only quantization of the linears and
-    experts (None, "int8", "int4"), and the kernel family that reads them. Modules ask it for empty storage in its
-    final form; the loader fills that tensor by tensor."""
+    """How a model stores its weights: the float dtype and device, how the linears and experts are stored (None: in
+    the model dtype; "int8", "int4": weight-only quantized; "bfloat16": bf16 tensors under a float32 model, whose
+    products widen them, so a bf16 checkpoint computes what float32 storage would at half the bytes), and the kernel
+    family that reads them. Modules ask it for empty storage in its final form; the loader fills it tensor by
+    tensor."""
     dtype: torch.dtype
     device: torch.device
     quant: str | None = None
@@ -181,8 +183,11 @@ class WeightFormat:
 
     def linear(self, N: int, K: int, experts: int | None = None):
         """A linear weight [N, K] (or `experts` of them stacked): quantized when the format says so."""
+        shape = ((experts,) if experts is not None else ()) + (N, K)
         if self.quant is None:
-            return self.tensor(*((experts,) if experts is not None else ()), N, K)
+            return self.tensor(*shape)
+        if self.quant == "bfloat16":
+            return torch.empty(*shape, dtype=torch.bfloat16, device=self.device)
         return empty_quant((N, K), self.quant, self.device, self.backend, experts)
 
 

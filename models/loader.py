@@ -98,6 +98,15 @@ class Shard:
         os.close(self.fd)
 
 
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype the checkpoint stores its weight matrices in (read from the first shard's header), or None where
+    they differ."""
+    shard = Shard(checkpoint_files(path)[0])
+    shard.close()
+    dtypes = {dtype for dtype, shape, _ in shard.tensors.values() if len(shape) == 2}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def _listing(names: list[str], limit: int = 5) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more

@@ -65,3 +65,24 @@ def test_prefill_gemm_int8_is_refused_where_it_does_not_apply(capsys):
                      "--prefill-gemm", "int8"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert "prefill_gemm='int8'" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("model,dtype,weight_dtype,want", [
+    ("default", "auto", None, "bfloat16"),  # bf16 tensors, no bf16 arithmetic: a float32 model over bf16 weights
+    ("default", "bfloat16", None, None),  # the model dtype already
+    ("default", "auto", "int4", "int4"),  # asked for
+    ("default", "bfloat16", "bfloat16", None),  # the same as the model dtype
+    ("v2_lite", "float32", None, None),  # float32 tensors stay float32
+])
+def test_a_bf16_checkpoint_in_float32_keeps_bf16_weights(monkeypatch, checkpoints, model, dtype, weight_dtype, want):
+    from engine import config
+    monkeypatch.setattr(config, "cpu_flags", lambda: ["avx512_vnni"])
+    path = cli.DEFAULT_MODEL if model == "default" else checkpoints[model]
+    c = config.EngineConfig(path, device="cpu", dtype=dtype, weight_dtype=weight_dtype)
+    assert c.resolve(plan_memory=False).weight_dtype == want
+
+
+def test_bf16_weights_are_refused_where_they_do_not_apply(capsys):
+    assert cli.main(["generate", "-p", "x", "-n", "1", "--weight-dtype", "bfloat16", "--dtype", "float16"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "weight_dtype='bfloat16'" in err[-1] and "Traceback" not in "\n".join(err)

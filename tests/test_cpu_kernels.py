@@ -34,10 +34,13 @@ def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_float_gemv_matches_linear(M, N, K, dtype):
-    x, w = rand(M, K, seed=1, dtype=dtype), rand(N, K, seed=2, dtype=dtype) / K ** 0.5
+def test_float_gemv_matches_linear(M, N, K, dtype, wdtype):
+    """float32 x against bf16 weights (a float32 model's bf16 storage) is the float32 product of the widened weights:
+    x is not rounded to bf16."""
+    x, w = rand(M, K, seed=1, dtype=dtype), rand(N, K, seed=2, dtype=wdtype) / K ** 0.5
     y = cpu.gemv(x, w, out=torch.full((M, N), float("nan"), dtype=dtype))
     ref = F.linear(x.double(), w.double())
     assert y.dtype == dtype and y.shape == (M, N)
@@ -45,13 +48,18 @@ def test_float_gemv_matches_linear(M, N, K, dtype):
     torch.testing.assert_close(y.double(), ref, atol=tol, rtol=tol)
 
 
-def test_float_activations_round_to_bf16_as_torch_does():
-    """x float32 against a bf16 weight is rounded to bf16 first (vcvtneps2bf16, or its emulation where the CPU has
-    no AVX512_BF16): through an identity weight, each output is that rounding; ties go to even."""
-    x = rand(3, 53, seed=9)
-    x[0, :6] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -130, 3.0e38, 2 + 2 ** -7])
-    y = cpu.gemv(x, torch.eye(53, dtype=torch.bfloat16), out=torch.full((3, 53), float("nan")))
-    assert torch.equal(y, x.to(torch.bfloat16).float())
+def test_bf16_rounding_is_torchs():
+    """Floats rounded to bf16 in the C++ (vcvtneps2bf16, or its emulation where the CPU has no AVX512_BF16; 16 at a
+    time, then the tail) round as torch does, ties to even, NaN kept: dequantized from an int8 weight of ones, each
+    row of the bf16 result is its scale rounded."""
+    from kernels.weights import QuantWeight
+    scales = torch.cat([torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -130, 3.0e38, 2 + 2 ** -7,
+                                      float("nan")]), rand(6, seed=9)])
+    N, K = len(scales), 53
+    out = torch.full((N, K), float("nan"), dtype=torch.bfloat16)
+    cpu.dequantize(QuantWeight(torch.ones(N, K, dtype=torch.int8), scales, "int8", (N, K), K), out)
+    want = scales.to(torch.bfloat16)[:, None].expand(N, K)
+    torch.testing.assert_close(out, want, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -207,11 +215,12 @@ def test_absorbed_attention_in_one_call(q_lens, prefix_lens, H, DN, V, R, DR, dt
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "bf16-weights", "int8", "int4"])
 @pytest.mark.parametrize("T,k,shared", [(1, 3, True), (4, 2, False), (6, 3, True)])
 def test_moe_layer_in_one_call(T, k, shared, kind):
     """moe_decode: the routed experts (experts 1 and 4 picked by no token, others by several) and the shared
-    experts, against the same products one pair at a time (the C++ GEMV's own reference for quantized weights)."""
+    experts, against the same products one pair at a time (the C++ GEMV's own reference for quantized weights;
+    bf16-weights: bf16 weights under float32 x, the float32 products of the widened weights)."""
     E, D, I, Is = 6, 200, 72, 144  # no multiples of 128 (the activation blocks)
     g = torch.Generator().manual_seed(T * 10 + k)
     allowed = torch.tensor([0, 2, 3, 5])
@@ -225,7 +234,8 @@ def test_moe_layer_in_one_call(T, k, shared, kind):
         w13, w2, s13, s2 = (quantize_weight(w, kind) for w in (w13, w2, s13, s2))
         prod = cpu.gemv_quant_reference
     else:
-        w13, w2, s13, s2 = (w.to(dtype) for w in (w13, w2, s13, s2))  # float weights in x's dtype
+        wdtype = torch.bfloat16 if kind == "bf16-weights" else dtype
+        w13, w2, s13, s2 = (w.to(wdtype) for w in (w13, w2, s13, s2))
         prod = lambda v, w: F.linear(v.to(dtype).double(), w.double()).float()  # noqa: E731
     swiglu = lambda h: F.silu(h[:, :h.shape[1] // 2]) * h[:, h.shape[1] // 2:]  # noqa: E731
     want = torch.zeros(T, D)
@@ -238,7 +248,8 @@ def test_moe_layer_in_one_call(T, k, shared, kind):
             want[t] += prod(swiglu(prod(xt, s13)), s2)[0]
     out = cpu.moe_decode(x, ids, topw, w13, w2, (s13, s2) if shared else None)
     assert out.dtype == dtype and out.shape == (T, D)
-    tol = {"float32": 1e-5, "bfloat16": 1e-2, "int8": 1e-3, "int4": 1e-3}[kind]  # bf16: the output's rounding
+    tol = {"float32": 1e-5, "bfloat16": 1e-2, "bf16-weights": 1e-5, "int8": 1e-3, "int4": 1e-3}[kind]  # bf16: the
+    # output's rounding
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 

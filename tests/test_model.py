@@ -183,9 +183,46 @@ def test_tied_embeddings_match_transformers(tmp_path):
     assert (llm.prompt_logits(ids) - hf_logits(hf_model(path), ids)).abs().max().item() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    from tests.tiny import make_checkpoint, v2_qlora
+    path = str(tmp_path_factory.mktemp("v2_qlora_bf16"))
+    make_checkpoint(path, v2_qlora(), dtype=torch.bfloat16)
+    return path
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "torch"])
+def test_a_bf16_checkpoint_in_float32_keeps_bf16_weights(bf16_checkpoint, kernels, monkeypatch):
+    """On the CPU a bf16 checkpoint run in float32 stores its linears and experts in bf16 (weight_dtype resolves to
+    bfloat16), and computes what float32 weights compute: against transformers in float32, prompt logits on both
+    attention paths (prompt GEMMs over widened blocks), then greedy tokens and logprobs of decode steps (the C++
+    GEMV widening each row, or, with kernels="torch", the widened blocks again)."""
+    from kernels import backend
+    from tests.tiny import hf_model
+    if kernels == "torch":
+        monkeypatch.setattr(backend, "cpu_kernels_serve", lambda narrow: False)
+    hf = hf_model(bf16_checkpoint)
+    ids = prompt(23, seed=12)
+    want = hf_logits(hf, ids)
+    for mode in ("absorbed", "expanded"):
+        llm = LLM(bf16_checkpoint, device="cpu", dtype="float32", attn_mode=mode, progress=False,
+                  kv_cache_memory_gib=0.02)
+        assert llm.config.weight_dtype == "bfloat16" and llm.model.ops.name == kernels
+        assert llm.model.lm_head.dtype == llm.model.layers[1].mlp.w13.dtype == torch.bfloat16
+        assert llm.model.layers[1].mlp.w13.dim() == 3  # the routed experts, stacked
+        assert (llm.prompt_logits(ids) - want).abs().max().item() < 1e-4
+    out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=6, temperature=0,
+                                                                              ignore_eos=True, logprobs=0))[0]
+    assert out.token_ids == hf_greedy(hf, ids, 6)
+    full = torch.log_softmax(hf_logits(hf, ids + out.token_ids), -1)
+    for j, tok in enumerate(out.token_ids):
+        assert abs(out.logprobs[j][tok] - full[len(ids) - 1 + j, tok].item()) < 1e-4
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype,weight_dtype,kv_cache_dtype", [("float32", None, "auto"), ("bfloat16", None, "auto"),
-                                                               ("bfloat16", "int4", "int8"), ("float32", "int8", "int8")])
+                                                               ("bfloat16", "int4", "int8"), ("float32", "int8", "int8"),
+                                                               ("float32", "bfloat16", "auto")])
 def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_dtype, kv_cache_dtype, monkeypatch):
     """A CPU decode step runs each decoder layer as one C++ call (kernels/cpu_layer.cpp DecodeLayer): the same
     tokens and logprobs as the Python layer (the same kernels, in the same order and roundings) with it turned off."""
@@ -193,7 +230,7 @@ def test_cpu_decode_layer_equals_python_layer(checkpoints, name, dtype, weight_d
     if cpu.ext() is None:
         pytest.skip("the C++ extension does not build here")
     # taken whatever the CPU: without AVX-512 the engine would give float weights to torch (cpu_kernels_serve)
-    monkeypatch.setattr(backend, "cpu_kernels_serve", lambda quantized: True)
+    monkeypatch.setattr(backend, "cpu_kernels_serve", lambda narrow: True)
     llm = LLM(checkpoints[name], device="cpu", dtype=dtype, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype,
               attn_mode="auto", progress=False, kv_cache_memory_gib=0.05)
     prompts = [prompt(n, seed=30 + n) for n in (9, 2, 21)]

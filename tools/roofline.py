@@ -50,7 +50,8 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: 
     """Bytes one decode step reads at least: every weight once (of the routed experts, those the batch picks:
     E (1 - (1 - k / E)^batch) per layer for a uniform router), the LM head, and each sequence's cached latent."""
     elt = torch.empty(0, dtype=dtype).element_size()
-    q_elt = {None: elt, "int8": 1, "int4": 0.5}[weight_dtype]  # kv_b_proj and the router stay in the model dtype
+    # the linears and experts as stored; kv_b_proj and the router stay in the model dtype
+    q_elt = {None: elt, "int8": 1, "int4": 0.5, "bfloat16": 2}[weight_dtype]
     total = cfg.vocab_size * cfg.hidden_size * q_elt + batch * ctx * cache_bytes_per_token
     for i in range(cfg.num_hidden_layers):
         dense, per_expert, other = layer_params(cfg, i)
