@@ -113,7 +113,7 @@ class EngineConfig:
         if n > 1 and device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + n:
             raise ValueError(f"tensor_parallel_size={n} needs {n} CUDA devices, {torch.cuda.device_count()} present")
         resolved = replace(self, device=str(device), dtype=dtype, backend=backend,
-                           weight_dtype=self._weight_dtype(device, dtype, backend, model_cfg),
+                           weight_dtype=self._weight_dtype(device, dtype, backend),
                            prefill_gemm=self._prefill_gemm(device, dtype, backend),
                            kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
                            mla_threshold=self.mla_threshold or tuned_threshold(device) or MLA_THRESHOLD[device.type],
@@ -123,22 +123,22 @@ class EngineConfig:
         from . import memory  # memory.py reads EngineConfig's fields: imported where used
         return memory.plan_memory(resolved)
 
-    def _weight_dtype(self, device: torch.device, dtype: str, backend: str, model_cfg: ModelConfig) -> str | None:
+    def _weight_dtype(self, device: torch.device, dtype: str, backend: str) -> str | None:
         if self.weight_dtype == "bfloat16":
             if backend != "torch" or dtype not in ("float32", "bfloat16"):
                 raise ValueError("weight_dtype='bfloat16' stores the weights of a float32 model (or a bfloat16 one, "
                                  "where it changes nothing) with the torch backend")
             return None if dtype == "bfloat16" else "bfloat16"
         if self.weight_dtype is None and device.type == "cpu" and backend == "torch" and dtype == "float32" and (
-                self._checkpoint_dtype(model_cfg) == torch.bfloat16):
+                self._checkpoint_dtype() == torch.bfloat16):
             return "bfloat16"
         return self.weight_dtype
 
-    def _checkpoint_dtype(self, model_cfg: ModelConfig) -> torch.dtype | None:
-        """The dtype of the weights to be loaded: the checkpoint's as stored (not config.json's torch_dtype, which
-        need not match), or the config's for random weights (or where there is only a config.json)."""
+    def _checkpoint_dtype(self) -> torch.dtype | None:
+        """The dtype the checkpoint stores its weights in (not config.json's torch_dtype, which need not match);
+        None for random weights (made in float32) or where there is only a config.json."""
         if self.load_format == "dummy" or not os.path.isdir(self.model):
-            return getattr(torch, model_cfg.torch_dtype)
+            return None
         from models.loader import stored_dtype
         return stored_dtype(self.model)
 

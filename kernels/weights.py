@@ -178,8 +178,14 @@ class WeightFormat:
     backend: str = "torch"
 
     def tensor(self, *shape) -> torch.Tensor:
-        """Weights that stay in the model dtype: embeddings, norms, the router, kv_b_proj."""
+        """Weights that stay in the model dtype: norms, the router, kv_b_proj (and embeddings, but for bf16 storage)."""
         return torch.empty(*shape, dtype=self.dtype, device=self.device)
+
+    def embedding(self, V: int, D: int) -> torch.Tensor:
+        """The token embedding [V, D]: bf16 where the linears are stored so (a looked-up row is widened), else in
+        the model dtype."""
+        return torch.empty(V, D, dtype=torch.bfloat16, device=self.device) if self.quant == "bfloat16" else \
+            self.tensor(V, D)
 
     def linear(self, N: int, K: int, experts: int | None = None):
         """A linear weight [N, K] (or `experts` of them stacked): quantized when the format says so."""

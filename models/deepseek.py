@@ -72,10 +72,10 @@ class DeepseekModel:
         self.dtype, self.device = fmt.dtype, torch.device(fmt.device)
         self.rope = rope = RotaryEmbedding(cfg, fmt.device)
         self.v0, v1 = par.span(cfg.vocab_size, "vocab_size")  # this rank's rows of the embedding and the LM head
-        self.embed_tokens = fmt.tensor(v1 - self.v0, cfg.hidden_size)
+        self.embed_tokens = fmt.embedding(v1 - self.v0, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i, rope, fmt, par) for i in range(cfg.num_hidden_layers)]
         self.norm = fmt.tensor(cfg.hidden_size)
-        tied_float = cfg.tie_word_embeddings and fmt.quant is None
+        tied_float = cfg.tie_word_embeddings and fmt.quant in (None, "bfloat16")  # the embedding as stored serves
         self.lm_head = self.embed_tokens if tied_float else fmt.linear(v1 - self.v0, cfg.hidden_size)
 
     def weights(self) -> list[tuple[str, object]]:
@@ -108,12 +108,12 @@ class DeepseekModel:
         """input_ids [T] -> final hidden states [T, D] (after the last norm). cache: the LatentCache (per-layer
         tensors); layers: what runs each layer (default: the Python layers; the model runner picks)."""
         if self.par.size == 1:
-            x = F.embedding(input_ids, self.embed_tokens)
+            x = F.embedding(input_ids, self.embed_tokens).to(self.dtype)
         else:  # each rank looks up the ids in its rows of the vocabulary, zeros elsewhere; the sum is the lookup
             local = input_ids - self.v0
             mine = (local >= 0) & (local < self.embed_tokens.shape[0])
             x = self.par.all_reduce(F.embedding(local.clamp(0, self.embed_tokens.shape[0] - 1), self.embed_tokens)
-                                    * mine[:, None].to(self.dtype))
+                                    .to(self.dtype) * mine[:, None].to(self.dtype))
         for layer, kv_cache in zip(layers or self.layers, cache.layers):
             x = layer(x, meta, kv_cache, self.ops)
         return self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)

@@ -180,7 +180,12 @@ def test_tied_embeddings_match_transformers(tmp_path):
     ids = prompt(19, seed=8)
     llm = LLM(path, device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.01)
     assert llm.model.lm_head is llm.model.embed_tokens
-    assert (llm.prompt_logits(ids) - hf_logits(hf_model(path), ids)).abs().max().item() < 1e-4
+    want = hf_logits(hf_model(path), ids)
+    assert (llm.prompt_logits(ids) - want).abs().max().item() < 1e-4
+    # stored in bf16 (the float32 checkpoint rounded), the embedding still serves as the head
+    llm = LLM(path, device="cpu", dtype="float32", weight_dtype="bfloat16", progress=False, kv_cache_memory_gib=0.01)
+    assert llm.model.lm_head is llm.model.embed_tokens and llm.model.embed_tokens.dtype == torch.bfloat16
+    assert (llm.prompt_logits(ids) - want).abs().max().item() < 0.05
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +213,7 @@ def test_a_bf16_checkpoint_in_float32_keeps_bf16_weights(bf16_checkpoint, kernel
         llm = LLM(bf16_checkpoint, device="cpu", dtype="float32", attn_mode=mode, progress=False,
                   kv_cache_memory_gib=0.02)
         assert llm.config.weight_dtype == "bfloat16" and llm.model.ops.name == kernels
-        assert llm.model.lm_head.dtype == llm.model.layers[1].mlp.w13.dtype == torch.bfloat16
+        assert llm.model.lm_head.dtype == llm.model.layers[1].mlp.w13.dtype == llm.model.embed_tokens.dtype == torch.bfloat16
         assert llm.model.layers[1].mlp.w13.dim() == 3  # the routed experts, stacked
         assert (llm.prompt_logits(ids) - want).abs().max().item() < 1e-4
     out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=6, temperature=0,
