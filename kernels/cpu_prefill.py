@@ -20,6 +20,7 @@ def _flash(q, k, v, causal, scale):
 
 
 def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale):
+    w_kv_b = w_kv_b.to(q_nope.dtype)  # stored bf16 under a float32 model: widened once per call
     T, H, dn = q_nope.shape
     R, dr = w_kv_b.shape[1], q_pe.shape[2]
     dv = w_kv_b.shape[0] // H - dn

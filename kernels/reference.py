@@ -135,6 +135,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_
     """Expanded MLA: decompress the cached latent through kv_b_proj into per-head K_nope and V, chunk by chunk,
     and run causal flash attention (online softmax) with the shared k_pe.
     q_nope [T, H, nope], q_pe [T, H, rope], w_kv_b [H * (nope + v), kv_lora_rank] -> o [T, H, v]."""
+    w_kv_b = w_kv_b.to(q_nope.dtype)  # stored bf16 under a float32 model: widened once per call
     T, H, dn = q_nope.shape
     R = w_kv_b.shape[1]
     dv = w_kv_b.shape[0] // H - dn

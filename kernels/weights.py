@@ -178,14 +178,14 @@ class WeightFormat:
     backend: str = "torch"
 
     def tensor(self, *shape) -> torch.Tensor:
-        """Weights that stay in the model dtype: norms, the router, kv_b_proj (and embeddings, but for bf16 storage)."""
+        """Weights that stay in the model dtype: norms and the router."""
         return torch.empty(*shape, dtype=self.dtype, device=self.device)
 
-    def embedding(self, V: int, D: int) -> torch.Tensor:
-        """The token embedding [V, D]: bf16 where the linears are stored so (a looked-up row is widened), else in
-        the model dtype."""
-        return torch.empty(V, D, dtype=torch.bfloat16, device=self.device) if self.quant == "bfloat16" else \
-            self.tensor(V, D)
+    def unquantized(self, *shape) -> torch.Tensor:
+        """Float weights never quantized (the embedding, kv_b_proj): bf16 where the linears are stored so (read
+        widened), else in the model dtype."""
+        dtype = torch.bfloat16 if self.quant == "bfloat16" else self.dtype
+        return torch.empty(*shape, dtype=dtype, device=self.device)
 
     def linear(self, N: int, K: int, experts: int | None = None):
         """A linear weight [N, K] (or `experts` of them stacked): quantized when the format says so."""

@@ -61,10 +61,10 @@ class MLAttention:
             self.q_proj = fmt.linear(H * cfg.qk_head_dim, cfg.hidden_size)
         self.kv_a_proj_with_mqa = fmt.linear(R + cfg.qk_rope_head_dim, cfg.hidden_size)
         self.kv_a_layernorm = fmt.tensor(R)
-        # kv_b_proj stays in the model dtype, stored split (kernels/reference.py): every head's W_UK rows, then every
+        # kv_b_proj is never quantized, stored split (kernels/reference.py): every head's W_UK rows, then every
         # head's W_UV rows. The expanded path multiplies the cache by all of it at once; the absorbed path reads W_UK
         # and W_UV as contiguous views (a per-head bmm over them copies nothing).
-        self.kv_b_proj = fmt.tensor(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R)
+        self.kv_b_proj = fmt.unquantized(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R)
         self.w_uk = self.kv_b_proj[:H * cfg.qk_nope_head_dim].view(H, cfg.qk_nope_head_dim, R)
         self.w_uv = self.kv_b_proj[H * cfg.qk_nope_head_dim:].view(H, cfg.v_head_dim, R)
         self.o_proj = fmt.linear(cfg.hidden_size, H * cfg.v_head_dim)

@@ -215,6 +215,7 @@ def test_a_bf16_checkpoint_in_float32_keeps_bf16_weights(bf16_checkpoint, kernel
         assert llm.config.weight_dtype == "bfloat16" and llm.model.ops.name == kernels
         assert llm.model.lm_head.dtype == llm.model.layers[1].mlp.w13.dtype == llm.model.embed_tokens.dtype == torch.bfloat16
         assert llm.model.layers[1].mlp.w13.dim() == 3  # the routed experts, stacked
+        assert llm.model.layers[0].self_attn.kv_b_proj.dtype == torch.bfloat16  # W_UK, W_UV too
         assert (llm.prompt_logits(ids) - want).abs().max().item() < 1e-4
     out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=6, temperature=0,
                                                                               ignore_eos=True, logprobs=0))[0]

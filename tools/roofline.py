@@ -50,14 +50,15 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: 
     """Bytes one decode step reads at least: every weight once (of the routed experts, those the batch picks:
     E (1 - (1 - k / E)^batch) per layer for a uniform router), the LM head, and each sequence's cached latent."""
     elt = torch.empty(0, dtype=dtype).element_size()
-    # the linears and experts as stored; kv_b_proj and the router stay in the model dtype
+    # the linears and experts as stored; kv_b_proj (and the router, small) in the model dtype, or bf16 with them
     q_elt = {None: elt, "int8": 1, "int4": 0.5, "bfloat16": 2}[weight_dtype]
+    o_elt = 2 if weight_dtype == "bfloat16" else elt
     total = cfg.vocab_size * cfg.hidden_size * q_elt + batch * ctx * cache_bytes_per_token
     for i in range(cfg.num_hidden_layers):
         dense, per_expert, other = layer_params(cfg, i)
         E, k = cfg.n_routed_experts or 1, cfg.num_experts_per_tok
         experts = E * (1 - (1 - k / E) ** batch) if per_expert else 0
-        total += (dense + experts * per_expert) * q_elt + other * elt
+        total += (dense + experts * per_expert) * q_elt + other * o_elt
     return total
 
 
