@@ -23,7 +23,8 @@ KV_CACHE_DTYPES = ("auto",) + CACHE_FORMATS
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the config's shapes (no weight files read)
 # How the linears and experts are stored (kernels/weights.py WeightFormat): weight-only quantization, or bfloat16
 # under a float32 model; None keeps the model dtype. A bf16 checkpoint computed in float32 on the CPU (no bf16
-# arithmetic there) keeps bfloat16 weights by default: the same products at half the bytes a decode step reads.
+# arithmetic there) keeps its float weights in bf16 by default (float_weight_dtype; the linears too unless they are
+# quantized): the same products from half the bytes.
 QUANT_WEIGHT_DTYPES = ("int8", "int4")
 WEIGHT_DTYPES = QUANT_WEIGHT_DTYPES + ("bfloat16",)
 # How prompts multiply int8 / int4 weights on the CPU (kernels/matmul.py): dequantized into a GEMM in the model dtype,
@@ -65,6 +66,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     threads: int | None = None  # CPU threads per rank (torch's and the C++ kernels'); None: the cores shared out
     prefill_gemm: str = "auto"
+    float_weight_dtype: str | None = None  # set by resolve(): "bfloat16" where float weights are kept in bf16
     model_config: ModelConfig | None = field(default=None, repr=False, compare=False)  # set by resolve()
 
     def __post_init__(self):
@@ -74,6 +76,7 @@ class EngineConfig:
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("prefill_gemm", self.prefill_gemm, PREFILL_GEMMS)
+        _choice("float_weight_dtype", self.float_weight_dtype, (None, "bfloat16"))
         if self.weight_dtype is not None:
             _choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         if self.mla_threshold is not None and self.mla_threshold < 1:
@@ -112,8 +115,11 @@ class EngineConfig:
         n = self.tensor_parallel_size
         if n > 1 and device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + n:
             raise ValueError(f"tensor_parallel_size={n} needs {n} CUDA devices, {torch.cuda.device_count()} present")
+        bf16_float = self._bf16_float_weights(device, dtype, backend)
         resolved = replace(self, device=str(device), dtype=dtype, backend=backend,
-                           weight_dtype=self._weight_dtype(device, dtype, backend),
+                           weight_dtype=self.weight_dtype if self.weight_dtype in QUANT_WEIGHT_DTYPES else
+                           ("bfloat16" if bf16_float else None),
+                           float_weight_dtype="bfloat16" if bf16_float else None,
                            prefill_gemm=self._prefill_gemm(device, dtype, backend),
                            kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
                            mla_threshold=self.mla_threshold or tuned_threshold(device) or MLA_THRESHOLD[device.type],
@@ -123,16 +129,16 @@ class EngineConfig:
         from . import memory  # memory.py reads EngineConfig's fields: imported where used
         return memory.plan_memory(resolved)
 
-    def _weight_dtype(self, device: torch.device, dtype: str, backend: str) -> str | None:
-        if self.weight_dtype == "bfloat16":
-            if backend != "torch" or dtype not in ("float32", "bfloat16"):
-                raise ValueError("weight_dtype='bfloat16' stores the weights of a float32 model (or a bfloat16 one, "
-                                 "where it changes nothing) with the torch backend")
-            return None if dtype == "bfloat16" else "bfloat16"
-        if self.weight_dtype is None and device.type == "cpu" and backend == "torch" and dtype == "float32" and (
-                self._checkpoint_dtype() == torch.bfloat16):
-            return "bfloat16"
-        return self.weight_dtype
+    def _bf16_float_weights(self, device: torch.device, dtype: str, backend: str) -> bool:
+        """Whether the float weights (those not quantized) are kept in bf16: asked for (weight_dtype bfloat16), or a
+        bf16 checkpoint computed in float32 on the CPU; only under a float32 model on the torch backend."""
+        if self.weight_dtype == "bfloat16" and (backend != "torch" or dtype not in ("float32", "bfloat16")):
+            raise ValueError("weight_dtype='bfloat16' stores the weights of a float32 model (or a bfloat16 one, "
+                             "where it changes nothing) with the torch backend")
+        if dtype != "float32" or backend != "torch":
+            return False
+        return self.weight_dtype == "bfloat16" or self.float_weight_dtype == "bfloat16" or (
+            device.type == "cpu" and self._checkpoint_dtype() == torch.bfloat16)
 
     def _checkpoint_dtype(self) -> torch.dtype | None:
         """The dtype the checkpoint stores its weights in (not config.json's torch_dtype, which need not match);
@@ -194,7 +200,9 @@ class EngineConfig:
 
     @property
     def weight_format(self) -> WeightFormat:
-        return WeightFormat(self.torch_dtype, self.torch_device, self.weight_dtype, self.backend)
+        quant = self.weight_dtype if self.weight_dtype in QUANT_WEIGHT_DTYPES else None
+        return WeightFormat(self.torch_dtype, self.torch_device, quant, self.backend,
+                            torch.bfloat16 if self.float_weight_dtype == "bfloat16" else None)
 
     @property
     def cache_format(self) -> CacheFormat:

@@ -167,33 +167,30 @@ def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How a model stores its weights: the float dtype and device, how the linears and experts are stored (None: in
-    the model dtype; "int8", "int4": weight-only quantized; "bfloat16": bf16 tensors under a float32 model, whose
-    products widen them, so a bf16 checkpoint computes what float32 storage would at half the bytes), and the kernel
-    family that reads them. Modules ask it for empty storage in its final form; the loader fills it tensor by
-    tensor."""
+    """How a model stores its weights: the model dtype and device, weight-only quantization of the linears and
+    experts (None, "int8", "int4"), the kernel family that reads them, and float_dtype, the dtype of the float
+    weights that are not quantized (None: the model dtype; bf16 under a float32 model keeps a bf16 checkpoint's
+    values at half the bytes, and every product widens them, so the results are float32 weights'). Norms and the
+    router always stay in the model dtype. Modules ask it for empty storage in its final form; the loader fills it
+    tensor by tensor."""
     dtype: torch.dtype
     device: torch.device
     quant: str | None = None
     backend: str = "torch"
+    float_dtype: torch.dtype | None = None
 
     def tensor(self, *shape) -> torch.Tensor:
         """Weights that stay in the model dtype: norms and the router."""
         return torch.empty(*shape, dtype=self.dtype, device=self.device)
 
     def unquantized(self, *shape) -> torch.Tensor:
-        """Float weights never quantized (the embedding, kv_b_proj): bf16 where the linears are stored so (read
-        widened), else in the model dtype."""
-        dtype = torch.bfloat16 if self.quant == "bfloat16" else self.dtype
-        return torch.empty(*shape, dtype=dtype, device=self.device)
+        """Float weights never quantized (the embedding, kv_b_proj), and the linears when nothing is."""
+        return torch.empty(*shape, dtype=self.float_dtype or self.dtype, device=self.device)
 
     def linear(self, N: int, K: int, experts: int | None = None):
         """A linear weight [N, K] (or `experts` of them stacked): quantized when the format says so."""
-        shape = ((experts,) if experts is not None else ()) + (N, K)
         if self.quant is None:
-            return self.tensor(*shape)
-        if self.quant == "bfloat16":
-            return torch.empty(*shape, dtype=torch.bfloat16, device=self.device)
+            return self.unquantized(*((experts,) if experts is not None else ()), N, K)
         return empty_quant((N, K), self.quant, self.device, self.backend, experts)
 
 

@@ -64,7 +64,7 @@ class FusedDecodeLayer:
 class DeepseekModel:
     """Holds the weights in their stored form (WeightFormat: float, or int8 / int4 linears and experts), filled by
     models.loader, and runs one packed forward pass over T tokens. Embeddings and kv_b_proj (W_UK, W_UV) are never
-    quantized (bf16 with bf16 storage, else the model dtype); norms and the router stay in the model dtype."""
+    quantized (stored in WeightFormat.float_dtype); norms and the router stay in the model dtype."""
 
     def __init__(self, cfg: ModelConfig, fmt: WeightFormat, par: Parallel = Parallel(), ops=None):
         """ops: the run's kernel backend (kernels.make_backend); None for a model that only counts its weights."""
@@ -75,7 +75,7 @@ class DeepseekModel:
         self.embed_tokens = fmt.unquantized(v1 - self.v0, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i, rope, fmt, par) for i in range(cfg.num_hidden_layers)]
         self.norm = fmt.tensor(cfg.hidden_size)
-        tied_float = cfg.tie_word_embeddings and fmt.quant in (None, "bfloat16")  # the embedding as stored serves
+        tied_float = cfg.tie_word_embeddings and fmt.quant is None
         self.lm_head = self.embed_tokens if tied_float else fmt.linear(v1 - self.v0, cfg.hidden_size)
 
     def weights(self) -> list[tuple[str, object]]:

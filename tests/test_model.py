@@ -225,6 +225,31 @@ def test_a_bf16_checkpoint_in_float32_keeps_bf16_weights(bf16_checkpoint, kernel
         assert abs(out.logprobs[j][tok] - full[len(ids) - 1 + j, tok].item()) < 1e-4
 
 
+def test_a_quantized_model_of_a_bf16_checkpoint_keeps_its_float_weights_bf16(bf16_checkpoint, tmp_path):
+    """int4 linears; the embedding and kv_b_proj keep the checkpoint's bf16 (float_weight_dtype) and compute what
+    float32 copies of the same values compute (the same checkpoint saved in float32): prompt logits, greedy tokens
+    and logprobs of decode steps."""
+    import shutil
+    from kernels import QuantWeight
+    from tests.tiny import hf_model
+    f32 = str(tmp_path / "f32")
+    hf_model(bf16_checkpoint).save_pretrained(f32)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{bf16_checkpoint}/{name}", f32)
+    kw = dict(device="cpu", dtype="float32", weight_dtype="int4", progress=False, kv_cache_memory_gib=0.02)
+    a, b = LLM(bf16_checkpoint, **kw), LLM(f32, **kw)
+    assert (a.config.float_weight_dtype, b.config.float_weight_dtype) == ("bfloat16", None)
+    assert a.model.embed_tokens.dtype == a.model.layers[0].self_attn.kv_b_proj.dtype == torch.bfloat16
+    assert b.model.embed_tokens.dtype == torch.float32 and isinstance(a.model.lm_head, QuantWeight)
+    ids = prompt(23, seed=13)
+    assert (a.prompt_logits(ids) - b.prompt_logits(ids)).abs().max().item() < 1e-4
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    oa, ob = (m.generate(prompt_token_ids=[ids], sampling_params=sp)[0] for m in (a, b))
+    assert oa.token_ids == ob.token_ids
+    for la, lb in zip(oa.logprobs, ob.logprobs):
+        assert abs(list(la.values())[0] - list(lb.values())[0]) < 1e-4
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype,weight_dtype,kv_cache_dtype", [("float32", None, "auto"), ("bfloat16", None, "auto"),
                                                                ("bfloat16", "int4", "int8"), ("float32", "int8", "int8"),

@@ -162,7 +162,7 @@ def run(configs: list[EngineConfig], tests: list[tuple], reps: int, label: str, 
             mean, std = measure(run_on(ours), reps)
             row = dict(info, test=name, tps=mean, tps_std=std)
             if peaks is not None:
-                row["roofline"] = roofline.roofline_share(llm, peaks, kind, n, d, b, mean, c.weight_dtype)
+                row["roofline"] = roofline.roofline_share(llm, peaks, kind, n, d, b, mean)
             if base is not None:  # transformers does not depend on our mode or cache: measured once per test
                 if name not in measured:
                     measured[name] = measure(run_on(base), reps)

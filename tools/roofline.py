@@ -46,13 +46,12 @@ def prompt_flops(cfg: ModelConfig, n: int, depth: int) -> float:
 
 
 def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: str | None,
-                 cache_bytes_per_token: float) -> float:
+                 cache_bytes_per_token: float, float_dtype=None) -> float:
     """Bytes one decode step reads at least: every weight once (of the routed experts, those the batch picks:
-    E (1 - (1 - k / E)^batch) per layer for a uniform router), the LM head, and each sequence's cached latent."""
-    elt = torch.empty(0, dtype=dtype).element_size()
-    # the linears and experts as stored; kv_b_proj (and the router, small) in the model dtype, or bf16 with them
-    q_elt = {None: elt, "int8": 1, "int4": 0.5, "bfloat16": 2}[weight_dtype]
-    o_elt = 2 if weight_dtype == "bfloat16" else elt
+    E (1 - (1 - k / E)^batch) per layer for a uniform router), the LM head, and each sequence's cached latent.
+    float_dtype: what float weights are stored in (None: dtype); kv_b_proj is, the router (small) counted with it."""
+    o_elt = torch.empty(0, dtype=float_dtype or dtype).element_size()
+    q_elt = {None: o_elt, "int8": 1, "int4": 0.5, "bfloat16": 2}[weight_dtype]  # the linears and experts
     total = cfg.vocab_size * cfg.hidden_size * q_elt + batch * ctx * cache_bytes_per_token
     for i in range(cfg.num_hidden_layers):
         dense, per_expert, other = layer_params(cfg, i)
@@ -62,15 +61,16 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: 
     return total
 
 
-def roofline_share(llm, peaks: dict, kind: str, n: int, depth: int, batch: int, tps: float,
-                   weight_dtype: str | None) -> float:
+def roofline_share(llm, peaks: dict, kind: str, n: int, depth: int, batch: int, tps: float) -> float:
     """pp: achieved model FLOP/s over the GEMM peak; tg: bytes read per second over the read bandwidth (the cache
     averaged over the n generated tokens)."""
     cfg = llm.model_config
     if kind == "pp":
         return prompt_flops(cfg, n, depth) / n * tps / (peaks["tflops"] * 1e12)
     cache_bytes = llm.cache.format.bytes_per_token * cfg.num_hidden_layers  # per token
-    step = decode_bytes(cfg, batch, depth + n / 2, llm.dtype, weight_dtype, cache_bytes)
+    c = llm.config
+    step = decode_bytes(cfg, batch, depth + n / 2, llm.dtype, c.weight_dtype, cache_bytes,
+                        c.weight_format.float_dtype)
     return step * tps / batch / (peaks["gbps"] * 1e9)
 
 
