@@ -168,10 +168,10 @@ def anchors(args, model: str, fmt: str) -> dict:
         short_only = name in args.no_4096.split(",")
         if short_only:  # no test of 4096 tokens: tg @ d512 is the deepest
             depth_tests = ["-p", "0", "-n", "32", "-d", "512"] if name == "llama.cpp" else ["-gp", "512,32"]
+        no_pp4096 = short_only or name in args.no_pp4096.split(",")
         tags = [f"{name}-{fmt}-short{flag}0", f"{name}-{fmt}-short{flag}1"] + \
+            ([] if no_pp4096 else [f"{name}-{fmt}-pp4096"]) + \
             ([f"{name}-{fmt}-depth512"] if short_only else [f"{name}-{fmt}-depth"])
-        if not short_only and name not in args.no_pp4096.split(","):
-            tags.insert(2, f"{name}-{fmt}-pp4096")
         measured = all(os.path.exists(os.path.join(args.work, f"{t}.json")) for t in tags)
         path = None if measured else gguf_for(args, project, model, fmt)  # measured before: no GGUF needed
         short = {v: llama_bench(project, path, flags + [flag, v], ["-p", "512", "-n", "32"], args.reps, args.work,
@@ -180,7 +180,6 @@ def anchors(args, model: str, fmt: str) -> dict:
         best = min(cost, key=cost.get)
         flags = flags + [flag, best]
         pp4096 = f"{name}-{fmt}-pp4096"  # with --no-4096, kept where an earlier run measured it
-        no_pp4096 = short_only or name in args.no_pp4096.split(",")
         long = [] if no_pp4096 and not os.path.exists(os.path.join(args.work, f"{pp4096}.json")) else \
             llama_bench(project, path, flags, ["-p", "4096", "-n", "0"], args.reps, args.work, pp4096)
         deep = llama_bench(project, path, flags, depth_tests, args.reps, args.work, tags[-1])

@@ -221,15 +221,18 @@ void row_bf16(const uint16_t* w, const uint16_t* x, int64_t ldx, int64_t K, floa
   for (int c = 0; c < C; ++c) out[c] = hsum(_mm512_add_ps(acc[c][0], acc[c][1]));
 }
 
-template <int C>
-void row_f32(const float* w, const float* x, int64_t ldx, int64_t K, float* out) {
+// A float32 or bf16 row (Wt float or uint16_t; bf16 widened as it is loaded, so the products are float32's) against
+// float32 rows of x.
+template <int C, typename Wt>
+void row_f32(const Wt* w, const float* x, int64_t ldx, int64_t K, float* out) {
+  constexpr bool bf16w = std::is_same_v<Wt, uint16_t>;
   __m512 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
   int64_t k = 0;
   const char* pf = (const char*)w + PREFETCH;
   for (; k + 32 <= K; k += 32) {
-    _mm_prefetch(pf + 4 * k, _MM_HINT_T0), _mm_prefetch(pf + 4 * k + 64, _MM_HINT_T0);
-    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+    for (int64_t o = 0; o < 32 * int64_t(sizeof(Wt)); o += 64) _mm_prefetch(pf + k * sizeof(Wt) + o, _MM_HINT_T0);
+    const __m512 w0 = load_w(w, bf16w, k, 0xFFFF), w1 = load_w(w, bf16w, k + 16, 0xFFFF);
     for (int c = 0; c < C; ++c) {
       acc[c][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + c * ldx + k), acc[c][0]);
       acc[c][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + c * ldx + k + 16), acc[c][1]);
@@ -237,30 +240,7 @@ void row_f32(const float* w, const float* x, int64_t ldx, int64_t K, float* out)
   }
   for (; k < K; k += 16) {
     const __mmask16 mk = tail_mask16(K - k);
-    const __m512 wv = _mm512_maskz_loadu_ps(mk, w + k);
-    for (int c = 0; c < C; ++c) acc[c][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x + c * ldx + k), acc[c][0]);
-  }
-  for (int c = 0; c < C; ++c) out[c] = hsum(_mm512_add_ps(acc[c][0], acc[c][1]));
-}
-
-// A bf16 row against float32 rows of x: 32 weights a load, widened (bf16 is float32's upper half) into two FMAs.
-template <int C>
-void row_bf16_f32(const uint16_t* w, const float* x, int64_t ldx, int64_t K, float* out) {
-  __m512 acc[C][2];
-  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
-  int64_t k = 0;
-  const char* pf = (const char*)w + PREFETCH;
-  for (; k + 32 <= K; k += 32) {
-    _mm_prefetch(pf + 2 * k, _MM_HINT_T0);
-    const __m512 w0 = load_bf16(w + k), w1 = load_bf16(w + k + 16);
-    for (int c = 0; c < C; ++c) {
-      acc[c][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + c * ldx + k), acc[c][0]);
-      acc[c][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + c * ldx + k + 16), acc[c][1]);
-    }
-  }
-  for (; k < K; k += 16) {
-    const __mmask16 mk = tail_mask16(K - k);
-    const __m512 wv = load_bf16(w + k, mk);
+    const __m512 wv = load_w(w, bf16w, k, mk);
     for (int c = 0; c < C; ++c) acc[c][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x + c * ldx + k), acc[c][0]);
   }
   for (int c = 0; c < C; ++c) out[c] = hsum(_mm512_add_ps(acc[c][0], acc[c][1]));
@@ -418,9 +398,9 @@ void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, con
   for (int c = 0; c < C; ++c) out[c] = hsum(_mm256_add_ps(acc[c][0], acc[c][1])) - corr[c];
 }
 
-// row_bf16_f32 above, 8 lanes: 16 weights per step into two accumulators.
+// row_f32 above for a bf16 row, 8 lanes: 16 weights per step into two accumulators.
 template <int C>
-void row_bf16_f32(const uint16_t* w, const float* x, int64_t ldx, int64_t K, float* out) {
+void row_f32(const uint16_t* w, const float* x, int64_t ldx, int64_t K, float* out) {
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
   int64_t k = 0;
@@ -495,7 +475,7 @@ void dot_rows(const WeightRows& W, const Acts& A, int64_t g, int64_t n, int64_t 
 #undef MLA_BF16
 #endif
 #if defined(MLA_AVX512) || defined(MLA_AVX2)
-#define MLA_BF16_F32(C_) row_bf16_f32<C_>((const uint16_t*)wr, A.f.data() + m * A.ld, A.ld, W.K, o)
+#define MLA_BF16_F32(C_) row_f32<C_>((const uint16_t*)wr, A.f.data() + m * A.ld, A.ld, W.K, o)
     case BF16_F32: MLA_DISPATCH_C(C, MLA_BF16_F32) break;
 #undef MLA_BF16_F32
 #endif

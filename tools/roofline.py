@@ -51,7 +51,7 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: 
     E (1 - (1 - k / E)^batch) per layer for a uniform router), the LM head, and each sequence's cached latent.
     float_dtype: what float weights are stored in (None: dtype); kv_b_proj is, the router (small) counted with it."""
     o_elt = torch.empty(0, dtype=float_dtype or dtype).element_size()
-    q_elt = {None: o_elt, "int8": 1, "int4": 0.5, "bfloat16": 2}[weight_dtype]  # the linears and experts
+    q_elt = {"int8": 1, "int4": 0.5}.get(weight_dtype, o_elt)  # the linears and experts
     total = cfg.vocab_size * cfg.hidden_size * q_elt + batch * ctx * cache_bytes_per_token
     for i in range(cfg.num_hidden_layers):
         dense, per_expert, other = layer_params(cfg, i)
