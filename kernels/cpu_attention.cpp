@@ -1,10 +1,11 @@
 // Absorbed MLA attention over the paged latent cache, for the few query tokens of a decode step:
 //   mla_decode    o_lat = softmax(scale * (q_lat . c_kv + q_pe . k_pe)) . c_kv per head (kernels/reference.py)
 //   mla_absorbed  q_nope through W_UK, mla_decode, back through W_UV, in one call
-// Every head of a token reads the same cached row [c_kv | k_pe], so a block of keys is read (and, for an int8 cache,
-// dequantized) once for all heads: the query is held transposed, heads along the vector lanes, and each key value
-// multiplies 16 heads at a time. A bf16 cache is read in place with bf16 pair products. The softmax is online over
-// blocks of KEYS keys (running max and sum in the log2 domain); a sequence's keys are cut into splits when there are
+// Every head of a token reads the same cached row [c_kv | k_pe], so a block of keys is read (and, for a bf16 or int8
+// cache, converted to float32) once for all heads: the query is held transposed, heads along the vector lanes, and
+// each key value multiplies 16 heads at a time. A float32 cache is read in place, as is a bf16 one where the CPU has
+// bf16 pair products. The softmax is online over blocks of at most KEYS keys that sit in consecutive rows of one cache
+// block (running max and sum in the log2 domain); a sequence's keys are cut into splits when there are
 // fewer sequences than threads, each split with its own max, sum and output, merged at the end by log-sum-exp.
 // mla_absorbed fuses the two per-head products around it because, for a few tokens, the torch ops around a call
 // (bmm, transposes, casts) cost as much as the products.
@@ -14,9 +15,10 @@
 namespace mla {
 namespace {
 
-constexpr int64_t KEYS = 32;  // keys converted to float32 and scored at a time
+constexpr int64_t KEYS = 64;  // keys scored at a time
 constexpr int64_t MIN_KEYS_PER_SPLIT = 256;
 constexpr float LOG2E = 1.4426950408889634f;
+constexpr int64_t DEEPSEEK_ROW = 512 + 64;  // kv_lora_rank + qk_rope_head_dim of every DeepSeek-V2/V3
 
 // One cached token's [c_kv | k_pe] as float32 (a float cache row, or an int8 latent with its scale and k_pe in the
 // model dtype).
@@ -30,26 +32,46 @@ struct KeyReader {
     return cache + (tables[b * max_blocks + pos / block_size] * block_size + pos % block_size) * row_bytes;
   }
 
+  // The keys from pos on that sit in consecutive rows of one cache block, at most n.
+  int64_t run(int64_t pos, int64_t n) const { return std::min(n, block_size - pos % block_size); }
+
   void read(int64_t b, int64_t pos, float* out) const {
     const uint8_t* row = this->row(b, pos);
     const int64_t W = R + DR;
     if (kind == CacheKind::FLOAT32) {
       std::memcpy(out, row, W * 4);
     } else if (kind == CacheKind::BFLOAT16) {
-      const uint16_t* v = reinterpret_cast<const uint16_t*>(row);
-      for (int64_t d = 0; d < W; ++d) out[d] = bf16_to_float(v[d]);
+      widen_bf16(reinterpret_cast<const uint16_t*>(row), W, out);
     } else {
-      const int8_t* q = reinterpret_cast<const int8_t*>(row);
       float s;
       std::memcpy(&s, row + R, 4);
-      for (int64_t d = 0; d < R; ++d) out[d] = float(q[d]) * s;
-      if (kind == CacheKind::INT8_BF16_ROPE) {
-        const uint16_t* pe = reinterpret_cast<const uint16_t*>(row + R + 4);
-        for (int64_t d = 0; d < DR; ++d) out[R + d] = bf16_to_float(pe[d]);
-      } else {
+      widen_int8(reinterpret_cast<const int8_t*>(row), s, R, out);
+      if (kind == CacheKind::INT8_BF16_ROPE)
+        widen_bf16(reinterpret_cast<const uint16_t*>(row + R + 4), DR, out + R);
+      else
         std::memcpy(out + R, row + R + 4, DR * 4);
-      }
     }
+  }
+
+  static void widen_bf16(const uint16_t* v, int64_t n, float* out) {
+    int64_t d = 0;
+#ifdef MLA_AVX512
+    for (; d < n; d += 16) _mm512_mask_storeu_ps(out + d, tail_mask16(n - d), load_bf16(v + d, tail_mask16(n - d)));
+#endif
+    for (; d < n; ++d) out[d] = bf16_to_float(v[d]);
+  }
+
+  static void widen_int8(const int8_t* q, float s, int64_t n, float* out) {
+    int64_t d = 0;
+#ifdef MLA_AVX512
+    const __m512 sv = _mm512_set1_ps(s);
+    for (; d < n; d += 16) {
+      const __mmask16 mk = tail_mask16(n - d);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + d)));
+      _mm512_mask_storeu_ps(out + d, mk, _mm512_mul_ps(v, sv));
+    }
+#endif
+    for (; d < n; ++d) out[d] = float(q[d]) * s;
   }
 };
 
@@ -110,14 +132,17 @@ void load_query(const float* q, int64_t H, int64_t W, int64_t HP, float qscale, 
     }
 }
 
-// Keys kb:kb+nk of sequence b: pointers to the bf16 rows in place (pairs), or the rows converted to float32.
-void gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t W, bool pairs, Scratch& s) {
+// Keys kb:kb+nk of sequence b (one run): pointers to the bf16 rows in place (pairs), or float32 rows: a float32
+// cache's own, or the rows converted into the scratch.
+const float* gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t W, bool pairs, Scratch& s) {
+  if (kr.kind == CacheKind::FLOAT32) return reinterpret_cast<const float*>(kr.row(b, kb));
   for (int64_t j = 0; j < nk; ++j) {
     if (pairs)
       s.kp[j] = reinterpret_cast<const uint16_t*>(kr.row(b, kb + j));
     else
       kr.read(b, kb + j, s.keys.data() + j * W);
   }
+  return s.keys.data();
 }
 
 #ifdef MLA_AVX512
@@ -156,33 +181,45 @@ void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int
   }
 }
 
-// Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j. Eight keys per pass
-// over q: each load of 16 heads' q[d] serves eight multiply-adds (one load each would leave the loads the limit),
-// and eight independent sums keep both FMA units busy.
+// Scores of JT float32 key rows kj[u * W] for heads hc..hc+15 over the values d0:d1, added to S[u * HP + hc] (set
+// when d0 = 0). Each load of 16 heads' q[d] serves JT multiply-adds, and JT independent sums keep both FMA units busy.
+// WK: the row width when known at compile time (else 0, and W is read at run time): the JT rows are then constant
+// offsets from one pointer, where a run-time width needs more address registers than there are and spills them.
+template <int JT, int64_t WK>
+inline void score_keys(const float* qT, const float* kj, int64_t W, int64_t HP, int64_t hc, int64_t d0, int64_t d1,
+                       float* S) {
+  if (WK) W = WK;
+  __m512 a[JT];
+  for (int u = 0; u < JT; ++u) a[u] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + u * HP + hc);
+  if (d1 < W)  // the rows' next values, from memory into L1 while these are scored
+    for (int u = 0; u < JT; ++u)
+      for (int64_t d = d1; d < std::min(W, d1 + 64); d += 16) _mm_prefetch(reinterpret_cast<const char*>(kj + u * W + d), _MM_HINT_T0);
+  for (int64_t d = d0; d < d1; ++d) {
+    const __m512 q = _mm512_loadu_ps(qT + d * HP + hc);
+    for (int u = 0; u < JT; ++u) a[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(kj[u * W + d]), a[u]);
+  }
+  for (int u = 0; u < JT; ++u) _mm512_storeu_ps(S + u * HP + hc, a[u]);
+}
+
+// Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, 16 keys at a time over
+// 64 values of the rows at a time, so that the part of q they meet (4 KiB) stays in L1 while the keys stream past.
+template <int64_t WK>
 void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
-  constexpr int JT = 8;
-  int64_t j = 0;
-  for (; j + JT <= nk; j += JT) {
-    const float* kj = keys + j * W;
-    __m512 a[JT];
-    for (int u = 0; u < JT; ++u) a[u] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < W; ++d) {
-      const __m512 q = _mm512_loadu_ps(qT + d * HP + hc);
-      for (int u = 0; u < JT; ++u) a[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(kj[u * W + d]), a[u]);
-    }
-    for (int u = 0; u < JT; ++u) _mm512_storeu_ps(S + (j + u) * HP + hc, a[u]);
+  constexpr int64_t DC = 64;
+  for (int64_t d0 = 0; d0 < W; d0 += DC) {
+    const int64_t d1 = std::min(W, d0 + DC);
+    int64_t j = 0;
+    for (; j + 16 <= nk; j += 16) score_keys<16, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
+    for (; j + 4 <= nk; j += 4) score_keys<4, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
+    for (; j < nk; ++j) score_keys<1, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
   }
-  for (; j < nk; ++j) {
-    const float* kj = keys + j * W;
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t d = 0;
-    for (; d + 2 <= W; d += 2) {
-      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qT + d * HP + hc), _mm512_set1_ps(kj[d]), s0);
-      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(qT + (d + 1) * HP + hc), _mm512_set1_ps(kj[d + 1]), s1);
-    }
-    if (d < W) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qT + d * HP + hc), _mm512_set1_ps(kj[d]), s0);
-    _mm512_storeu_ps(S + j * HP + hc, _mm512_add_ps(s0, s1));
-  }
+}
+
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
+  if (W == DEEPSEEK_ROW)
+    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, S);
+  else
+    scores_f32<0>(qT, keys, nk, W, HP, hc, S);
 }
 
 // The online softmax for heads hc..hc+15 over a block of nk scores: the block's max, the old sum rescaled by
@@ -237,31 +274,39 @@ void accumulate_bf16(const uint32_t* P2, const uint16_t* const* kp, int64_t nk, 
   }
 }
 
-// acc[h] = acc[h] * alpha[h] + sum_j p[j][h] * c_kv_j over float32 key rows, 16 latent values at a time, for eight
-// heads at once: each load of a key row's 16 values serves eight multiply-adds (heads past H: one at a time).
+// acc[h] = acc[h] * alpha[h] + sum_j p[j][h] * c_kv_j over float32 key rows for heads h0..h0+HT-1 and the latent
+// values c..c+16*CV-1 (masked past R): per key, CV loads of its row and HT broadcasts of its probabilities feed
+// HT x CV multiply-adds into sums held in registers.
+template <int HT, int CV>
+inline void accumulate_tile(const float* S, const float* keys, int64_t nk, int64_t HP, int64_t R, int64_t W, int64_t h0,
+                            int64_t c, const float* alpha, float* acc) {
+  __mmask16 mk[CV];
+  __m512 v[HT][CV];
+  for (int z = 0; z < CV; ++z) mk[z] = tail_mask16(std::max<int64_t>(0, R - c - 16 * z));
+  for (int u = 0; u < HT; ++u)
+    for (int z = 0; z < CV; ++z)
+      v[u][z] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk[z], acc + (h0 + u) * R + c + 16 * z), _mm512_set1_ps(alpha[h0 + u]));
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 kv[CV];
+    for (int z = 0; z < CV; ++z) kv[z] = _mm512_maskz_loadu_ps(mk[z], keys + j * W + c + 16 * z);
+    const float* sj = S + j * HP + h0;
+    for (int u = 0; u < HT; ++u) {
+      const __m512 p = _mm512_set1_ps(sj[u]);
+      for (int z = 0; z < CV; ++z) v[u][z] = _mm512_fmadd_ps(p, kv[z], v[u][z]);
+    }
+  }
+  for (int u = 0; u < HT; ++u)
+    for (int z = 0; z < CV; ++z) _mm512_mask_storeu_ps(acc + (h0 + u) * R + c + 16 * z, mk[z], v[u][z]);
+}
+
+// The values of a block over float32 key rows: tiles of 8 heads x 32 latent values (heads past a multiple of 8: one
+// at a time).
 void accumulate_f32(const float* S, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W,
                     const float* alpha, float* acc) {
-  constexpr int HT = 8;
-  for (int64_t c = 0; c < R; c += 16) {
-    const __mmask16 mk = tail_mask16(R - c);
+  for (int64_t c = 0; c < R; c += 32) {
     int64_t h0 = 0;
-    for (; h0 + HT <= H; h0 += HT) {
-      __m512 v[HT];
-      for (int u = 0; u < HT; ++u)
-        v[u] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, acc + (h0 + u) * R + c), _mm512_set1_ps(alpha[h0 + u]));
-      for (int64_t j = 0; j < nk; ++j) {
-        const __m512 kv = _mm512_maskz_loadu_ps(mk, keys + j * W + c);
-        const float* sj = S + j * HP + h0;
-        for (int u = 0; u < HT; ++u) v[u] = _mm512_fmadd_ps(_mm512_set1_ps(sj[u]), kv, v[u]);
-      }
-      for (int u = 0; u < HT; ++u) _mm512_mask_storeu_ps(acc + (h0 + u) * R + c, mk, v[u]);
-    }
-    for (; h0 < H; ++h0) {
-      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, acc + h0 * R + c), _mm512_set1_ps(alpha[h0]));
-      for (int64_t j = 0; j < nk; ++j)
-        v = _mm512_fmadd_ps(_mm512_set1_ps(S[j * HP + h0]), _mm512_maskz_loadu_ps(mk, keys + j * W + c), v);
-      _mm512_mask_storeu_ps(acc + h0 * R + c, mk, v);
-    }
+    for (; h0 + 8 <= H; h0 += 8) accumulate_tile<8, 2>(S, keys, nk, HP, R, W, h0, c, alpha, acc);
+    for (; h0 < H; ++h0) accumulate_tile<1, 2>(S, keys, nk, HP, R, W, h0, c, alpha, acc);
   }
 }
 #elif defined(MLA_AVX2)
@@ -353,33 +398,33 @@ void accumulate_scalar(const float* S, const float* keys, int64_t nk, int64_t H,
 #endif
 
 // One block of nk keys for one query row: scores, the online-softmax update, the values into acc [H, R].
-void attend_block(Scratch& s, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W, bool pairs, float* acc) {
+void attend_block(Scratch& s, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W, bool pairs, float* acc) {
 #ifdef MLA_AVX512
   for (int64_t hc = 0; hc < HP; hc += 16) {
     if (pairs)
       scores_bf16(s.qT2.data(), s.kp.data(), nk, W, HP, hc, s.S.data());
     else
-      scores_f32(s.qT.data(), s.keys.data(), nk, W, HP, hc, s.S.data());
+      scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data());
     softmax_update(s.S.data(), nk, HP, hc, s.m.data(), s.l.data(), s.alpha.data());
   }
   if (pairs) {
     probs_as_pairs(s.S.data(), nk, HP, s.P2.data());
     accumulate_bf16(s.P2.data(), s.kp.data(), nk, H, HP, R, s.alpha.data(), acc);
   } else {
-    accumulate_f32(s.S.data(), s.keys.data(), nk, H, HP, R, W, s.alpha.data(), acc);
+    accumulate_f32(s.S.data(), keys, nk, H, HP, R, W, s.alpha.data(), acc);
   }
 #elif defined(MLA_AVX2)
   (void)pairs;
   for (int64_t hc = 0; hc < HP; hc += 8) {
-    scores_f32(s.qT.data(), s.keys.data(), nk, W, HP, hc, s.S.data());
+    scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data());
     softmax_update(s.S.data(), nk, HP, hc, s.m.data(), s.l.data(), s.alpha.data());
   }
-  accumulate_f32(s.S.data(), s.keys.data(), nk, H, HP, R, W, s.alpha.data(), acc);
+  accumulate_f32(s.S.data(), keys, nk, H, HP, R, W, s.alpha.data(), acc);
 #else
   (void)pairs;
-  scores_scalar(s.qT.data(), s.keys.data(), nk, H, W, HP, s.S.data());
+  scores_scalar(s.qT.data(), keys, nk, H, W, HP, s.S.data());
   softmax_update_scalar(s.S.data(), nk, H, HP, s.m.data(), s.l.data(), s.alpha.data());
-  accumulate_scalar(s.S.data(), s.keys.data(), nk, H, HP, R, W, s.alpha.data(), acc);
+  accumulate_scalar(s.S.data(), keys, nk, H, HP, R, W, s.alpha.data(), acc);
 #endif
 }
 
@@ -392,10 +437,10 @@ void attend_query(const KeyReader& kr, const Split& sp, const float* q, int64_t 
   std::fill(s.m.begin(), s.m.end(), -INFINITY);
   std::fill(s.l.begin(), s.l.end(), 0.f);
   const int64_t kend = std::min(sp.k1, start + i + 1);  // causal: keys up to the query's position
-  for (int64_t kb = sp.k0; kb < kend; kb += KEYS) {
-    const int64_t nk = std::min(KEYS, kend - kb);
-    gather_keys(kr, sp.b, kb, nk, W, pairs, s);
-    attend_block(s, nk, H, HP, R, W, pairs, acc);
+  for (int64_t kb = sp.k0, nk; kb < kend; kb += nk) {  // runs of at most KEYS keys
+    nk = kr.run(kb, std::min(KEYS, kend - kb));
+    const float* keys = gather_keys(kr, sp.b, kb, nk, W, pairs, s);
+    attend_block(s, keys, nk, H, HP, R, W, pairs, acc);
   }
   for (int64_t h = 0; h < H; ++h) {
     ml[h * 2] = s.m[h];

@@ -159,6 +159,8 @@ def paged_batch(q_lens, prefix_lens, H, R, DR, BS, dtype, seed=0):
     ([1, 3, 1], [21, 9, 0], 3, 40, 8, 4),  # odd widths, several queries (causal among them), an empty prefix
     ([2, 1], [300, 33], 20, 48, 16, 16),  # more heads than one vector of 16
     ([2, 1], [45, 0], 5, 37, 6, 8),  # a latent width that is no multiple of a vector (8 or 16 floats)
+    ([3, 1], [77, 130], 20, 512, 64, 16),  # DeepSeek's row width (its own scores loop): runs cut at every cache
+    # block, causal runs of any length, heads past a multiple of 8
 ])
 def test_decode_attention_matches_reference(q_lens, prefix_lens, H, R, DR, BS, dtype):
     from kernels import reference
@@ -172,15 +174,17 @@ def test_decode_attention_matches_reference(q_lens, prefix_lens, H, R, DR, BS, d
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
-def test_decode_attention_on_an_int8_cache():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # k_pe's dtype in the packed rows
+@pytest.mark.parametrize("H,R,DR", [(4, 64, 16), (3, 36, 6)])  # widths that are no multiple of a vector
+def test_decode_attention_on_an_int8_cache(H, R, DR, dtype):
     from kernels import cache_format, reference
     from kernels.cache_format import CacheFormat
-    b = paged_batch([1, 2], [50, 7], 4, 64, 16, 8, torch.bfloat16, seed=1)
-    fmt = CacheFormat("int8", 64, 16, torch.bfloat16)
-    flat = b["kv_cache"].view(-1, 80)
+    b = paged_batch([1, 2], [50, 7], H, R, DR, 8, dtype, seed=1)
+    fmt = CacheFormat("int8", R, DR, dtype)
+    flat = b["kv_cache"].view(-1, R + DR)
     written = (~flat.isnan().any(-1)).nonzero()[:, 0]
     packed = torch.zeros(*b["kv_cache"].shape[:2], fmt.width, dtype=torch.uint8)
-    cache_format.write_latent(packed, written, flat[written, :64], flat[written, 64:], fmt)
+    cache_format.write_latent(packed, written, flat[written, :R], flat[written, R:], fmt)
     out = cpu.mla_decode(**{**b, "kv_cache": packed}, softmax_scale=0.3, kind=cpu.cache_kind(fmt))
     dense, tables = cache_format.unpack(packed, b["block_tables"], b["seq_lens"], fmt, torch.float64)
     want = reference.mla_decode(b["q_lat"].double(), b["q_pe"].double(), dense, tables, b["cu_seqlens_q"],
