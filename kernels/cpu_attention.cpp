@@ -106,15 +106,16 @@ SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t 
 }
 
 // One thread's working set: the query transposed (qT[d][h], or qT2[d / 2][h] as bf16 pairs), a block of keys (as
-// float32 rows, or pointers to bf16 rows read in place), their scores S[j][h] (then probabilities, P2 as bf16
+// float32 rows converted from the cache, none where a float32 cache is read in place, or pointers to bf16 rows read
+// in place), their scores S[j][h] (then probabilities, P2 as bf16
 // pairs), and per head the running max m, sum l and the block's rescaling alpha. HP: H rounded up to 16 lanes.
 struct Scratch {
   std::vector<float> qT, keys, S, m, l, alpha;
   std::vector<uint32_t> qT2, P2;
   std::vector<const uint16_t*> kp;
 
-  Scratch(bool pairs, int64_t W, int64_t HP)
-      : qT(pairs ? 0 : W * HP), keys(pairs ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
+  Scratch(bool pairs, bool in_place, int64_t W, int64_t HP)
+      : qT(pairs ? 0 : W * HP), keys(pairs || in_place ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
         qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0), kp(KEYS) {}
 };
 
@@ -504,7 +505,7 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
   const bool pairs = false;
 #endif
   at::parallel_for(0, int64_t(plan.splits.size()), 1, [&](int64_t i0, int64_t i1) {
-    Scratch s(pairs, W, HP);
+    Scratch s(pairs, kind == CacheKind::FLOAT32, W, HP);
     for (int64_t ti = i0; ti < i1; ++ti) {
       const Split& sp = plan.splits[ti];
       const int64_t q0 = CU[sp.b], nq = CU[sp.b + 1] - q0, start = LEN[sp.b] - nq;
