@@ -107,8 +107,8 @@ SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t 
 
 // One thread's working set: the query transposed (qT[d][h], or qT2[d / 2][h] as bf16 pairs), a block of keys (as
 // float32 rows converted from the cache, none where a float32 cache is read in place, or pointers to bf16 rows read
-// in place), their scores S[j][h] (then probabilities, P2 as bf16
-// pairs), and per head the running max m, sum l and the block's rescaling alpha. HP: H rounded up to 16 lanes.
+// in place), their scores S[j][h] (then probabilities, P2 as bf16 pairs), and per head the running max m, sum l and
+// the block's rescaling alpha. HP: H rounded up to 16 lanes.
 struct Scratch {
   std::vector<float> qT, keys, S, m, l, alpha;
   std::vector<uint32_t> qT2, P2;
@@ -192,9 +192,9 @@ inline void score_keys(const float* qT, const float* kj, int64_t W, int64_t HP, 
   if (WK) W = WK;
   __m512 a[JT];
   for (int u = 0; u < JT; ++u) a[u] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + u * HP + hc);
-  if (d1 < W)  // the rows' next values, from memory into L1 while these are scored
-    for (int u = 0; u < JT; ++u)
-      for (int64_t d = d1; d < std::min(W, d1 + 64); d += 16) _mm_prefetch(reinterpret_cast<const char*>(kj + u * W + d), _MM_HINT_T0);
+  for (int u = 0; u < JT; ++u)  // the rows' next 64 values, from memory into L1 while these are scored
+    for (int64_t d = d1; d < std::min(W, d1 + 64); d += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(kj + u * W + d), _MM_HINT_T0);
   for (int64_t d = d0; d < d1; ++d) {
     const __m512 q = _mm512_loadu_ps(qT + d * HP + hc);
     for (int u = 0; u < JT; ++u) a[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(kj[u * W + d]), a[u]);
@@ -286,7 +286,8 @@ inline void accumulate_tile(const float* S, const float* keys, int64_t nk, int64
   for (int z = 0; z < CV; ++z) mk[z] = tail_mask16(std::max<int64_t>(0, R - c - 16 * z));
   for (int u = 0; u < HT; ++u)
     for (int z = 0; z < CV; ++z)
-      v[u][z] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk[z], acc + (h0 + u) * R + c + 16 * z), _mm512_set1_ps(alpha[h0 + u]));
+      v[u][z] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk[z], acc + (h0 + u) * R + c + 16 * z),
+                              _mm512_set1_ps(alpha[h0 + u]));
   for (int64_t j = 0; j < nk; ++j) {
     __m512 kv[CV];
     for (int z = 0; z < CV; ++z) kv[z] = _mm512_maskz_loadu_ps(mk[z], keys + j * W + c + 16 * z);
@@ -399,7 +400,8 @@ void accumulate_scalar(const float* S, const float* keys, int64_t nk, int64_t H,
 #endif
 
 // One block of nk keys for one query row: scores, the online-softmax update, the values into acc [H, R].
-void attend_block(Scratch& s, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W, bool pairs, float* acc) {
+void attend_block(Scratch& s, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W, bool pairs,
+                  float* acc) {
 #ifdef MLA_AVX512
   for (int64_t hc = 0; hc < HP; hc += 16) {
     if (pairs)
