@@ -20,8 +20,8 @@ constexpr int64_t MIN_KEYS_PER_SPLIT = 256;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr int64_t DEEPSEEK_ROW = 512 + 64;  // kv_lora_rank + qk_rope_head_dim of every DeepSeek-V2/V3
 
-// One cached token's [c_kv | k_pe] as float32 (a float cache row, or an int8 latent with its scale and k_pe in the
-// model dtype).
+// One cached token's [c_kv | k_pe] as float32, from a bf16 row or an int8 latent with its scale and k_pe in the model
+// dtype (a float32 cache is read in place: gather_keys).
 struct KeyReader {
   const uint8_t* cache;
   const int32_t* tables;
@@ -38,14 +38,12 @@ struct KeyReader {
   void read(int64_t b, int64_t pos, float* out) const {
     const uint8_t* row = this->row(b, pos);
     const int64_t W = R + DR;
-    if (kind == CacheKind::FLOAT32) {
-      std::memcpy(out, row, W * 4);
-    } else if (kind == CacheKind::BFLOAT16) {
+    if (kind == CacheKind::BFLOAT16) {
       widen_bf16(reinterpret_cast<const uint16_t*>(row), W, out);
     } else {
       float s;
       std::memcpy(&s, row + R, 4);
-      widen_int8(reinterpret_cast<const int8_t*>(row), s, R, out);
+      dequantize_row(row, &s, false, R, out);
       if (kind == CacheKind::INT8_BF16_ROPE)
         widen_bf16(reinterpret_cast<const uint16_t*>(row + R + 4), DR, out + R);
       else
@@ -59,19 +57,6 @@ struct KeyReader {
     for (; d < n; d += 16) _mm512_mask_storeu_ps(out + d, tail_mask16(n - d), load_bf16(v + d, tail_mask16(n - d)));
 #endif
     for (; d < n; ++d) out[d] = bf16_to_float(v[d]);
-  }
-
-  static void widen_int8(const int8_t* q, float s, int64_t n, float* out) {
-    int64_t d = 0;
-#ifdef MLA_AVX512
-    const __m512 sv = _mm512_set1_ps(s);
-    for (; d < n; d += 16) {
-      const __mmask16 mk = tail_mask16(n - d);
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + d)));
-      _mm512_mask_storeu_ps(out + d, mk, _mm512_mul_ps(v, sv));
-    }
-#endif
-    for (; d < n; ++d) out[d] = float(q[d]) * s;
   }
 };
 

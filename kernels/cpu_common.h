@@ -1,6 +1,6 @@
 // What every CPU kernel file shares: the bf16 conversions, the AVX-512 helpers (masked tails, a vector 2^x, bf16
-// loads), the conversion of a few rows of any float dtype to float32 and back, and the small dot and axpy over a bf16
-// or fp32 weight row. They are inline here, rather than in a file of their own, so that each kernel's inner loops
+// loads), the conversion of a few rows of any float dtype to float32 and back, an int8 / int4 row's dequantization,
+// and the small dot and axpy over a bf16 or fp32 weight row. They are inline here, rather than in a file of their own, so that each kernel's inner loops
 // can inline them: a call per 16 values would cost as much as the arithmetic it wraps.
 //
 // Without AVX-512 (F, BW and VNNI) MLA_AVX512 stays undefined and every kernel runs its portable scalar loop, except
@@ -219,6 +219,68 @@ inline void store_f32(const float* v, torch::Tensor& out) {
     T* p = out.data_ptr<T>();
     for (int64_t i = 0; i < out.numel(); ++i) p[i] = T(v[i]);
   });
+}
+
+inline void put(float v, float* o) { *o = v; }
+inline void put(float v, uint16_t* o) { *o = bf16_bits(v); }
+
+// One quantized row (its scales S: int8 one, int4 one per group) -> K values of O (float32, or bf16 bits).
+template <typename O>
+void dequantize_row(const uint8_t* q, const float* S, bool int4, int64_t K, O* o) {
+  int64_t k = 0;
+#ifdef MLA_AVX512
+  if constexpr (std::is_same_v<O, uint16_t>) {
+    if (int4) {  // 16 bytes -> 32 values: each byte's low nibble then its high one, packed as two bf16 per 32 bits
+      for (; k + 32 <= K; k += 32) {
+        const __m512 s = _mm512_set1_ps(S[k / QB]);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
+        const __m512i eight = _mm512_set1_epi32(8);
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight)), s);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight)), s);
+        const __m512i lo16 = _mm512_cvtepu16_epi32(to_bf16(lo));
+        const __m512i hi16 = _mm512_cvtepu16_epi32(to_bf16(hi));
+        _mm512_storeu_si512(o + k, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
+      }
+    } else {
+      const __m512 s = _mm512_set1_ps(S[0]);
+      for (; k + 16 <= K; k += 16) {
+        const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
+                            to_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s)));
+      }
+    }
+  } else if (!int4) {
+    const __m512 s = _mm512_set1_ps(S[0]);
+    for (; k + 16 <= K; k += 16) {
+      const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+      _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_cvtepi32_ps(v), s));
+    }
+  }
+#endif
+#if defined(MLA_AVX512) || defined(MLA_AVX2)
+  if constexpr (std::is_same_v<O, float>) {
+    if (int4) {  // 8 bytes -> 16 values: the low nibbles and the high ones interleaved back into k order
+      const __m256i fifteen = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+      for (; k + 16 <= K; k += 16) {
+        const __m256 s = _mm256_set1_ps(S[k / QB]);
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k / 2)));
+        const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, fifteen), eight)), s);
+        const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight)), s);
+        const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
+        _mm256_storeu_ps(o + k, _mm256_permute2f128_ps(a, b, 0x20));
+        _mm256_storeu_ps(o + k + 8, _mm256_permute2f128_ps(a, b, 0x31));
+      }
+    } else {
+      const __m256 s = _mm256_set1_ps(S[0]);
+      for (; k + 8 <= K; k += 8)
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(
+                                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k)))), s));
+    }
+  }
+#endif
+  for (; k < K; ++k)
+    put(int4 ? float(int32_t(k % 2 ? q[k / 2] >> 4 : q[k / 2] & 0xF) - 8) * S[k / QB] : float(int8_t(q[k])) * S[0],
+        o + k);
 }
 
 inline torch::Tensor tensor_from(const float* v, at::IntArrayRef shape, at::ScalarType st) {
