@@ -38,8 +38,15 @@ constexpr int64_t MIN_GRAB = 2;  // tasks a thread takes at least per grab in ru
 constexpr int64_t MT = 4;  // rows of x sharing one pass over a weight row
 constexpr int64_t MAX_KB = 256;  // int4 groups per row the kernels take (K <= 32768)
 // How far ahead of its loads a row loop prefetches the weight stream (software prefetch, on top of the hardware's,
-// which stops at each 4 KiB page); chosen by timing decode steps (bench/results/cpu-kernel-notes.md).
-constexpr int64_t PREFETCH = 2048;
+// which stops at each 4 KiB page): far ahead into L2, so that enough lines are in flight for one core's share of the
+// read rate, and nearer into L1, so that the loads find their line there (bench/results/cpu-kernel-notes.md).
+constexpr int64_t PREFETCH_L2 = 6144, PREFETCH_L1 = 1024;
+
+// The software prefetch for the weight line at p.
+__attribute__((always_inline)) inline void prefetch_weights(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + PREFETCH_L2, _MM_HINT_T1);
+  _mm_prefetch(static_cast<const char*>(p) + PREFETCH_L1, _MM_HINT_T0);
+}
 
 // Rows x [M, K] (row m at x + m * ldx) quantized per block of 128 into Q [M, KB * 128] (zero padded), S [M, KB]
 // scales, C [M, KB] scale * sum of the block's integers; interleave: each block as its even-indexed values, then its
@@ -203,9 +210,8 @@ void row_bf16(const uint16_t* w, const uint16_t* x, int64_t ldx, int64_t K, floa
   __m512 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
   int64_t k = 0;
-  const char* pf = (const char*)w + PREFETCH;
   for (; k + 64 <= K; k += 64) {
-    _mm_prefetch(pf + 2 * k, _MM_HINT_T0), _mm_prefetch(pf + 2 * k + 64, _MM_HINT_T0);
+    prefetch_weights(w + k), prefetch_weights(w + k + 32);
     const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
     for (int c = 0; c < C; ++c) {
       acc[c][0] = dpbf16(acc[c][0], w0, _mm512_loadu_si512(x + c * ldx + k));
@@ -229,9 +235,8 @@ void row_f32(const Wt* w, const float* x, int64_t ldx, int64_t K, float* out) {
   __m512 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
   int64_t k = 0;
-  const char* pf = (const char*)w + PREFETCH;
   for (; k + 32 <= K; k += 32) {
-    for (int64_t o = 0; o < 32 * int64_t(sizeof(Wt)); o += 64) _mm_prefetch(pf + k * sizeof(Wt) + o, _MM_HINT_T0);
+    for (int64_t o = 0; o < 32 * int64_t(sizeof(Wt)); o += 64) prefetch_weights((const char*)(w + k) + o);
     const __m512 w0 = load_w(w, bf16w, k, 0xFFFF), w1 = load_w(w, bf16w, k + 16, 0xFFFF);
     for (int c = 0; c < C; ++c) {
       acc[c][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + c * ldx + k), acc[c][0]);
@@ -255,8 +260,7 @@ void row_q8(const uint8_t* w, const int8_t* x, int64_t ldx, const float* sx, int
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
   auto block = [&](int64_t b, int u) __attribute__((always_inline)) {
     const int64_t k0 = b * QB;
-    _mm_prefetch((const char*)w + PREFETCH + k0, _MM_HINT_T0);
-    _mm_prefetch((const char*)w + PREFETCH + k0 + 64, _MM_HINT_T0);
+    prefetch_weights(w + k0), prefetch_weights(w + k0 + 64);
     __m512i w0, w1;
     if (k0 + QB <= K) {
       w0 = _mm512_xor_si512(_mm512_loadu_si512(w + k0), sign);
@@ -300,7 +304,7 @@ void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, con
   __m512 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
   auto block = [&](int64_t b, int u) __attribute__((always_inline)) {
-    _mm_prefetch((const char*)w + PREFETCH + b * 64, _MM_HINT_T0);
+    prefetch_weights(w + b * 64);
     const __m512i v = _mm512_loadu_si512(w + b * 64);
     const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
     for (int c = 0; c < C; ++c) {
@@ -333,8 +337,7 @@ void row_q8(const uint8_t* w, const int8_t* x, int64_t ldx, const float* sx, int
   alignas(32) uint8_t tail[QB];
   for (int64_t b = 0; b < KB; ++b) {
     const int64_t k0 = b * QB;
-    _mm_prefetch((const char*)w + PREFETCH + k0, _MM_HINT_T0);
-    _mm_prefetch((const char*)w + PREFETCH + k0 + 64, _MM_HINT_T0);
+    prefetch_weights(w + k0), prefetch_weights(w + k0 + 64);
     const uint8_t* wb = w + k0;
     if (k0 + QB > K) {  // the last, short block: zeros past K (x is zero there too)
       std::memset(tail, 0, QB);
@@ -378,7 +381,7 @@ void row_q4(const uint8_t* w, const float* ws, const int8_t* x, int64_t ldx, con
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
   auto block = [&](int64_t b, int u) __attribute__((always_inline)) {
-    _mm_prefetch((const char*)w + PREFETCH + b * 64, _MM_HINT_T0);
+    prefetch_weights(w + b * 64);
     const __m256i v0 = load32(w + b * 64), v1 = load32(w + b * 64 + 32);
     const __m256i lo0 = _mm256_and_si256(v0, low), lo1 = _mm256_and_si256(v1, low);
     const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
