@@ -511,6 +511,55 @@ const void* head_weight(const torch::Tensor& w, int64_t H) {
   return w.data_ptr();
 }
 
+// q[0:R] += sum_a qn[a] * W[a, 0:R] for the DN rows of W (bf16 or float32), in a's order with axpy's rounding, four
+// rows of W per load and store of q (a row at a time, q's loads and stores outnumbered the weight's), the rows
+// prefetched: at a small depth the products through W_UK and W_UV are most of the attention's time.
+void absorb_q(const float* qn, const char* W, bool w16, int64_t DN, int64_t R, float* q) {
+  const int64_t row = R * (w16 ? 2 : 4);
+  int64_t a = 0;
+#ifdef MLA_AVX512
+  for (; a + 4 <= DN; a += 4) {
+    const char* w = W + a * row;
+    prefetch_row(w, 4 * row);
+    const __m512 s0 = _mm512_set1_ps(qn[a]), s1 = _mm512_set1_ps(qn[a + 1]), s2 = _mm512_set1_ps(qn[a + 2]),
+                 s3 = _mm512_set1_ps(qn[a + 3]);
+    for (int64_t i = 0; i < R; i += 16) {
+      const __mmask16 mk = tail_mask16(R - i);
+      __m512 y = _mm512_fmadd_ps(s0, load_w(w, w16, i, mk), _mm512_maskz_loadu_ps(mk, q + i));
+      y = _mm512_fmadd_ps(s1, load_w(w + row, w16, i, mk), y);
+      y = _mm512_fmadd_ps(s2, load_w(w + 2 * row, w16, i, mk), y);
+      _mm512_mask_storeu_ps(q + i, mk, _mm512_fmadd_ps(s3, load_w(w + 3 * row, w16, i, mk), y));
+    }
+  }
+#endif
+  for (; a < DN; ++a) {
+    prefetch_row(W + a * row, row);
+    axpy(q, qn[a], W + a * row, w16, R);
+  }
+}
+
+// o[j] = x . W[j] for the n <= 4 rows of W (bf16 or float32), each sum in dot's order, the four at once: a row's
+// multiply-adds wait on each other, four rows' do not.
+void dots(const float* x, const char* W, bool w16, int64_t n, int64_t R, float* o) {
+  const int64_t row = R * (w16 ? 2 : 4);
+#ifdef MLA_AVX512
+  if (n == 4) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < R; i += 16) {
+      const __mmask16 mk = tail_mask16(R - i);
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + i);
+      a0 = _mm512_fmadd_ps(xv, load_w(W, w16, i, mk), a0);
+      a1 = _mm512_fmadd_ps(xv, load_w(W + row, w16, i, mk), a1);
+      a2 = _mm512_fmadd_ps(xv, load_w(W + 2 * row, w16, i, mk), a2);
+      a3 = _mm512_fmadd_ps(xv, load_w(W + 3 * row, w16, i, mk), a3);
+    }
+    o[0] = hsum(a0), o[1] = hsum(a1), o[2] = hsum(a2), o[3] = hsum(a3);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) o[j] = dot(x, W + j * row, w16, R);
+}
+
 }  // namespace
 
 // kernels/reference.py mla_decode: o_lat [T, H, R] in q_lat's dtype.
@@ -550,17 +599,19 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tens
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t t = 0; t < T; ++t) {
         float* qr = q.data() + (t * H + h) * W;
-        for (int64_t a = 0; a < DN; ++a)
-          axpy(qr, qn[(t * H + h) * DN + a], static_cast<const char*>(UK) + (h * DN + a) * R * uk_elt, uk16, R);
+        absorb_q(qn.data() + (t * H + h) * DN, static_cast<const char*>(UK) + h * DN * R * uk_elt, uk16, DN, R, qr);
         std::memcpy(qr + R, qp.data() + (t * H + h) * DR, DR * 4);
       }
   });
   attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind, o_lat.data());
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {  // o[t, h] = o_lat[t, h] @ W_UV[h].T
     for (int64_t h = h0; h < h1; ++h)
-      for (int64_t v = 0; v < V; ++v) {
-        const void* wr = static_cast<const char*>(UV) + (h * V + v) * R * uv_elt;
-        for (int64_t t = 0; t < T; ++t) o[(t * H + h) * V + v] = dot(o_lat.data() + (t * H + h) * R, wr, uv16, R);
+      for (int64_t v = 0; v < V; v += 4) {
+        const int64_t n = std::min<int64_t>(4, V - v);
+        const char* wr = static_cast<const char*>(UV) + (h * V + v) * R * uv_elt;
+        prefetch_row(wr, n * R * uv_elt);
+        for (int64_t t = 0; t < T; ++t)
+          dots(o_lat.data() + (t * H + h) * R, wr, uv16, n, R, o.data() + (t * H + h) * V + v);
       }
   });
   return tensor_from(o.data(), {T, H, V}, q_nope.scalar_type());

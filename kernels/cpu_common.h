@@ -32,6 +32,22 @@ namespace mla {
 
 constexpr int64_t QB = 128;  // activation quantization block = int4 weight group
 
+// How far ahead of its loads a loop over weights prefetches them (software prefetch, on top of the hardware's, which
+// stops at each 4 KiB page): far ahead into L2, so that enough lines are in flight for one core's share of the read
+// rate, and nearer into L1, so that the loads find their line there (bench/results/cpu-kernel-notes.md).
+constexpr int64_t PREFETCH_L2 = 6144, PREFETCH_L1 = 1024;
+
+// The software prefetch for the weight line at p.
+__attribute__((always_inline)) inline void prefetch_weights(const void* p) {
+  __builtin_prefetch(static_cast<const char*>(p) + PREFETCH_L2, 0, 2);
+  __builtin_prefetch(static_cast<const char*>(p) + PREFETCH_L1, 0, 3);
+}
+
+// The same for every line of a weight row of `bytes` bytes at p, for loops that read a row in one go.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) prefetch_weights(static_cast<const char*>(p) + o);
+}
+
 using bf16 = at::BFloat16;
 
 inline uint16_t bf16_bits(float v) {  // round to nearest even, as at::BFloat16

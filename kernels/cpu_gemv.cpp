@@ -37,16 +37,6 @@ constexpr int64_t ROWS_PER_TASK = 16;
 constexpr int64_t MIN_GRAB = 2;  // tasks a thread takes at least per grab in run()
 constexpr int64_t MT = 4;  // rows of x sharing one pass over a weight row
 constexpr int64_t MAX_KB = 256;  // int4 groups per row the kernels take (K <= 32768)
-// How far ahead of its loads a row loop prefetches the weight stream (software prefetch, on top of the hardware's,
-// which stops at each 4 KiB page): far ahead into L2, so that enough lines are in flight for one core's share of the
-// read rate, and nearer into L1, so that the loads find their line there (bench/results/cpu-kernel-notes.md).
-constexpr int64_t PREFETCH_L2 = 6144, PREFETCH_L1 = 1024;
-
-// The software prefetch for the weight line at p.
-__attribute__((always_inline)) inline void prefetch_weights(const void* p) {
-  _mm_prefetch(static_cast<const char*>(p) + PREFETCH_L2, _MM_HINT_T1);
-  _mm_prefetch(static_cast<const char*>(p) + PREFETCH_L1, _MM_HINT_T0);
-}
 
 // Rows x [M, K] (row m at x + m * ldx) quantized per block of 128 into Q [M, KB * 128] (zero padded), S [M, KB]
 // scales, C [M, KB] scale * sum of the block's integers; interleave: each block as its even-indexed values, then its
