@@ -190,6 +190,8 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool interleave) {
   return {xq, sx, sxsum};
 }
 
+namespace {
+
 #ifdef MLA_AVX512
 // One weight row against C rows of x (C in 1..4), out[c] = x_c . w. One row at a time keeps each thread's reads a
 // single sequential stream, which the hardware prefetcher follows at the full read rate (tiles of 4 weight rows,
@@ -420,8 +422,6 @@ void row_f32(const uint16_t* w, const float* x, int64_t ldx, int64_t K, float* o
     default: CALL(4); break;    \
   }
 
-namespace {
-
 // The portable loop of dot_rows: int8 rows include the +128 correction (the VNNI path's form).
 void dot_rows_scalar(const WeightRows& W, const Acts& A, int64_t g, int64_t n, int64_t m, int64_t C, float* o) {
   const uint8_t* wr = W.row(g, n);
@@ -454,44 +454,54 @@ void dot_rows_scalar(const WeightRows& W, const Acts& A, int64_t g, int64_t n, i
   }
 }
 
-// o[c] = x_{m + c} . W_g[n] for c < C (C <= MT): one pass over the weight row for C rows of x.
-void dot_rows(const WeightRows& W, const Acts& A, int64_t g, int64_t n, int64_t m, int64_t C, float* o) {
-  const uint8_t* wr = W.row(g, n);
+// out[c * ldo + n] = x_{m + c} . W_g[n] for c < C (C <= MT) and n in n0:n1: one pass over each weight row for C rows
+// of x, the weight's kind and C dispatched once for all the rows: an int4 row of V2-Lite is 1 KiB, short enough that
+// a dispatch and a call per row showed in profiles of a decode step.
+void dot_rows(const WeightRows& W, const Acts& A, int64_t g, int64_t n0, int64_t n1, int64_t m, int64_t C, float* out,
+              int64_t ldo) {
   const int8_t* xq = A.q.data() + m * A.ld;
+  const float* sx = A.sx.data() + m * A.KB;
+  auto rows = [&](auto row) __attribute__((always_inline)) {  // row(wr, n, o): o[c] = x_{m + c} . W_g[n]
+    for (int64_t n = n0; n < n1; ++n) {
+      float o[MT];
+      row(W.row(g, n), n, o);
+      if (W.kind == Q8) {
+        const float ws = W.scales[g * W.N + n];
+        for (int64_t c = 0; c < C; ++c) o[c] = ws * (o[c] - A.corr[m + c]);
+      }
+      for (int64_t c = 0; c < C; ++c) out[c * ldo + n] = o[c];
+    }
+  };
+#define MLA_ROWS(CALL) rows([&](const uint8_t* wr, int64_t n, float* o) __attribute__((always_inline)) { CALL; })
   switch (W.kind) {
 #ifdef MLA_AVX512
-#define MLA_F32(C_) row_f32<C_>((const float*)wr, A.f.data() + m * A.ld, A.ld, W.K, o)
-#define MLA_BF16(C_) row_bf16<C_>((const uint16_t*)wr, A.h.data() + m * A.ld, A.ld, W.K, o)
+#define MLA_F32(C_) MLA_ROWS(row_f32<C_>((const float*)wr, A.f.data() + m * A.ld, A.ld, W.K, o))
+#define MLA_BF16(C_) MLA_ROWS(row_bf16<C_>((const uint16_t*)wr, A.h.data() + m * A.ld, A.ld, W.K, o))
     case F32: MLA_DISPATCH_C(C, MLA_F32) break;
     case BF16: MLA_DISPATCH_C(C, MLA_BF16) break;
 #undef MLA_F32
 #undef MLA_BF16
 #endif
 #if defined(MLA_AVX512) || defined(MLA_AVX2)
-#define MLA_BF16_F32(C_) row_f32<C_>((const uint16_t*)wr, A.f.data() + m * A.ld, A.ld, W.K, o)
+#define MLA_BF16_F32(C_) MLA_ROWS(row_f32<C_>((const uint16_t*)wr, A.f.data() + m * A.ld, A.ld, W.K, o))
     case BF16_F32: MLA_DISPATCH_C(C, MLA_BF16_F32) break;
 #undef MLA_BF16_F32
+#ifdef MLA_AVX2  // AVX2's signed dots, in the VNNI path's form
+#define MLA_Q8(C_) \
+  MLA_ROWS(row_q8<C_>(wr, xq, A.ld, sx, A.KB, W.K, o); for (int64_t c = 0; c < C; ++c) o[c] += A.corr[m + c])
+#else
+#define MLA_Q8(C_) MLA_ROWS(row_q8<C_>(wr, xq, A.ld, sx, A.KB, W.K, o))
 #endif
-#if defined(MLA_AVX512) || defined(MLA_AVX2)
-#define MLA_Q8(C_) row_q8<C_>(wr, xq, A.ld, A.sx.data() + m * A.KB, A.KB, W.K, o)
 #define MLA_Q4(C_) \
-  row_q4<C_>(wr, W.scales + (g * W.N + n) * W.KB, xq, A.ld, A.sx.data() + m * A.KB, A.sxsum.data() + m * A.KB, A.KB, o)
-    case Q8:
-      MLA_DISPATCH_C(C, MLA_Q8)
-#ifdef MLA_AVX2
-      for (int64_t c = 0; c < C; ++c) o[c] += A.corr[m + c];  // AVX2's signed dots, in the VNNI path's form
-#endif
-      break;
+  MLA_ROWS(row_q4<C_>(wr, W.scales + (g * W.N + n) * W.KB, xq, A.ld, sx, A.sxsum.data() + m * A.KB, A.KB, o))
+    case Q8: MLA_DISPATCH_C(C, MLA_Q8) break;
     case Q4: MLA_DISPATCH_C(C, MLA_Q4) break;
 #undef MLA_Q8
 #undef MLA_Q4
 #endif
-    default: dot_rows_scalar(W, A, g, n, m, C, o);
+    default: MLA_ROWS(dot_rows_scalar(W, A, g, n, m, C, o));
   }
-  if (W.kind == Q8) {
-    const float ws = W.scales[g * W.N + n];
-    for (int64_t c = 0; c < C; ++c) o[c] = ws * (o[c] - A.corr[m + c]);
-  }
+#undef MLA_ROWS
 }
 
 // One product: rows m0:m1 of A times weight g of W, into out[(m - m0) * ldo + n] (float32).
@@ -520,14 +530,8 @@ void run(const std::vector<Job>& jobs) {
   auto task = [&](int64_t t) {
     const Job& jb = jobs[tasks[t].first];
     const int64_t n0 = tasks[t].second, n1 = std::min(jb.W->N, n0 + ROWS_PER_TASK);
-    for (int64_t m = jb.m0; m < jb.m1; m += MT) {
-      const int64_t C = std::min(MT, jb.m1 - m);
-      for (int64_t n = n0; n < n1; ++n) {
-        float o[MT];
-        dot_rows(*jb.W, *jb.A, jb.g, n, m, C, o);
-        for (int64_t c = 0; c < C; ++c) jb.out[(m - jb.m0 + c) * jb.ldo + n] = o[c];
-      }
-    }
+    for (int64_t m = jb.m0; m < jb.m1; m += MT)
+      dot_rows(*jb.W, *jb.A, jb.g, n0, n1, m, std::min(MT, jb.m1 - m), jb.out + (m - jb.m0) * jb.ldo, jb.ldo);
   };
   if (bytes < INLINE_BYTES) {
     for (int64_t t = 0; t < NT; ++t) task(t);
