@@ -5,6 +5,7 @@ import math
 import torch
 
 from kernels import WeightFormat
+from kernels.weights import INT4_GROUP
 from models.config import ModelConfig
 from models.deepseek import DeepseekModel
 
@@ -47,11 +48,13 @@ def prompt_flops(cfg: ModelConfig, n: int, depth: int) -> float:
 
 def decode_bytes(cfg: ModelConfig, batch: int, ctx: float, dtype, weight_dtype: str | None,
                  cache_bytes_per_token: float, float_dtype=None) -> float:
-    """Bytes one decode step reads at least: every weight once (of the routed experts, those the batch picks:
-    E (1 - (1 - k / E)^batch) per layer for a uniform router), the LM head, and each sequence's cached latent.
-    float_dtype: what float weights are stored in (None: dtype); kv_b_proj is, the router (small) counted with it."""
+    """Bytes one decode step reads at least: every weight once as it is stored (of the routed experts, those the
+    batch picks: E (1 - (1 - k / E)^batch) per layer for a uniform router), the LM head, and each sequence's cached
+    latent. float_dtype: what float weights are stored in (None: dtype); kv_b_proj is, the router (small) counted
+    with it. An int4 weight is its nibbles and its float32 scale per group of INT4_GROUP; an int8 weight's one scale
+    per row is left out (under 0.1% of its bytes)."""
     o_elt = torch.empty(0, dtype=float_dtype or dtype).element_size()
-    q_elt = {"int8": 1, "int4": 0.5}.get(weight_dtype, o_elt)  # the linears and experts
+    q_elt = {"int8": 1, "int4": 0.5 + 4 / INT4_GROUP}.get(weight_dtype, o_elt)  # the linears and experts
     total = cfg.vocab_size * cfg.hidden_size * q_elt + batch * ctx * cache_bytes_per_token
     for i in range(cfg.num_hidden_layers):
         dense, per_expert, other = layer_params(cfg, i)
