@@ -73,6 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("quantize_rows", &quantize_rows);
   m.def("gemv", &gemv);
+  m.def("stream_sum", &stream_sum);
   m.def("moe_decode", &moe_decode);
   m.def("dequantize", &dequantize);
   m.def("quantize_tokens", &quantize_tokens);

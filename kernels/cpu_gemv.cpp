@@ -28,6 +28,7 @@
 #include "cpu_kernels.h"
 
 #include <atomic>
+#include <numeric>
 #include <type_traits>
 
 namespace mla {
@@ -585,6 +586,37 @@ void gemv(torch::Tensor x, const WeightRef& w, torch::Tensor out) {
   std::vector<float> y(M * N, NAN);  // NaN: a product left unwritten shows
   run({{&W, 0, &A, 0, M, y.data(), N}});
   store_f32(y.data(), out);
+}
+
+// The sum of a float32 tensor, read as the row kernels read weights (each thread a long sequential run, with their
+// software prefetch): the read rate those kernels can reach, for the roofline's read bandwidth
+// (tools/kernel_bench.py), where torch's sum, which does not prefetch, reads slower than they do.
+double stream_sum(torch::Tensor x) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat32, "stream_sum: a contiguous float32 tensor");
+  const float* X = x.data_ptr<float>();
+  const int64_t n = x.numel(), CHUNK = 1 << 16;  // floats a thread sums at a time
+  std::vector<double> part((n + CHUNK - 1) / CHUNK, 0.0);
+  at::parallel_for(0, int64_t(part.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * CHUNK, i1 = std::min(n, i0 + CHUNK);
+      float s = 0.f;
+      int64_t i = i0;
+#ifdef MLA_AVX512
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (; i + 64 <= i1; i += 64) {
+        for (int64_t o = 0; o < 64; o += 16) prefetch_weights(X + i + o);
+        a0 = _mm512_add_ps(a0, _mm512_loadu_ps(X + i));
+        a1 = _mm512_add_ps(a1, _mm512_loadu_ps(X + i + 16));
+        a2 = _mm512_add_ps(a2, _mm512_loadu_ps(X + i + 32));
+        a3 = _mm512_add_ps(a3, _mm512_loadu_ps(X + i + 48));
+      }
+      s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+      for (; i < i1; ++i) s += X[i];
+      part[c] = s;
+    }
+  });
+  return std::accumulate(part.begin(), part.end(), 0.0);
 }
 
 // A MoE layer's experts for a few tokens x [T, D] in one call: the routed ones the router picked (ids [T, k] int64,

@@ -347,3 +347,15 @@ def test_bound_structs_have_the_dataclasses_fields():
     assert native is cpu.native_router(router)  # converted once per setting
     assert (native.top_k, native.scoring, native.method, native.n_group, native.topk_group, native.norm,
             native.scale) == (6, e.Scoring.sigmoid, e.TopkMethod.noaux_tc, 8, 4, True, 2.5)
+
+
+@pytest.mark.parametrize("n", [1, 63, 65, 65536 + 77, 3 * 65536])
+def test_stream_sum_reads_every_value(n):
+    """stream_sum (the roofline's read loop) is the sum of every value, at sizes around its vector and chunk."""
+    e = cpu.ext()
+    if e is None:
+        pytest.skip("the C++ extension does not build here")
+    x = torch.randint(-8, 9, (n,)).float()  # integers: every partial sum exact
+    assert e.stream_sum(x) == x.double().sum().item()
+    x[-1] += 1000.0  # the last value counted too
+    assert e.stream_sum(x) == x.double().sum().item()

@@ -107,10 +107,16 @@ def copy_bandwidth(device, timer: Timer, nbytes: int) -> dict:
 
 def read_bandwidth(device, timer: Timer, nbytes: int) -> dict:
     """A read-only stream, the limit of a decode step (it reads its weights and writes little): the sum of a large
-    float32 array (a copy writes as much as it reads, and on this CPU runs slower than reading alone)."""
+    float32 array (a copy writes as much as it reads, and on this CPU runs slower than reading alone). On the CPU,
+    the faster of torch's sum and the C++ kernels' own read loop (kernels.cpu.stream_sum, with the software
+    prefetch of the decode products, which read faster than torch's sum)."""
     nbytes = min(nbytes, int(available_memory(device) * MEMORY_MARGIN))
     x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
     t = timer(lambda: x.sum(), flush=False)
+    if device.type == "cpu":
+        from kernels import cpu
+        if cpu.ext() is not None:
+            t = min(t, timer(lambda: cpu.ext().stream_sum(x), flush=False))
     return dict(bytes=x.nbytes, time_s=t, gbps=x.nbytes / t / 1e9)
 
 
