@@ -59,8 +59,8 @@ struct DecodeLayerWeights {
   bool rope_interleave = false;
 };
 
-// cpu_gemv.cpp: few-row products, one weight or a MoE layer's experts; the prefill GEMM's dequantization, and the
-// int8 x int8 prefill GEMM's operands and epilogue.
+// cpu_gemv.cpp: few-row products, one weight or a MoE layer's experts, and their read loop alone (stream_sum); the
+// prefill GEMM's dequantization, and the int8 x int8 prefill GEMM's operands and epilogue.
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool interleave);
 void gemv(torch::Tensor x, const WeightRef& w, torch::Tensor out);
 double stream_sum(torch::Tensor x);
