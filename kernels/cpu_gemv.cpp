@@ -604,7 +604,7 @@ double stream_sum(torch::Tensor x) {
 #ifdef MLA_AVX512
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (; i + 64 <= i1; i += 64) {
-        for (int64_t o = 0; o < 64; o += 16) prefetch_weights(X + i + o);
+        prefetch_row(X + i, 256);
         a0 = _mm512_add_ps(a0, _mm512_loadu_ps(X + i));
         a1 = _mm512_add_ps(a1, _mm512_loadu_ps(X + i + 16));
         a2 = _mm512_add_ps(a2, _mm512_loadu_ps(X + i + 32));

@@ -115,8 +115,9 @@ def read_bandwidth(device, timer: Timer, nbytes: int) -> dict:
     t = timer(lambda: x.sum(), flush=False)
     if device.type == "cpu":
         from kernels import cpu
-        if cpu.ext() is not None:
-            t = min(t, timer(lambda: cpu.ext().stream_sum(x), flush=False))
+        ext = cpu.ext()
+        if ext is not None:
+            t = min(t, timer(lambda: ext.stream_sum(x), flush=False))
     return dict(bytes=x.nbytes, time_s=t, gbps=x.nbytes / t / 1e9)
 
 
