@@ -100,9 +100,14 @@ def test_quantize_tokens_matches_reference():
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("N,K", [(7, 201), (33, 2048), (3, 31)])
+@pytest.mark.parametrize("N,K", [(7, 201), (33, 2048), (3, 31), (5, 300), (4, 384)])
 def test_requantize_rows_matches_reference(N, K):
-    qw = quantize_weight(rand(N, K, seed=13), "int4")
+    """Bit for bit: whole groups through the table lookup, a short last group, rows whose largest value sits in the
+    short group (row 1) or nowhere (row 2, all zeros)."""
+    w = rand(N, K, seed=13)
+    w[1, -1] = 50.0
+    w[2] = 0
+    qw = quantize_weight(w, "int4")
     out, scales = torch.full((N, K), 99, dtype=torch.int8), torch.full((N,), float("nan"))
     cpu.requantize_rows(qw, out, scales)
     want_q, want_s = cpu.quantize_tokens_reference(qw.dequantize())
