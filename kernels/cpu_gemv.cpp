@@ -746,9 +746,9 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
 
 #ifdef MLA_AVX512
 // One int4 row (K values, group scales S) as int8 with one scale, bit for bit what dequantize_row then quantize_row
-// give, without the float32 row between them (which made the prompt GEMM's int4 operand cost as much as its
-// product): a value of group g is (q - 8) * S[g], so the row's largest magnitude is the largest S[g] * max |q - 8|,
-// and each group's 16 possible values, quantized as quantize_row does, are a table its nibbles index (vpshufb).
+// give, without the float32 row between them (every prompt converts every int4 weight it multiplies): a value of
+// group g is (q - 8) * S[g], so the row's largest magnitude is the largest S[g] * max |q - 8|, and each group's 16
+// possible values, quantized as quantize_row does, are a table its nibbles index (vpshufb).
 void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, float* scale) {
   const int64_t full = K / QB, KB = (K + QB - 1) / QB;
   const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
@@ -757,9 +757,10 @@ void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, fl
   for (int64_t g = 0; g < full; ++g) {
     const __m512i b = _mm512_loadu_si512(q + g * QB / 2);
     const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
-    const __m512i d = _mm512_max_epu8(_mm512_abs_epi8(_mm512_sub_epi8(lo, eight)), _mm512_abs_epi8(_mm512_sub_epi8(hi, eight)));
-    __m128i m = _mm_max_epu8(_mm256_castsi256_si128(_mm256_max_epu8(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1))),
-                             _mm256_extracti128_si256(_mm256_max_epu8(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1)), 1));
+    const __m512i d = _mm512_max_epu8(_mm512_abs_epi8(_mm512_sub_epi8(lo, eight)),
+                                      _mm512_abs_epi8(_mm512_sub_epi8(hi, eight)));
+    const __m256i d2 = _mm256_max_epu8(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1));
+    __m128i m = _mm_max_epu8(_mm256_castsi256_si128(d2), _mm256_extracti128_si256(d2, 1));
     m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
     m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
     m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
@@ -770,10 +771,11 @@ void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, fl
   const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
   const __m512i values = _mm512_sub_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32(8));
-  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
   for (int64_t g = 0; g < KB; ++g) {
-    const __m512i table16 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(values), _mm512_set1_ps(S[g])),
-                                                             _mm512_set1_ps(inv)));
+    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(values), _mm512_set1_ps(S[g]));  // dequantize_row's values
+    const __m512i table16 = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv)));
     if (g == full) {  // the last group, short of QB values
       alignas(16) int8_t t[16];
       _mm_store_si128(reinterpret_cast<__m128i*>(t), _mm512_cvtsepi32_epi8(table16));
@@ -821,16 +823,18 @@ void requantize_rows(const WeightRef& w, torch::Tensor out, torch::Tensor scales
   TORCH_CHECK(scales_out.scalar_type() == torch::kFloat32 && scales_out.numel() == N, "scales_out float32 [N]");
   const uint8_t* Q = qweight.data_ptr<uint8_t>();
   const float* S = scales.data_ptr<float>();
+  int8_t* O = out.data_ptr<int8_t>();
+  float* SO = scales_out.data_ptr<float>();
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+#ifdef MLA_AVX512
+    for (int64_t n = n0; n < n1; ++n) requantize_row(Q + n * KB * QB / 2, S + n * KB, K, O + n * K, SO + n);
+#else
     std::vector<float> row(K);
     for (int64_t n = n0; n < n1; ++n) {
-#ifdef MLA_AVX512
-      requantize_row(Q + n * KB * QB / 2, S + n * KB, K, out.data_ptr<int8_t>() + n * K, scales_out.data_ptr<float>() + n);
-#else
       dequantize_row(Q + n * KB * QB / 2, S + n * KB, true, K, row.data());
-      quantize_row(row.data(), K, out.data_ptr<int8_t>() + n * K, scales_out.data_ptr<float>() + n);
-#endif
+      quantize_row(row.data(), K, O + n * K, SO + n);
     }
+#endif
   });
 }
 
