@@ -241,6 +241,9 @@ inline void store_f32(const float* v, torch::Tensor& out) {
 inline void put(float v, float* o) { *o = v; }
 inline void put(float v, uint16_t* o) { *o = bf16_bits(v); }
 
+// Value k of an int4 row as stored (0..15 for -8..7; two per byte, the even one in the low nibble).
+inline int32_t int4_nibble(const uint8_t* q, int64_t k) { return k % 2 ? q[k / 2] >> 4 : q[k / 2] & 0xF; }
+
 // One quantized row (its scales S: int8 one, int4 one per group) -> K values of O (float32, or bf16 bits).
 template <typename O>
 void dequantize_row(const uint8_t* q, const float* S, bool int4, int64_t K, O* o) {
@@ -296,8 +299,7 @@ void dequantize_row(const uint8_t* q, const float* S, bool int4, int64_t K, O* o
   }
 #endif
   for (; k < K; ++k)
-    put(int4 ? float(int32_t(k % 2 ? q[k / 2] >> 4 : q[k / 2] & 0xF) - 8) * S[k / QB] : float(int8_t(q[k])) * S[0],
-        o + k);
+    put(int4 ? float(int4_nibble(q, k) - 8) * S[k / QB] : float(int8_t(q[k])) * S[0], o + k);
 }
 
 inline torch::Tensor tensor_from(const float* v, at::IntArrayRef shape, at::ScalarType st) {

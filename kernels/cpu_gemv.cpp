@@ -752,7 +752,6 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
 void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, float* scale) {
   const int64_t full = K / QB, KB = (K + QB - 1) / QB;
   const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-  auto nibble = [&](int64_t k) { return int32_t(k % 2 ? q[k / 2] >> 4 : q[k / 2] & 0xF); };
   float amax = 0.f;
   for (int64_t g = 0; g < full; ++g) {
     const __m512i b = _mm512_loadu_si512(q + g * QB / 2);
@@ -767,7 +766,7 @@ void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, fl
     m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
     amax = std::max(amax, std::fabs(float(_mm_cvtsi128_si32(m) & 0xFF) * S[g]));
   }
-  for (int64_t k = full * QB; k < K; ++k) amax = std::max(amax, std::fabs(float(nibble(k) - 8) * S[k / QB]));
+  for (int64_t k = full * QB; k < K; ++k) amax = std::max(amax, std::fabs(float(int4_nibble(q, k) - 8) * S[k / QB]));
   const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
   const __m512i values = _mm512_sub_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32(8));
@@ -779,7 +778,7 @@ void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, fl
     if (g == full) {  // the last group, short of QB values
       alignas(16) int8_t t[16];
       _mm_store_si128(reinterpret_cast<__m128i*>(t), _mm512_cvtsepi32_epi8(table16));
-      for (int64_t k = g * QB; k < K; ++k) out[k] = t[nibble(k)];
+      for (int64_t k = g * QB; k < K; ++k) out[k] = t[int4_nibble(q, k)];
       break;
     }
     const __m512i table = _mm512_broadcast_i32x4(_mm512_cvtsepi32_epi8(table16));
