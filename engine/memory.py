@@ -2,6 +2,8 @@
 the cache budget that fits beside them in what the device has available (MemAvailable on the CPU, free memory on
 CUDA). EngineConfig.resolve() sets the budget with plan_memory(); `mla plan` (tools/plan.py) counts the same bytes for
 a device that is not here."""
+import ctypes
+import ctypes.util
 import os
 import sys
 from dataclasses import replace
@@ -95,3 +97,27 @@ def workspace_bytes(c: EngineConfig) -> int:
     T, k = c.max_num_batched_tokens, max(cfg.num_experts_per_tok, 1)
     inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * k)
     return T * ((k + 4) * cfg.hidden_size + 3 * inter) * 4
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+# glibc's own largest dynamic mmap threshold: a smaller workspace still keeps at least what glibc would
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def keep_workspace_on_heap(c: EngineConfig):
+    """Have glibc's malloc serve a forward pass's temporaries (up to workspace_bytes) from its heap and keep them
+    there once freed. By default it maps any block above its dynamic threshold (at most 32 MiB; one MoE layer's
+    products of a 512-token prompt are more) and gives the heap's freed top back to the system, so a prompt faulted
+    tens of MB of fresh pages in, layer after layer (bench/results/cpu-kernel-notes.md). What stays is what the plan
+    counts as workspace. Called once, after the weights and the cache are allocated (they stay mapped, released
+    whole). Malloc settings of the user's own (MALLOC_*_ or GLIBC_TUNABLES) are left alone, as is another C library."""
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version, libc.mallopt  # glibc's
+    except (OSError, TypeError, AttributeError):
+        return
+    size = min(max(workspace_bytes(c), 2 * GLIBC_MMAP_THRESHOLD_MAX), 2**31 - 1)
+    libc.mallopt(M_MMAP_THRESHOLD, size)
+    libc.mallopt(M_TRIM_THRESHOLD, size)

@@ -38,6 +38,8 @@ def build_rank(config: EngineConfig, par: Parallel = Parallel(), device: torch.d
         cache = LatentCache.from_budget(int(config.kv_cache_memory_gib * 2**30),
                                         config.max_num_seqs * config.max_model_len, layers, config.block_size,
                                         config.cache_format, device)
+    if device.type == "cpu":
+        memory.keep_workspace_on_heap(config)
     runner = ModelRunner(wrap(model) if wrap else model, cache, config)
     return model, cache, runner
 

@@ -70,3 +70,48 @@ def test_long_prompt_peak_gpu_memory_does_not_grow_with_the_prompt(tmp_path):
     # both past one expansion round (16k tokens at these dims), so both merge rounds the same way
     short, long = peak(20000), peak(36000)
     assert long - short < 16 << 20, (short, long)  # the plan's ~1.6 MB, nothing the size of K/V or scores
+
+
+HEAP_SCRIPT = r"""
+import ctypes, json, sys, torch
+sys.path.insert(0, {root!r})
+from engine import LLM
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+if {engine!r}:
+    LLM({path!r}, device="cpu", dtype="float32", progress=False, kv_cache_memory_gib=0.05)
+x = torch.ones(48 << 20, dtype=torch.uint8)  # above glibc's largest dynamic mmap threshold (32 MiB)
+mapped = mallinfo2().hblkhd
+del x
+print(json.dumps({{"mapped": mapped, "kept_free": mallinfo2().fordblks}}))
+"""
+
+
+def test_cpu_engine_keeps_a_workspace_sized_block_on_the_heap(tmp_path):
+    """A 48 MiB temporary of a CPU engine's process comes from the heap and stays there once freed (the next one
+    faults no pages in); without the engine's setting glibc maps it and unmaps it on free."""
+    if not hasattr(__import__("ctypes").CDLL("libc.so.6"), "mallinfo2"):
+        pytest.fail("this test needs glibc >= 2.33 (mallinfo2)")
+    from tests.tiny import make_checkpoint, v2_lite_attention
+    path = str(tmp_path / "m")
+    make_checkpoint(path, v2_lite_attention(), tokenizer=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+    def run(engine):
+        r = subprocess.run([sys.executable, "-c", HEAP_SCRIPT.format(root=ROOT, path=path, engine=engine)],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    block = 48 << 20
+    plain, engine = run(False), run(True)
+    assert plain["mapped"] >= block and plain["kept_free"] < block, plain  # glibc's default, which the engine changes
+    assert engine["mapped"] < block and engine["kept_free"] >= block, engine
