@@ -102,6 +102,7 @@ def workspace_bytes(c: EngineConfig) -> int:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 # glibc's own largest dynamic mmap threshold: a smaller workspace still keeps at least what glibc would
 GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+USER_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"}
 
 
 def keep_workspace_on_heap(c: EngineConfig):
@@ -110,8 +111,9 @@ def keep_workspace_on_heap(c: EngineConfig):
     products of a 512-token prompt are more) and gives the heap's freed top back to the system, so a prompt faulted
     tens of MB of fresh pages in, layer after layer (bench/results/cpu-kernel-notes.md). What stays is what the plan
     counts as workspace. Called once, after the weights and the cache are allocated (they stay mapped, released
-    whole). Malloc settings of the user's own (MALLOC_*_ or GLIBC_TUNABLES) are left alone, as is another C library."""
-    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+    whole). Thresholds the user set (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES) are left alone,
+    as is another C library."""
+    if USER_THRESHOLDS & os.environ.keys():
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))

@@ -103,7 +103,8 @@ def test_cpu_engine_keeps_a_workspace_sized_block_on_the_heap(tmp_path):
     from tests.tiny import make_checkpoint, v2_lite_attention
     path = str(tmp_path / "m")
     make_checkpoint(path, v2_lite_attention(), tokenizer=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    from engine.memory import USER_THRESHOLDS
+    env = {k: v for k, v in os.environ.items() if k not in USER_THRESHOLDS}
 
     def run(engine):
         r = subprocess.run([sys.executable, "-c", HEAP_SCRIPT.format(root=ROOT, path=path, engine=engine)],
