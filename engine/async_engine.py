@@ -9,9 +9,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from . import memory
 from .llm import LLM, EngineStats
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput, Sequence
+
+
+# A loop idle this long after a step gives the heap's kept workspace back (engine/memory.py): a server's memory
+# falls back to its weights and cache between bursts, and a steady stream of requests never pays the page faults.
+IDLE_TRIM_S = 10.0
 
 
 class QueueFull(Exception):
@@ -153,6 +159,7 @@ class AsyncEngine:
         return stopping
 
     def _run(self):
+        stepped = False  # since the heap was last trimmed
         try:
             while True:
                 self._wake.clear()
@@ -161,8 +168,13 @@ class AsyncEngine:
                 if stopping:
                     return
                 if self.llm.scheduler.idle:
-                    self._wake.wait()
+                    if not stepped:
+                        self._wake.wait()
+                    elif not self._wake.wait(IDLE_TRIM_S):
+                        memory.trim_heap()
+                        stepped = False
                     continue
+                stepped = True
                 self._step()
         except BaseException as e:  # the loop cannot go on: every open request is told, /health reports it
             self.error = f"{type(e).__name__}: {e}"

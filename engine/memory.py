@@ -123,3 +123,12 @@ def keep_workspace_on_heap(c: EngineConfig):
     size = min(max(workspace_bytes(c), 2 * GLIBC_MMAP_THRESHOLD_MAX), 2**31 - 1)
     libc.mallopt(M_MMAP_THRESHOLD, size)
     libc.mallopt(M_TRIM_THRESHOLD, size)
+
+
+def trim_heap():
+    """Give the heap's free memory back to the system (glibc's malloc_trim): what keep_workspace_on_heap kept from
+    the last prompts, once a server has gone idle."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, TypeError, AttributeError):
+        pass

@@ -91,7 +91,12 @@ if {engine!r}:
 x = torch.ones(48 << 20, dtype=torch.uint8)  # above glibc's largest dynamic mmap threshold (32 MiB)
 mapped = mallinfo2().hblkhd
 del x
-print(json.dumps({{"mapped": mapped, "kept_free": mallinfo2().fordblks}}))
+kept = mallinfo2().fordblks
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+before = rss()
+from engine import memory
+memory.trim_heap()
+print(json.dumps({{"mapped": mapped, "kept_free": kept, "trim_released": before - rss()}}))
 """
 
 
@@ -116,3 +121,41 @@ def test_cpu_engine_keeps_a_workspace_sized_block_on_the_heap(tmp_path):
     plain, engine = run(False), run(True)
     assert plain["mapped"] >= block and plain["kept_free"] < block, plain  # glibc's default, which the engine changes
     assert engine["mapped"] < block and engine["kept_free"] >= block, engine
+    assert engine["trim_released"] >= block, engine  # what an idle server gives back
+
+
+def test_an_idle_server_loop_trims_the_heap_once_after_work(monkeypatch, tmp_path):
+    """The server's engine loop gives the kept heap back after IDLE_TRIM_S without a step, once per idle spell,
+    and not before it has run anything."""
+    import asyncio
+    import time
+    from engine import LLM, SamplingParams, async_engine, memory
+    from tests.tiny import make_checkpoint, v2_lite_attention
+    path = str(tmp_path / "m")
+    make_checkpoint(path, v2_lite_attention(), tokenizer=False)
+    trims = []
+    monkeypatch.setattr(async_engine, "IDLE_TRIM_S", 0.2)
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(time.monotonic()))
+    engine = async_engine.AsyncEngine(LLM(path, device="cpu", dtype="float32", progress=False,
+                                          kv_cache_memory_gib=0.05))
+    engine.start()
+
+    async def one_request():
+        queue = asyncio.Queue()
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        engine.add([async_engine.Request(0, [5, 6, 7, 8], params, None, queue, asyncio.get_running_loop())])
+        while (await asyncio.wait_for(queue.get(), 60)).result is None:
+            pass
+        return time.monotonic()
+
+    try:
+        time.sleep(0.5)
+        assert trims == []  # idle from the start: nothing to give back
+        done = asyncio.run(one_request())
+        time.sleep(1.0)
+        assert len(trims) == 1 and trims[0] - done >= 0.15, (trims, done)  # once, after the idle time
+        asyncio.run(one_request())
+        time.sleep(0.6)
+        assert len(trims) == 2, trims
+    finally:
+        engine.stop()
