@@ -113,12 +113,8 @@ def keep_workspace_on_heap(c: EngineConfig):
     counts as workspace. Called once, after the weights and the cache are allocated (they stay mapped, released
     whole). Thresholds the user set (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES) are left alone,
     as is another C library."""
-    if USER_THRESHOLDS & os.environ.keys():
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.gnu_get_libc_version, libc.mallopt  # glibc's
-    except (OSError, TypeError, AttributeError):
+    libc = _glibc()
+    if libc is None or USER_THRESHOLDS & os.environ.keys():
         return
     size = min(max(workspace_bytes(c), 2 * GLIBC_MMAP_THRESHOLD_MAX), 2**31 - 1)
     libc.mallopt(M_MMAP_THRESHOLD, size)
@@ -128,7 +124,16 @@ def keep_workspace_on_heap(c: EngineConfig):
 def trim_heap():
     """Give the heap's free memory back to the system (glibc's malloc_trim): what keep_workspace_on_heap kept from
     the last prompts, once a server has gone idle."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The process's C library if it is glibc (the only one whose malloc these settings are for), else None."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version, libc.mallopt, libc.malloc_trim
+        return libc
     except (OSError, TypeError, AttributeError):
-        pass
+        return None
