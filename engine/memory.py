@@ -100,8 +100,8 @@ def workspace_bytes(c: EngineConfig) -> int:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-# glibc's own largest dynamic mmap threshold: a smaller workspace still keeps at least what glibc would
-GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+# glibc's own largest dynamic trim threshold (twice its 32 MiB mmap one): a smaller workspace keeps at least that
+LEAST_KEPT = 64 << 20
 USER_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"}
 
 
@@ -116,7 +116,7 @@ def keep_workspace_on_heap(c: EngineConfig):
     libc = _glibc()
     if libc is None or USER_THRESHOLDS & os.environ.keys():
         return
-    size = min(max(workspace_bytes(c), 2 * GLIBC_MMAP_THRESHOLD_MAX), 2**31 - 1)
+    size = min(max(workspace_bytes(c), LEAST_KEPT), 2**31 - 1)
     libc.mallopt(M_MMAP_THRESHOLD, size)
     libc.mallopt(M_TRIM_THRESHOLD, size)
 

@@ -75,7 +75,7 @@ def test_long_prompt_peak_gpu_memory_does_not_grow_with_the_prompt(tmp_path):
 HEAP_SCRIPT = r"""
 import ctypes, json, sys, torch
 sys.path.insert(0, {root!r})
-from engine import LLM
+from engine import LLM, memory
 
 
 class MallInfo2(ctypes.Structure):
@@ -94,7 +94,6 @@ del x
 kept = mallinfo2().fordblks
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 before = rss()
-from engine import memory
 memory.trim_heap()
 print(json.dumps({{"mapped": mapped, "kept_free": kept, "trim_released": before - rss()}}))
 """
