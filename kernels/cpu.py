@@ -29,7 +29,7 @@ _ext = None
 _tried = False
 
 
-SOURCES = ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_layer.cpp", "cpu_bindings.cpp")  # compiled and linked
+SOURCES = ("cpu_gemv.cpp", "cpu_int8_gemm.cpp", "cpu_attention.cpp", "cpu_layer.cpp", "cpu_bindings.cpp")  # compiled and linked
 HEADERS = ("cpu_common.h", "cpu_kernels.h")  # hashed with the sources: the build folder changes when they do
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
@@ -124,6 +124,12 @@ def requantize_rows(qw: QuantWeight, out: torch.Tensor, scales: torch.Tensor):
 def scale_int32(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, out: torch.Tensor):
     """out [M, N] (float32, rows contiguous) = acc (int32 [M, N]) * sx[:, None] * sw[None, :]."""
     ext().scale_int32(acc, sx, sw, out)
+
+
+def moe_prompt(x, topk_ids, topk_weights, w13: QuantWeight, w2: QuantWeight) -> torch.Tensor:
+    """kernels/moe.py moe_experts (routed experts only) for a prompt, x float32 and int8 / int4 experts, each product
+    as kernels/matmul.py int8_gemm computes it: [T, D] float32."""
+    return ext().moe_prompt(x, topk_ids, topk_weights, ref(w13), ref(w2))
 
 
 def route(x, gate, bias, router) -> tuple:

@@ -79,6 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_tokens", &quantize_tokens);
   m.def("requantize_rows", &requantize_rows);
   m.def("scale_int32", &scale_int32);
+  m.def("moe_prompt", &moe_prompt);
   m.def("mla_decode", &mla_decode);
   m.def("mla_absorbed", &mla_absorbed);
   m.def("rms_norm", &rms_norm);

@@ -6,8 +6,7 @@
 //                torch ops between the products (sorting pairs by expert, gathers, the weighted sum, casts) cost
 //                about as much as the products themselves in a decode step
 //   dequantize   a quantized weight's rows to bf16, the operand of a prompt's GEMM
-//   quantize_tokens, requantize_rows, scale_int32   the operands and the epilogue of the int8 x int8 prompt GEMM
-//                (torch._int_mm, kernels/matmul.py int8_gemm): one scale per row of x and per row of the weight
+// (The int8 x int8 products of a prompt are cpu_int8_gemm.cpp's.)
 //
 // Float weights (bf16, fp32): fp32 accumulation (vdpbf16ps for bf16, one 32-value pair-dot per instruction). bf16
 // weights of a float32 model (x float32: WeightFormat's "bfloat16" storage) are widened to float32 instead, so the
@@ -555,23 +554,6 @@ void run(const std::vector<Job>& jobs) {
   });
 }
 
-// SwiGLU's middle in float32, in place: row r of h [P, 2I] (gate | up) -> its first I values = silu(gate) * up.
-void swiglu_rows(float* h, int64_t P, int64_t I) {
-  for (int64_t r = 0; r < P; ++r) {
-    float* g = h + r * 2 * I;
-    const float* u = g + I;
-    int64_t i = 0;
-#ifdef MLA_AVX512
-    const __m512 nl2e = _mm512_set1_ps(-1.4426950408889634f), one = _mm512_set1_ps(1.f);
-    for (; i + 16 <= I; i += 16) {
-      const __m512 gv = _mm512_loadu_ps(g + i);
-      const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp2_ps(_mm512_mul_ps(gv, nl2e))));
-      _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(u + i)));
-    }
-#endif
-    for (; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  }
-}
 
 }  // namespace
 
@@ -719,140 +701,4 @@ void dequantize(const WeightRef& w, torch::Tensor out) {
   });
 }
 
-// ---- the int8 x int8 prompt GEMM (kernels/matmul.py int8_gemm) ----------------------------------------------------
-namespace {
-// K float32 values -> K int8 with one scale, amax / 127 (1 for an all-zero row); rounded to nearest, ties to even.
-void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
-  float amax = 0.f;
-  int64_t k = 0;
-#ifdef MLA_AVX512
-  __m512 mx = _mm512_setzero_ps();
-  for (; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask16(K - k), x + k)));
-  amax = _mm512_reduce_max_ps(mx);
-#endif
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
-  k = 0;
-#ifdef MLA_AVX512
-  for (; k < K; k += 16) {
-    const __mmask16 mk = tail_mask16(K - k);
-    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), _mm512_set1_ps(inv)));
-    _mm512_mask_cvtsepi32_storeu_epi8(q + k, mk, v);
-  }
-#endif
-  for (; k < K; ++k) q[k] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * inv))));
-  *scale = s;
-}
-
-#ifdef MLA_AVX512
-// One int4 row (K values, group scales S) as int8 with one scale, bit for bit what dequantize_row then quantize_row
-// give, without the float32 row between them (every prompt converts every int4 weight it multiplies): a value of
-// group g is (q - 8) * S[g], so the row's largest magnitude is the largest S[g] * max |q - 8|, and each group's 16
-// possible values, quantized as quantize_row does, are a table its nibbles index (vpshufb).
-void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, float* scale) {
-  const int64_t full = K / QB, KB = (K + QB - 1) / QB;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-  float amax = 0.f;
-  for (int64_t g = 0; g < full; ++g) {
-    const __m512i b = _mm512_loadu_si512(q + g * QB / 2);
-    const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
-    const __m512i d = _mm512_max_epu8(_mm512_abs_epi8(_mm512_sub_epi8(lo, eight)),
-                                      _mm512_abs_epi8(_mm512_sub_epi8(hi, eight)));
-    const __m256i d2 = _mm256_max_epu8(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1));
-    __m128i m = _mm_max_epu8(_mm256_castsi256_si128(d2), _mm256_extracti128_si256(d2, 1));
-    m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
-    m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
-    m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
-    m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
-    amax = std::max(amax, std::fabs(float(_mm_cvtsi128_si32(m) & 0xFF) * S[g]));
-  }
-  for (int64_t k = full * QB; k < K; ++k) amax = std::max(amax, std::fabs(float(int4_nibble(q, k) - 8) * S[k / QB]));
-  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
-  const __m512i values = _mm512_sub_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(8));
-  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-  for (int64_t g = 0; g < KB; ++g) {
-    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(values), _mm512_set1_ps(S[g]));  // dequantize_row's values
-    const __m512i table16 = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv)));
-    if (g == full) {  // the last group, short of QB values
-      alignas(16) int8_t t[16];
-      _mm_store_si128(reinterpret_cast<__m128i*>(t), _mm512_cvtsepi32_epi8(table16));
-      for (int64_t k = g * QB; k < K; ++k) out[k] = t[int4_nibble(q, k)];
-      break;
-    }
-    const __m512i table = _mm512_broadcast_i32x4(_mm512_cvtsepi32_epi8(table16));
-    const __m512i b = _mm512_loadu_si512(q + g * QB / 2);
-    const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(b, low4));
-    const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4));
-    // byte i holds values 2i (low nibble) and 2i + 1: the unpacks interleave them within each 16-byte lane, lane L of
-    // a holding values 32L..32L+15 and of c 32L+16..32L+31; the permutes put the lanes in order
-    const __m512i a = _mm512_unpacklo_epi8(lo, hi), c = _mm512_unpackhi_epi8(lo, hi);
-    _mm512_storeu_si512(out + g * QB, _mm512_permutex2var_epi64(a, first, c));
-    _mm512_storeu_si512(out + g * QB + 64, _mm512_permutex2var_epi64(a, second, c));
-  }
-  *scale = s;
-}
-#endif
-}  // namespace
-
-// x float32 [M, K] (rows contiguous) -> (xq int8 [M, K], sx float32 [M]): each row with one scale.
-std::vector<torch::Tensor> quantize_tokens(torch::Tensor x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1, "x must be float32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), ld = x.stride(0);
-  auto xq = torch::empty({M, K}, torch::kInt8);
-  auto sx = torch::empty({M}, torch::kFloat32);
-  const float* X = x.data_ptr<float>();
-  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) quantize_row(X + m * ld, K, xq.data_ptr<int8_t>() + m * K, sx.data_ptr<float>() + m);
-  });
-  return {xq, sx};
-}
-
-// An int4 weight's rows as int8 with one scale per row (its dequantized values requantized, amax / 127): the
-// weight operand of the int8 GEMM, one block of rows at a time into buffers of the caller's. (int8 weights are in
-// that form as stored.)
-void requantize_rows(const WeightRef& w, torch::Tensor out, torch::Tensor scales_out) {
-  TORCH_CHECK(w.scales.has_value() && w.int4, "requantize_rows: an int4 weight");
-  const torch::Tensor &qweight = w.tensor, &scales = *w.scales;
-  const int64_t K = w.K, N = qweight.size(0), KB = (K + QB - 1) / QB;
-  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.size(1) == KB * QB / 2 &&
-                  scales.is_contiguous() && scales.size(0) == N && scales.size(1) == KB, "int4 weight [N, Kp / 2]");
-  TORCH_CHECK(out.scalar_type() == torch::kInt8 && out.is_contiguous() && out.numel() == N * K, "out int8 [N, K]");
-  TORCH_CHECK(scales_out.scalar_type() == torch::kFloat32 && scales_out.numel() == N, "scales_out float32 [N]");
-  const uint8_t* Q = qweight.data_ptr<uint8_t>();
-  const float* S = scales.data_ptr<float>();
-  int8_t* O = out.data_ptr<int8_t>();
-  float* SO = scales_out.data_ptr<float>();
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-#ifdef MLA_AVX512
-    for (int64_t n = n0; n < n1; ++n) requantize_row(Q + n * KB * QB / 2, S + n * KB, K, O + n * K, SO + n);
-#else
-    std::vector<float> row(K);
-    for (int64_t n = n0; n < n1; ++n) {
-      dequantize_row(Q + n * KB * QB / 2, S + n * KB, true, K, row.data());
-      quantize_row(row.data(), K, O + n * K, SO + n);
-    }
-#endif
-  });
-}
-
-// out[m, n] = acc[m, n] * sx[m] * sw[n]: the int8 GEMM's int32 sums [M, N] as float32, into out (rows contiguous,
-// e.g. a block of columns of the whole product).
-void scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor out) {
-  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt32 && acc.is_contiguous(), "acc int32 [M, N]");
-  const int64_t M = acc.size(0), N = acc.size(1);
-  TORCH_CHECK(sx.scalar_type() == torch::kFloat32 && sx.is_contiguous() && sx.numel() == M, "sx float32 [M]");
-  TORCH_CHECK(sw.scalar_type() == torch::kFloat32 && sw.is_contiguous() && sw.numel() == N, "sw float32 [N]");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(0) == M && out.size(1) == N &&
-                  out.stride(1) == 1, "out float32 [M, N], rows contiguous");
-  const int32_t* A = acc.data_ptr<int32_t>();
-  const float *SX = sx.data_ptr<float>(), *SW = sw.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  const int64_t ld = out.stride(0);
-  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t n = 0; n < N; ++n) O[m * ld + n] = float(A[m * N + n]) * SX[m] * SW[n];
-  });
-}
 }  // namespace mla

@@ -60,16 +60,21 @@ struct DecodeLayerWeights {
 };
 
 // cpu_gemv.cpp: few-row products, one weight or a MoE layer's experts, and their read loop alone (stream_sum); the
-// prefill GEMM's dequantization, and the int8 x int8 prefill GEMM's operands and epilogue.
+// prefill GEMM's dequantization.
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool interleave);
 void gemv(torch::Tensor x, const WeightRef& w, torch::Tensor out);
 double stream_sum(torch::Tensor x);
 torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw, const WeightRef& w13,
                          const WeightRef& w2, const std::optional<WeightRef>& s13, const std::optional<WeightRef>& s2);
 void dequantize(const WeightRef& w, torch::Tensor out);
+
+// cpu_int8_gemm.cpp: the int8 x int8 products of a prompt: one linear's operands and epilogue; a MoE layer's routed
+// experts.
 std::vector<torch::Tensor> quantize_tokens(torch::Tensor x);
 void requantize_rows(const WeightRef& w, torch::Tensor out, torch::Tensor scales_out);
 void scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor out);
+torch::Tensor moe_prompt(torch::Tensor x, torch::Tensor ids, torch::Tensor topw, const WeightRef& w13,
+                         const WeightRef& w2);
 
 // cpu_attention.cpp: the absorbed attention over the paged latent cache.
 torch::Tensor mla_decode(torch::Tensor q_lat, torch::Tensor q_pe, torch::Tensor cache, torch::Tensor block_tables,

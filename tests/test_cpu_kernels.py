@@ -262,6 +262,34 @@ def test_moe_layer_in_one_call(T, k, shared, kind):
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("T,k,E,D,I", [
+    (40, 3, 7, 200, 77),  # one block of weight rows; int4: a group and a short one along D
+    (33, 2, 5, 300, 150),  # 2I and D past a block of 256 rows (two GEMMs each); short groups along D and I
+    (17, 6, 8, 256, 128),  # whole groups only; every token picks 6 of the 8 experts
+])
+def test_moe_prompt_matches_the_int8_gemm_products(T, k, E, D, I, mode):
+    """moe_prompt, a prompt's routed experts in one call (experts run whole, one per thread), against the same
+    layer made of int8_gemm's products (x quantized per token, the weight as int8 rows, the swiglu rows quantized
+    per row): the products are exact integer sums, so only float32 rounding and silu's may differ. Expert 1 is
+    picked by no token, expert 0 by most; the C++ fills the pairs' rows with NaN first."""
+    from kernels.moe import moe_experts_reference
+    g = torch.Generator().manual_seed(T + E)
+    allowed = torch.tensor([e for e in range(E) if e != 1])
+    ids = torch.stack([allowed[torch.randperm(E - 1, generator=g)[:k]] for _ in range(T)])
+    ids[: T // 2, 0] = 0
+    topw = torch.rand(T, k, generator=g) + 0.1
+    x = rand(T, D, seed=24) * torch.logspace(-1, 1, D)
+    w13 = quantize_weight(rand(E, 2 * I, D, seed=25) / D ** 0.5, mode)
+    w2 = quantize_weight(rand(E, D, I, seed=26) / I ** 0.5, mode)
+    out = cpu.moe_prompt(x, ids, topw, w13, w2)
+    want = moe_experts_reference(x, ids, topw, w13, w2, cpu.int8_gemm_reference)
+    assert out.dtype == torch.float32 and out.shape == (T, D)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    exact = moe_experts_reference(x, ids, topw, w13, w2, lambda v, w: F.linear(v, w.dequantize()))
+    assert (out - exact).norm() / exact.norm() < 0.03  # the activations' int8 rounding, twice
+
+
 # ---- the glue between products --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rms_norm_silu_mul_and_rope_match_references(dtype):

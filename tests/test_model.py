@@ -138,7 +138,8 @@ def test_expanded_path_bounded_chunks_match(engines, hf_models, monkeypatch):
 
 @pytest.mark.parametrize("prefill_gemm", ["dequantize", "int8"])
 @pytest.mark.parametrize("mode,max_diff,max_nll_diff", [("int8", 0.1, 0.01), ("int4", 1.5, 0.1)])
-def test_weight_only_quantization_stays_close(engines, checkpoints, mode, max_diff, max_nll_diff, prefill_gemm):
+def test_weight_only_quantization_stays_close(engines, checkpoints, mode, max_diff, max_nll_diff, prefill_gemm,
+                                              monkeypatch):
     """int8 / int4 weights: prompt logprobs close to the float32 model's, decode (packed CPU kernels) and prefill
     (weights dequantized into the GEMM, or int8 x int8)."""
     from kernels import cpu
@@ -153,7 +154,12 @@ def test_weight_only_quantization_stays_close(engines, checkpoints, mode, max_di
         from kernels.matmul import dequantized_gemm, int8_gemm
         assert q.model.ops.quant_gemm is {"dequantize": dequantized_gemm, "int8": int8_gemm}[prefill_gemm]
     assert isinstance(q.model.lm_head, kernels.QuantWeight) and isinstance(q.model.layers[1].mlp.w13, kernels.QuantWeight) and q.model.layers[1].mlp.w13.stacked
+    calls = []
+    if cpu.ext() is not None:  # int8 x int8 prompts run each MoE layer's routed experts in one C++ call
+        monkeypatch.setattr(cpu, "moe_prompt", lambda *a, f=cpu.moe_prompt: calls.append(1) or f(*a))
     got = torch.log_softmax(q.prompt_logits(ids), -1)
+    assert len(calls) == (sum(isinstance(layer.mlp.w13, kernels.QuantWeight) and layer.mlp.w13.stacked
+                              for layer in q.model.layers) if prefill_gemm == "int8" and cpu.ext() else 0)
     assert (got - ref).abs().max().item() < max_diff
     # per-token NLL of the prompt: the quantity perplexity reports
     nll = lambda lp: -lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean().item()

@@ -1,0 +1,282 @@
+// The int8 x int8 products of a prompt, for int8 / int4 weights in a float32 model on a CPU with VNNI but no bf16
+// arithmetic (kernels/matmul.py int8_gemm; EngineConfig.prefill_gemm decides it once): the activations quantized
+// with one scale per row, the weight as int8 rows with one scale each (int8 as stored, int4 requantized per row),
+// torch's int8 GEMM (torch._int_mm, oneDNN), the int32 sums scaled back to float32.
+//   quantize_tokens, requantize_rows, scale_int32   the operands and the epilogue, for one linear
+//   moe_prompt   a MoE layer's routed experts in one call: the same products, expert by expert, shared out among
+//                the threads whole (see there)
+#include "cpu_common.h"
+#include "cpu_kernels.h"
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <numeric>
+
+namespace mla {
+namespace {
+constexpr int64_t ROW_BLOCK = 256;  // weight rows per GEMM of moe_prompt: an int4 block's int8 rows stay in L2
+
+// K float32 values -> K int8 with one scale, amax / 127 (1 for an all-zero row); rounded to nearest, ties to even.
+void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+  float amax = 0.f;
+  int64_t k = 0;
+#ifdef MLA_AVX512
+  __m512 mx = _mm512_setzero_ps();
+  for (; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask16(K - k), x + k)));
+  amax = _mm512_reduce_max_ps(mx);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  k = 0;
+#ifdef MLA_AVX512
+  for (; k < K; k += 16) {
+    const __mmask16 mk = tail_mask16(K - k);
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), _mm512_set1_ps(inv)));
+    _mm512_mask_cvtsepi32_storeu_epi8(q + k, mk, v);
+  }
+#endif
+  for (; k < K; ++k) q[k] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * inv))));
+  *scale = s;
+}
+
+// Each whole group of 128 of an int8 row as its 64 even-indexed values, then its 64 odd ones (a short last group
+// stays as it is): the order of an int4 row's nibbles, in which requantize_row(interleaved) leaves the weight.
+// A dot product does not depend on the order of its terms, so x in this order times such a weight is the product.
+void interleave_groups(int8_t* row, int64_t K) {
+  int8_t tmp[QB];
+  for (int64_t g = 0; g + QB <= K; g += QB) {
+    for (int64_t i = 0; i < QB / 2; ++i) tmp[i] = row[g + 2 * i], tmp[QB / 2 + i] = row[g + 2 * i + 1];
+    std::memcpy(row + g, tmp, QB);
+  }
+}
+
+// One int4 row (K values, group scales S) as int8 with one scale, bit for bit what dequantize_row then quantize_row
+// give; with AVX-512, without the float32 row between them (every prompt converts every int4 weight it multiplies): a value of
+// group g is (q - 8) * S[g], so the row's largest magnitude is the largest S[g] * max |q - 8|, and each group's 16
+// possible values, quantized as quantize_row does, are a table its nibbles index (vpshufb).
+void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, float* scale, bool interleaved) {
+#ifndef MLA_AVX512
+  std::vector<float> row(K);
+  dequantize_row(q, S, true, K, row.data());
+  quantize_row(row.data(), K, out, scale);
+  if (interleaved) interleave_groups(out, K);
+#else
+  const int64_t full = K / QB, KB = (K + QB - 1) / QB;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  float amax = 0.f;
+  for (int64_t g = 0; g < full; ++g) {
+    prefetch_weights(q + g * QB / 2);  // the rows of a weight are read one after another: far enough ahead
+    const __m512i b = _mm512_loadu_si512(q + g * QB / 2);
+    const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+    const __m512i d = _mm512_max_epu8(_mm512_abs_epi8(_mm512_sub_epi8(lo, eight)),
+                                      _mm512_abs_epi8(_mm512_sub_epi8(hi, eight)));
+    int dmax;  // |q - 8| <= 8; a group quantized on its own largest value holds a 7 (quantize_weight): two tests
+    if (_mm512_cmpge_epu8_mask(d, _mm512_set1_epi8(7)))
+      dmax = _mm512_cmpeq_epi8_mask(d, eight) ? 8 : 7;
+    else {
+      const __m256i d2 = _mm256_max_epu8(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1));
+      __m128i m = _mm_max_epu8(_mm256_castsi256_si128(d2), _mm256_extracti128_si256(d2, 1));
+      m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+      m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+      m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+      m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+      dmax = _mm_cvtsi128_si32(m) & 0xFF;
+    }
+    amax = std::max(amax, std::fabs(float(dmax) * S[g]));
+  }
+  for (int64_t k = full * QB; k < K; ++k) amax = std::max(amax, std::fabs(float(int4_nibble(q, k) - 8) * S[k / QB]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  const __m512i values = _mm512_sub_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(8));
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (int64_t g = 0; g < KB; ++g) {
+    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(values), _mm512_set1_ps(S[g]));  // dequantize_row's values
+    const __m512i table16 = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv)));
+    if (g == full) {  // the last group, short of QB values
+      alignas(16) int8_t t[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(t), _mm512_cvtsepi32_epi8(table16));
+      for (int64_t k = g * QB; k < K; ++k) out[k] = t[int4_nibble(q, k)];
+      break;
+    }
+    const __m512i table = _mm512_broadcast_i32x4(_mm512_cvtsepi32_epi8(table16));
+    const __m512i b = _mm512_loadu_si512(q + g * QB / 2);
+    const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(b, low4));
+    const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4));
+    if (interleaved) {  // the nibbles' own order: no shuffle back
+      _mm512_storeu_si512(out + g * QB, lo);
+      _mm512_storeu_si512(out + g * QB + 64, hi);
+      continue;
+    }
+    // byte i holds values 2i (low nibble) and 2i + 1: the unpacks interleave them within each 16-byte lane, lane L of
+    // a holding values 32L..32L+15 and of c 32L+16..32L+31; the permutes put the lanes in order
+    const __m512i a = _mm512_unpacklo_epi8(lo, hi), c = _mm512_unpackhi_epi8(lo, hi);
+    _mm512_storeu_si512(out + g * QB, _mm512_permutex2var_epi64(a, first, c));
+    _mm512_storeu_si512(out + g * QB + 64, _mm512_permutex2var_epi64(a, second, c));
+  }
+  *scale = s;
+#endif
+}
+}  // namespace
+
+// x float32 [M, K] (rows contiguous) -> (xq int8 [M, K], sx float32 [M]): each row with one scale.
+std::vector<torch::Tensor> quantize_tokens(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1, "x must be float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), ld = x.stride(0);
+  auto xq = torch::empty({M, K}, torch::kInt8);
+  auto sx = torch::empty({M}, torch::kFloat32);
+  const float* X = x.data_ptr<float>();
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) quantize_row(X + m * ld, K, xq.data_ptr<int8_t>() + m * K, sx.data_ptr<float>() + m);
+  });
+  return {xq, sx};
+}
+
+// An int4 weight's rows as int8 with one scale per row (its dequantized values requantized, amax / 127): the
+// weight operand of the int8 GEMM, one block of rows at a time into buffers of the caller's. (int8 weights are in
+// that form as stored.)
+void requantize_rows(const WeightRef& w, torch::Tensor out, torch::Tensor scales_out) {
+  TORCH_CHECK(w.scales.has_value() && w.int4, "requantize_rows: an int4 weight");
+  const torch::Tensor &qweight = w.tensor, &scales = *w.scales;
+  const int64_t K = w.K, N = qweight.size(0), KB = (K + QB - 1) / QB;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.size(1) == KB * QB / 2 &&
+                  scales.is_contiguous() && scales.size(0) == N && scales.size(1) == KB, "int4 weight [N, Kp / 2]");
+  TORCH_CHECK(out.scalar_type() == torch::kInt8 && out.is_contiguous() && out.numel() == N * K, "out int8 [N, K]");
+  TORCH_CHECK(scales_out.scalar_type() == torch::kFloat32 && scales_out.numel() == N, "scales_out float32 [N]");
+  const uint8_t* Q = qweight.data_ptr<uint8_t>();
+  const float* S = scales.data_ptr<float>();
+  int8_t* O = out.data_ptr<int8_t>();
+  float* SO = scales_out.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) requantize_row(Q + n * KB * QB / 2, S + n * KB, K, O + n * K, SO + n, false);
+  });
+}
+
+// out[m, n] = acc[m, n] * sx[m] * sw[n]: the int8 GEMM's int32 sums [M, N] as float32, into out (rows contiguous,
+// e.g. a block of columns of the whole product).
+void scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor out) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt32 && acc.is_contiguous(), "acc int32 [M, N]");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(sx.scalar_type() == torch::kFloat32 && sx.is_contiguous() && sx.numel() == M, "sx float32 [M]");
+  TORCH_CHECK(sw.scalar_type() == torch::kFloat32 && sw.is_contiguous() && sw.numel() == N, "sw float32 [N]");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(0) == M && out.size(1) == N &&
+                  out.stride(1) == 1, "out float32 [M, N], rows contiguous");
+  const int32_t* A = acc.data_ptr<int32_t>();
+  const float *SX = sx.data_ptr<float>(), *SW = sw.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t ld = out.stride(0);
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) O[m * ld + n] = float(A[m * N + n]) * SX[m] * SW[n];
+  });
+}
+// A MoE layer's routed experts for a prompt's tokens x [T, D] (float32) in one call, with int8 / int4 experts
+// (w13 [E, 2I, D], w2 [E, D, I], stacked QuantWeights):
+//   out[t] = sum_j topw[t, j] * w2_e @ swiglu(w13_e @ x_t)  (e = ids[t, j])
+// each product as int8_gemm computes it (x quantized per token, once for all its experts; the swiglu rows per row).
+// A prompt gives each expert a few dozen tokens: split over the threads, each such GEMM would end in a wait, and a
+// loop over experts in Python costs about twenty small torch calls each. So each expert runs whole on one thread
+// (its weight's int8 rows in that thread's buffers, torch's GEMM single-threaded inside the parallel region), the
+// threads taking experts largest first from a shared counter; each pair's product goes to its own row, and the
+// router-weighted sum per token comes last.
+torch::Tensor moe_prompt(torch::Tensor x, torch::Tensor ids, torch::Tensor topw, const WeightRef& w13,
+                         const WeightRef& w2) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "moe_prompt: x float32 [T, D]");
+  TORCH_CHECK(w13.scales && w2.scales && w13.int4 == w2.int4 && w13.tensor.dim() == 3 && w2.tensor.dim() == 3 &&
+                  w13.tensor.is_contiguous() && w2.tensor.is_contiguous() && w13.scales->is_contiguous() &&
+                  w2.scales->is_contiguous(), "moe_prompt: w13 and w2 stacked QuantWeights of one mode");
+  const int64_t T = x.size(0), D = x.size(1), k = ids.size(1), E = w13.tensor.size(0), I = w13.tensor.size(1) / 2;
+  TORCH_CHECK(w13.K == D && w2.K == I && w2.tensor.size(0) == E && w2.tensor.size(1) == D && w13.tensor.size(1) == 2 * I,
+              "moe_prompt: w13 [E, 2I, D], w2 [E, D, I]");
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.scalar_type() == torch::kInt64 && ids.is_contiguous() &&
+                  topw.sizes() == ids.sizes() && topw.scalar_type() == torch::kFloat32 && topw.is_contiguous(),
+              "moe_prompt: ids int64 [T, k], topw float32 [T, k]");
+  // the pairs p = t * k + j by expert: pairs[start[e] .. start[e + 1])
+  const int64_t P = T * k, *ID = ids.data_ptr<int64_t>();
+  std::vector<int64_t> start(E + 1, 0), pairs(P);
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(ID[p] >= 0 && ID[p] < E, "moe_prompt: expert id out of range");
+    ++start[ID[p] + 1];
+  }
+  std::partial_sum(start.begin(), start.end(), start.begin());
+  std::vector<int64_t> fill(start.begin(), start.end() - 1), busy;
+  for (int64_t p = 0; p < P; ++p) pairs[fill[ID[p]]++] = p;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) busy.push_back(e);
+  std::stable_sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) {
+    return start[a + 1] - start[a] > start[b + 1] - start[b];
+  });
+  const bool int4 = w13.int4;
+  const auto q = quantize_tokens(x);
+  const int8_t* XQ = q[0].data_ptr<int8_t>();
+  if (int4)
+    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) interleave_groups(q[0].data_ptr<int8_t>() + t * D, D);
+    });
+  const float* SX = q[1].data_ptr<float>();
+  auto y = torch::full({P, D}, NAN, torch::kFloat32);  // NaN: a pair left unwritten shows
+  float* Y = y.data_ptr<float>();
+  const auto i8 = torch::TensorOptions().dtype(torch::kInt8);
+  // a [n, K] (int8, in the weight's order) times expert e's weight [N, K] of w, ROW_BLOCK rows at a time, an int4
+  // block requantized into the thread's buffer wq, sq, where the GEMM then finds it in cache:
+  // epilogue(r0, r1, acc int32 [n, r1 - r0], the rows' scales)
+  auto product = [&](int8_t* a, int64_t n, const WeightRef& w, int64_t e, int64_t N, std::vector<int8_t>& wq,
+                     std::vector<float>& sq, auto&& epilogue) {
+    const int64_t K = w.K, KB = (K + QB - 1) / QB;
+    const auto* Q = static_cast<const uint8_t*>(w.tensor.data_ptr());
+    const float* S = w.scales->data_ptr<float>() + e * N * (int4 ? KB : 1);
+    const auto A = torch::from_blob(a, {n, K}, i8);
+    for (int64_t r0 = 0; r0 < N; r0 += ROW_BLOCK) {
+      const int64_t r1 = std::min(N, r0 + ROW_BLOCK);
+      int8_t* rows = const_cast<int8_t*>(reinterpret_cast<const int8_t*>(Q)) + (e * N + r0) * K;
+      const float* sw = S + r0;
+      if (int4) {
+        for (int64_t r = r0; r < r1; ++r)
+          requantize_row(Q + (e * N + r) * KB * QB / 2, S + r * KB, K, &wq[(r - r0) * K], &sq[r - r0], true);
+        rows = wq.data(), sw = sq.data();
+      }
+      epilogue(r0, r1, at::_int_mm(A, torch::from_blob(rows, {r1 - r0, K}, i8).t()).data_ptr<int32_t>(), sw);
+    }
+  };
+  std::atomic<int64_t> next{0};
+  const int64_t nth = std::min<int64_t>(at::get_num_threads(), busy.size());
+  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+    std::vector<int8_t> a, wq(int4 ? ROW_BLOCK * std::max(D, I) : 0);
+    std::vector<float> sa, h, sq(ROW_BLOCK);
+    for (int64_t i; (i = next++) < int64_t(busy.size());) {
+      const int64_t e = busy[i], n = start[e + 1] - start[e], *pe = pairs.data() + start[e];
+      a.resize(n * std::max(D, I)), sa.resize(n), h.resize(n * 2 * I);
+      for (int64_t m = 0; m < n; ++m) {
+        std::memcpy(&a[m * D], XQ + (pe[m] / k) * D, D);
+        sa[m] = SX[pe[m] / k];
+      }
+      product(a.data(), n, w13, e, 2 * I, wq, sq, [&](int64_t r0, int64_t r1, const int32_t* acc, const float* sw) {
+        for (int64_t m = 0; m < n; ++m)
+          for (int64_t c = r0; c < r1; ++c) h[m * 2 * I + c] = float(acc[m * (r1 - r0) + c - r0]) * sa[m] * sw[c - r0];
+      });
+      swiglu_rows(h.data(), n, I);
+      for (int64_t m = 0; m < n; ++m) {
+        quantize_row(&h[m * 2 * I], I, &a[m * I], &sa[m]);
+        if (int4) interleave_groups(&a[m * I], I);
+      }
+      product(a.data(), n, w2, e, D, wq, sq, [&](int64_t r0, int64_t r1, const int32_t* acc, const float* sw) {
+        for (int64_t m = 0; m < n; ++m)
+          for (int64_t d = r0; d < r1; ++d) Y[pe[m] * D + d] = float(acc[m * (r1 - r0) + d - r0]) * sa[m] * sw[d - r0];
+      });
+    }
+  });
+  auto out = torch::empty({T, D}, torch::kFloat32);
+  float* O = out.data_ptr<float>();
+  const float* TW = topw.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* o = O + t * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t d = 0; d < D; ++d) o[d] += TW[t * k + j] * Y[(t * k + j) * D + d];
+    }
+  });
+  return out;
+}
+}  // namespace mla
