@@ -40,6 +40,12 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
   *scale = s;
 }
 
+int32_t row_sum(const int8_t* q, int64_t K) {
+  int32_t s = 0;
+  for (int64_t k = 0; k < K; ++k) s += q[k];
+  return s;
+}
+
 // Each whole group of 128 of an int8 row as its 64 even-indexed values, then its 64 odd ones (a short last group
 // stays as it is): the order of an int4 row's nibbles, in which requantize_row(interleaved) leaves the weight.
 // A dot product does not depend on the order of its terms, so x in this order times such a weight is the product.
@@ -118,6 +124,107 @@ void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, fl
   *scale = s;
 #endif
 }
+
+#ifdef MLA_AVX512
+// ---- moe_prompt's int8 GEMM: a weight block packed once, tiles of 6 rows of x by 64 weight rows ------------------
+// torch's int8 GEMM (oneDNN) repacks its weight operand on every call; with the few dozen rows of x an expert gets in
+// a prompt, that repacking costs about as much as the products. Here each block of weight rows is packed once, as it
+// is made (requantized) and while it is in cache, and the tile below reads it as packed.
+constexpr int64_t TILE_M = 6, TILE_N = 64;
+
+// c += b . a, 64 products of unsigned (b) by signed (a) bytes summed by fours into 16 int32. Inline asm rather than
+// the intrinsic: with the intrinsic GCC spilled the tile's 24 accumulators to the stack on every step.
+#define MLA_DPBUSD(c, b, a) asm("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(b), "v"(a))
+
+// r[i] = 16 dwords of row i -> r[j] = dword j of rows 0..15 in order.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// Weight rows w[0..nr) (nr <= 16, row stride ldw, K int8 values each) as 16 columns of a packed block: the dword at
+// B + k4 * ldb + 4 * i holds w[i][4 k4 .. 4 k4 + 3] + 128 (vpdpbusd's unsigned operand). Bytes past K and rows past
+// nr are 0, so they add nothing, whatever x holds there.
+void pack16(const int8_t* w, int64_t ldw, int64_t nr, int64_t K, uint8_t* B, int64_t ldb) {
+  const __m512i bias = _mm512_set1_epi8(char(0x80));
+  for (int64_t k0 = 0; k0 < K; k0 += 64) {
+    const __mmask64 mk = tail_mask64(K - k0);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < nr ? _mm512_maskz_mov_epi8(mk, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + i * ldw + k0), bias))
+                    : _mm512_setzero_si512();
+    transpose16(r);
+    for (int64_t d = 0; d < std::min<int64_t>(16, (K - k0 + 3) / 4); ++d) _mm512_storeu_si512(B + (k0 / 4 + d) * ldb, r[d]);
+  }
+}
+
+// c [MR][TILE_N] = rows a[0..MR) (stride lda) . TILE_N packed columns at B, over K4 dwords: each sum is the product
+// plus 128 * sum(a's row).
+template <int MR>
+void tile(const int8_t* a, int64_t lda, int64_t K4, const uint8_t* B, int64_t ldb, int32_t* c) {
+  __m512i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    const uint8_t* b = B + k4 * ldb;
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64), b2 = _mm512_loadu_si512(b + 128),
+                  b3 = _mm512_loadu_si512(b + 192);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      int32_t v;
+      std::memcpy(&v, a + i * lda + 4 * k4, 4);
+      const __m512i x = _mm512_set1_epi32(v);
+      MLA_DPBUSD(acc[i][0], b0, x);
+      MLA_DPBUSD(acc[i][1], b1, x);
+      MLA_DPBUSD(acc[i][2], b2, x);
+      MLA_DPBUSD(acc[i][3], b3, x);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(c + i * TILE_N + 16 * j, acc[i][j]);
+}
+
+// acc [n][N] (int32) = a [n][K] (row stride lda, readable 3 bytes past each row's end) times the N packed weight
+// columns at B (dword row stride ldb), exact: xsum[m] = sum of a's row m takes the +128 back out.
+void packed_product(const int8_t* a, int64_t lda, int64_t n, int64_t K, const int32_t* xsum, const uint8_t* B,
+                    int64_t ldb, int64_t N, int32_t* acc) {
+  const int64_t K4 = (K + 3) / 4;
+  alignas(64) int32_t c[TILE_M * TILE_N];
+  for (int64_t n0 = 0; n0 < N; n0 += TILE_N)  // a 64-column panel of B stays in L2 for every tile of rows
+    for (int64_t m0 = 0; m0 < n; m0 += TILE_M) {
+      const int64_t mr = std::min(TILE_M, n - m0), nc = std::min(TILE_N, N - n0);
+      const int8_t* am = a + m0 * lda;
+      switch (mr) {
+        case 1: tile<1>(am, lda, K4, B + 4 * n0, ldb, c); break;
+        case 2: tile<2>(am, lda, K4, B + 4 * n0, ldb, c); break;
+        case 3: tile<3>(am, lda, K4, B + 4 * n0, ldb, c); break;
+        case 4: tile<4>(am, lda, K4, B + 4 * n0, ldb, c); break;
+        case 5: tile<5>(am, lda, K4, B + 4 * n0, ldb, c); break;
+        default: tile<6>(am, lda, K4, B + 4 * n0, ldb, c);
+      }
+      for (int64_t i = 0; i < mr; ++i)
+        for (int64_t j = 0; j < nc; ++j) acc[(m0 + i) * N + n0 + j] = c[i * TILE_N + j] - 128 * xsum[m0 + i];
+    }
+}
+#endif
 }  // namespace
 
 // x float32 [M, K] (rows contiguous) -> (xq int8 [M, K], sx float32 [M]): each row with one scale.
@@ -215,54 +322,89 @@ torch::Tensor moe_prompt(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
       for (int64_t t = t0; t < t1; ++t) interleave_groups(q[0].data_ptr<int8_t>() + t * D, D);
     });
   const float* SX = q[1].data_ptr<float>();
+  std::vector<int32_t> XSUM(T);
+  for (int64_t t = 0; t < T; ++t) XSUM[t] = row_sum(XQ + t * D, D);
   auto y = torch::full({P, D}, NAN, torch::kFloat32);  // NaN: a pair left unwritten shows
   float* Y = y.data_ptr<float>();
-  const auto i8 = torch::TensorOptions().dtype(torch::kInt8);
-  // a [n, K] (int8, in the weight's order) times expert e's weight [N, K] of w, ROW_BLOCK rows at a time, an int4
-  // block requantized into the thread's buffer wq, sq, where the GEMM then finds it in cache:
+  // What one thread keeps between experts: x's rows (a, with their scales sa and sums xsum), the first product h, an
+  // int4 weight's rows requantized (wq, sq), the packed block and the products of one block (acc).
+  struct Buffers {
+    std::vector<int8_t> a, wq;
+    std::vector<float> sa, h, sq;
+    std::vector<int32_t> xsum, acc;
+    std::vector<uint8_t> packed;
+  };
+  const int64_t Kmax = std::max(D, I);
+  // a [n, K] (int8, in the weight's order; xsum its rows' sums) times expert e's weight [N, K] of w, ROW_BLOCK rows
+  // at a time, each block made int8 (int4: requantized) and packed while in cache:
   // epilogue(r0, r1, acc int32 [n, r1 - r0], the rows' scales)
-  auto product = [&](int8_t* a, int64_t n, const WeightRef& w, int64_t e, int64_t N, std::vector<int8_t>& wq,
-                     std::vector<float>& sq, auto&& epilogue) {
+  auto product = [&](int64_t n, const WeightRef& w, int64_t e, int64_t N, Buffers& b, auto&& epilogue) {
     const int64_t K = w.K, KB = (K + QB - 1) / QB;
     const auto* Q = static_cast<const uint8_t*>(w.tensor.data_ptr());
     const float* S = w.scales->data_ptr<float>() + e * N * (int4 ? KB : 1);
-    const auto A = torch::from_blob(a, {n, K}, i8);
+    const int8_t* stored = reinterpret_cast<const int8_t*>(Q) + e * N * K;  // int8 weights
     for (int64_t r0 = 0; r0 < N; r0 += ROW_BLOCK) {
       const int64_t r1 = std::min(N, r0 + ROW_BLOCK);
-      int8_t* rows = const_cast<int8_t*>(reinterpret_cast<const int8_t*>(Q)) + (e * N + r0) * K;
-      const float* sw = S + r0;
+      const float* sw = int4 ? b.sq.data() : S + r0;
+#ifdef MLA_AVX512
+      for (int64_t c0 = r0; c0 < r1; c0 += 16) {
+        const int64_t nr = std::min<int64_t>(16, r1 - c0);
+        const int8_t* rows = stored + c0 * K;
+        if (int4) {
+          for (int64_t i = 0; i < nr; ++i)
+            requantize_row(Q + (e * N + c0 + i) * KB * QB / 2, S + (c0 + i) * KB, K, &b.wq[i * K], &b.sq[c0 - r0 + i],
+                           true);
+          rows = b.wq.data();
+        }
+        pack16(rows, K, nr, K, b.packed.data() + 4 * (c0 - r0), 4 * ROW_BLOCK);
+      }
+      packed_product(b.a.data(), K, n, K, b.xsum.data(), b.packed.data(), 4 * ROW_BLOCK, r1 - r0, b.acc.data());
+      epilogue(r0, r1, b.acc.data(), sw);
+#else
+      const int8_t* rows = stored + r0 * K;
       if (int4) {
         for (int64_t r = r0; r < r1; ++r)
-          requantize_row(Q + (e * N + r) * KB * QB / 2, S + r * KB, K, &wq[(r - r0) * K], &sq[r - r0], true);
-        rows = wq.data(), sw = sq.data();
+          requantize_row(Q + (e * N + r) * KB * QB / 2, S + r * KB, K, &b.wq[(r - r0) * K], &b.sq[r - r0], true);
+        rows = b.wq.data();
       }
-      epilogue(r0, r1, at::_int_mm(A, torch::from_blob(rows, {r1 - r0, K}, i8).t()).data_ptr<int32_t>(), sw);
+      const auto i8 = torch::TensorOptions().dtype(torch::kInt8);
+      const auto acc = at::_int_mm(torch::from_blob(b.a.data(), {n, K}, i8),
+                                   torch::from_blob(const_cast<int8_t*>(rows), {r1 - r0, K}, i8).t());
+      epilogue(r0, r1, acc.data_ptr<int32_t>(), sw);
+#endif
     }
   };
   std::atomic<int64_t> next{0};
   const int64_t nth = std::min<int64_t>(at::get_num_threads(), busy.size());
   at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
-    std::vector<int8_t> a, wq(int4 ? ROW_BLOCK * std::max(D, I) : 0);
-    std::vector<float> sa, h, sq(ROW_BLOCK);
+    Buffers b;
+#ifdef MLA_AVX512
+    b.wq.resize(16 * Kmax), b.packed.resize(((Kmax + 3) / 4) * 4 * ROW_BLOCK);
+#else
+    b.wq.resize(int4 ? ROW_BLOCK * Kmax : 0);
+#endif
+    b.sq.resize(ROW_BLOCK);
     for (int64_t i; (i = next++) < int64_t(busy.size());) {
       const int64_t e = busy[i], n = start[e + 1] - start[e], *pe = pairs.data() + start[e];
-      a.resize(n * std::max(D, I)), sa.resize(n), h.resize(n * 2 * I);
+      b.a.resize(n * Kmax + 64), b.sa.resize(n), b.xsum.resize(n), b.h.resize(n * 2 * I), b.acc.resize(n * ROW_BLOCK);
       for (int64_t m = 0; m < n; ++m) {
-        std::memcpy(&a[m * D], XQ + (pe[m] / k) * D, D);
-        sa[m] = SX[pe[m] / k];
+        std::memcpy(&b.a[m * D], XQ + (pe[m] / k) * D, D);
+        b.sa[m] = SX[pe[m] / k], b.xsum[m] = XSUM[pe[m] / k];
       }
-      product(a.data(), n, w13, e, 2 * I, wq, sq, [&](int64_t r0, int64_t r1, const int32_t* acc, const float* sw) {
+      product(n, w13, e, 2 * I, b, [&](int64_t r0, int64_t r1, const int32_t* acc, const float* sw) {
         for (int64_t m = 0; m < n; ++m)
-          for (int64_t c = r0; c < r1; ++c) h[m * 2 * I + c] = float(acc[m * (r1 - r0) + c - r0]) * sa[m] * sw[c - r0];
+          for (int64_t c = r0; c < r1; ++c)
+            b.h[m * 2 * I + c] = float(acc[m * (r1 - r0) + c - r0]) * b.sa[m] * sw[c - r0];
       });
-      swiglu_rows(h.data(), n, I);
+      swiglu_rows(b.h.data(), n, I);
       for (int64_t m = 0; m < n; ++m) {
-        quantize_row(&h[m * 2 * I], I, &a[m * I], &sa[m]);
-        if (int4) interleave_groups(&a[m * I], I);
+        quantize_row(&b.h[m * 2 * I], I, &b.a[m * I], &b.sa[m]);
+        if (int4) interleave_groups(&b.a[m * I], I);
+        b.xsum[m] = row_sum(&b.a[m * I], I);
       }
-      product(a.data(), n, w2, e, D, wq, sq, [&](int64_t r0, int64_t r1, const int32_t* acc, const float* sw) {
+      product(n, w2, e, D, b, [&](int64_t r0, int64_t r1, const int32_t* acc, const float* sw) {
         for (int64_t m = 0; m < n; ++m)
-          for (int64_t d = r0; d < r1; ++d) Y[pe[m] * D + d] = float(acc[m * (r1 - r0) + d - r0]) * sa[m] * sw[d - r0];
+          for (int64_t d = r0; d < r1; ++d) Y[pe[m] * D + d] = float(acc[m * (r1 - r0) + d - r0]) * b.sa[m] * sw[d - r0];
       });
     }
   });
