@@ -57,18 +57,11 @@ void interleave_groups(int8_t* row, int64_t K) {
   }
 }
 
-// One int4 row (K values, group scales S) as int8 with one scale, bit for bit what dequantize_row then quantize_row
-// give; with AVX-512, without the float32 row between them (every prompt converts every int4 weight it multiplies): a value of
-// group g is (q - 8) * S[g], so the row's largest magnitude is the largest S[g] * max |q - 8|, and each group's 16
-// possible values, quantized as quantize_row does, are a table its nibbles index (vpshufb).
-void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, float* scale, bool interleaved) {
-#ifndef MLA_AVX512
-  std::vector<float> row(K);
-  dequantize_row(q, S, true, K, row.data());
-  quantize_row(row.data(), K, out, scale);
-  if (interleaved) interleave_groups(out, K);
-#else
-  const int64_t full = K / QB, KB = (K + QB - 1) / QB;
+#ifdef MLA_AVX512
+// An int4 row's requantization scale: its largest magnitude / 127 (1 for an all-zero row). A value of group g is
+// (q - 8) * S[g], so the largest magnitude is the largest S[g] * max |q - 8|.
+float requant_scale(const uint8_t* q, const float* S, int64_t K) {
+  const int64_t full = K / QB;
   const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
   float amax = 0.f;
   for (int64_t g = 0; g < full; ++g) {
@@ -92,21 +85,44 @@ void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, fl
     amax = std::max(amax, std::fabs(float(dmax) * S[g]));
   }
   for (int64_t k = full * QB; k < K; ++k) amax = std::max(amax, std::fabs(float(int4_nibble(q, k) - 8) * S[k / QB]));
-  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  return amax > 0.f ? amax / 127.f : 1.f;
+}
+
+// The 16 int8 values a group of scale Sg takes, requantized at 1 / inv as quantize_row rounds them (saturated), in
+// the low 16 bytes: the table the group's nibbles index.
+inline __m128i group_table(float Sg, float inv) {
   const __m512i values = _mm512_sub_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32(8));
+  const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(values), _mm512_set1_ps(Sg));  // dequantize_row's values
+  return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv))));
+}
+#endif
+
+// One int4 row (K values, group scales S) as int8 with one scale, bit for bit what dequantize_row then quantize_row
+// give; with AVX-512, without the float32 row between them (every prompt converts every int4 weight it multiplies):
+// each group's 16 possible values are a table its nibbles index (vpshufb). interleaved: each whole group as its
+// even-indexed values, then its odd ones (interleave_groups), the nibbles' own order.
+void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, float* scale, bool interleaved) {
+#ifndef MLA_AVX512
+  std::vector<float> row(K);
+  dequantize_row(q, S, true, K, row.data());
+  quantize_row(row.data(), K, out, scale);
+  if (interleaved) interleave_groups(out, K);
+#else
+  const int64_t full = K / QB, KB = (K + QB - 1) / QB;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const float s = requant_scale(q, S, K), inv = 1.f / s;
   const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
   const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
   for (int64_t g = 0; g < KB; ++g) {
-    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(values), _mm512_set1_ps(S[g]));  // dequantize_row's values
-    const __m512i table16 = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(inv)));
+    const __m128i table16 = group_table(S[g], inv);
     if (g == full) {  // the last group, short of QB values
       alignas(16) int8_t t[16];
-      _mm_store_si128(reinterpret_cast<__m128i*>(t), _mm512_cvtsepi32_epi8(table16));
+      _mm_store_si128(reinterpret_cast<__m128i*>(t), table16);
       for (int64_t k = g * QB; k < K; ++k) out[k] = t[int4_nibble(q, k)];
       break;
     }
-    const __m512i table = _mm512_broadcast_i32x4(_mm512_cvtsepi32_epi8(table16));
+    const __m512i table = _mm512_broadcast_i32x4(table16);
     const __m512i b = _mm512_loadu_si512(q + g * QB / 2);
     const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(b, low4));
     const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b, 4), low4));
@@ -173,6 +189,36 @@ void pack16(const int8_t* w, int64_t ldw, int64_t nr, int64_t K, uint8_t* B, int
                     : _mm512_setzero_si512();
     transpose16(r);
     for (int64_t d = 0; d < std::min<int64_t>(16, (K - k0 + 3) / 4); ++d) _mm512_storeu_si512(B + (k0 / 4 + d) * ldb, r[d]);
+  }
+}
+
+// pack16 of int4 rows q[0..nr) (row stride ldq bytes; group scales S, row stride lds), requantized as
+// requantize_row(interleaved) does it, without the int8 rows between (K a whole number of groups): each group of the
+// 16 rows is looked up, shifted by 128 and transposed in registers. scales[i]: row i's requantization scale.
+void pack16_int4(const uint8_t* q, int64_t ldq, const float* S, int64_t lds, int64_t nr, int64_t K, uint8_t* B,
+                 int64_t ldb, float* scales) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8(char(0x80));
+  float inv[16];
+  for (int64_t i = 0; i < nr; ++i) {
+    scales[i] = requant_scale(q + i * ldq, S + i * lds, K);
+    inv[i] = 1.f / scales[i];
+  }
+  for (int64_t g = 0; g < K / QB; ++g) {
+    __m512i table[16], r[16];
+    for (int64_t i = 0; i < nr; ++i)  // vpdpbusd's unsigned operand: every value + 128
+      table[i] = _mm512_xor_si512(_mm512_broadcast_i32x4(group_table(S[i * lds + g], inv[i])), bias);
+    for (int half = 0; half < 2; ++half) {  // the low nibbles (even k), then the high ones
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i >= nr) {
+          r[i] = _mm512_setzero_si512();
+          continue;
+        }
+        const __m512i b = _mm512_loadu_si512(q + i * ldq + g * QB / 2);
+        r[i] = _mm512_shuffle_epi8(table[i], _mm512_and_si512(half ? _mm512_srli_epi16(b, 4) : b, low4));
+      }
+      transpose16(r);
+      for (int d = 0; d < 16; ++d) _mm512_storeu_si512(B + (g * QB / 4 + 16 * half + d) * ldb, r[d]);
+    }
   }
 }
 
@@ -349,6 +395,12 @@ torch::Tensor moe_prompt(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
 #ifdef MLA_AVX512
       for (int64_t c0 = r0; c0 < r1; c0 += 16) {
         const int64_t nr = std::min<int64_t>(16, r1 - c0);
+        uint8_t* B = b.packed.data() + 4 * (c0 - r0);
+        if (int4 && K % QB == 0) {
+          pack16_int4(Q + (e * N + c0) * KB * QB / 2, KB * QB / 2, S + c0 * KB, KB, nr, K, B, 4 * ROW_BLOCK,
+                      &b.sq[c0 - r0]);
+          continue;
+        }
         const int8_t* rows = stored + c0 * K;
         if (int4) {
           for (int64_t i = 0; i < nr; ++i)
@@ -356,7 +408,7 @@ torch::Tensor moe_prompt(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
                            true);
           rows = b.wq.data();
         }
-        pack16(rows, K, nr, K, b.packed.data() + 4 * (c0 - r0), 4 * ROW_BLOCK);
+        pack16(rows, K, nr, K, B, 4 * ROW_BLOCK);
       }
       packed_product(b.a.data(), K, n, K, b.xsum.data(), b.packed.data(), 4 * ROW_BLOCK, r1 - r0, b.acc.data());
       epilogue(r0, r1, b.acc.data(), sw);
