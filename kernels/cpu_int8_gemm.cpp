@@ -1,10 +1,11 @@
 // The int8 x int8 products of a prompt, for int8 / int4 weights in a float32 model on a CPU with VNNI but no bf16
 // arithmetic (kernels/matmul.py int8_gemm; EngineConfig.prefill_gemm decides it once): the activations quantized
 // with one scale per row, the weight as int8 rows with one scale each (int8 as stored, int4 requantized per row),
-// torch's int8 GEMM (torch._int_mm, oneDNN), the int32 sums scaled back to float32.
-//   quantize_tokens, requantize_rows, scale_int32   the operands and the epilogue, for one linear
-//   moe_prompt   a MoE layer's routed experts in one call: the same products, expert by expert, shared out among
-//                the threads whole (see there)
+// the int32 sums scaled back to float32.
+//   quantize_tokens, requantize_rows, scale_int32   one linear's operands and epilogue around torch's int8 GEMM
+//                (torch._int_mm, oneDNN)
+//   moe_prompt   a MoE layer's routed experts in one call: the same products, expert by expert, each expert whole
+//                on one thread; with AVX-512 VNNI through a GEMM of its own over weight blocks packed once (see there)
 #include "cpu_common.h"
 #include "cpu_kernels.h"
 
@@ -15,7 +16,7 @@
 
 namespace mla {
 namespace {
-constexpr int64_t ROW_BLOCK = 256;  // weight rows per GEMM of moe_prompt: an int4 block's int8 rows stay in L2
+constexpr int64_t ROW_BLOCK = 256;  // weight rows per block of moe_prompt: packed (512 KiB at K = 2048), it stays in L2
 
 // K float32 values -> K int8 with one scale, amax / 127 (1 for an all-zero row); rounded to nearest, ties to even.
 void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
@@ -329,10 +330,11 @@ void scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::T
 //   out[t] = sum_j topw[t, j] * w2_e @ swiglu(w13_e @ x_t)  (e = ids[t, j])
 // each product as int8_gemm computes it (x quantized per token, once for all its experts; the swiglu rows per row).
 // A prompt gives each expert a few dozen tokens: split over the threads, each such GEMM would end in a wait, and a
-// loop over experts in Python costs about twenty small torch calls each. So each expert runs whole on one thread
-// (its weight's int8 rows in that thread's buffers, torch's GEMM single-threaded inside the parallel region), the
-// threads taking experts largest first from a shared counter; each pair's product goes to its own row, and the
-// router-weighted sum per token comes last.
+// loop over experts in Python costs about twenty small torch calls each. So each expert runs whole on one thread,
+// the threads taking experts largest first from a shared counter; each pair's product goes to its own row, and the
+// router-weighted sum per token comes last. An expert's weight is made int8 ROW_BLOCK rows at a time in the
+// thread's buffers (int4: requantized, in the nibbles' order, x permuted to match) and, with AVX-512, packed as it is
+// made and multiplied by packed_product; without, torch's GEMM runs single-threaded inside the parallel region.
 torch::Tensor moe_prompt(torch::Tensor x, torch::Tensor ids, torch::Tensor topw, const WeightRef& w13,
                          const WeightRef& w2) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "moe_prompt: x float32 [T, D]");

@@ -1,0 +1,44 @@
+"""A prompt's MoE layer on the CPU, int8 x int8: kernels.cpu.moe_prompt (the routed experts in one call, each expert
+whole on one thread) against the per-expert loop it replaced (kernels/moe.py moe_experts_reference over
+kernels/matmul.py int8_gemm), on DeepSeek-V2-Lite's shapes: 512 tokens, 64 experts, top-6, D 2048, I 1408. LAYERS
+distinct layers are cycled so that their weights come from memory, as in a model, not from the last-level cache.
+Prints the median ms per layer of each and its int8 GOP/s (2 x the multiply-adds of both projections).
+
+    python bench/moe_prompt_cpu.py [int4|int8] [LAYERS] [REPS]
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+from kernels import cpu
+from kernels.matmul import int8_gemm
+from kernels.moe import moe_experts_reference
+from kernels.weights import quantize_experts
+
+mode = sys.argv[1] if len(sys.argv) > 1 else "int4"
+L = int(sys.argv[2]) if len(sys.argv) > 2 else 6
+reps = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+T, D, I, E, k = 512, 2048, 1408, 64, 6
+torch.manual_seed(0)
+x = torch.randn(T, D)
+ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+topw = torch.rand(T, k)
+print(f"quantizing {L} layers of {E} experts ({mode})...", flush=True)
+layers = [(quantize_experts(torch.randn(E, 2 * I, D) / D ** 0.5, mode),
+           quantize_experts(torch.randn(E, D, I) / I ** 0.5, mode)) for _ in range(L)]
+paths = {"moe_prompt": lambda w13, w2: cpu.moe_prompt(x, ids, topw, w13, w2),
+         "per-expert loop": lambda w13, w2: moe_experts_reference(x, ids, topw, w13, w2, int8_gemm)}
+ms = {name: [] for name in paths}
+for r in range(reps + 1):  # the first round warms up; the paths alternate
+    for name, f in paths.items():
+        t = time.perf_counter()
+        for w13, w2 in layers:
+            f(w13, w2)
+        if r:
+            ms[name].append((time.perf_counter() - t) / L * 1e3)
+gop = 2 * T * k * 3 * D * I / 1e9
+for name, v in ms.items():
+    m = statistics.median(v)
+    print(f"{name:16s} {m:7.1f} ms per layer  {gop / m * 1e3:6.0f} GOP/s   runs: {[round(a, 1) for a in v]}")
