@@ -121,7 +121,6 @@ class CpuBackend(TorchBackend):
     def __init__(self, device, cache_format: CacheFormat, int8_prefill: bool = False):
         super().__init__(device, cache_format)
         self.quant_gemm = int8_gemm if int8_prefill else dequantized_gemm
-        self.int8_prefill = int8_prefill
         self.kind = cpu.cache_kind(cache_format)
         if self.kind is None:  # a format the C++ neither writes nor reads (fp8, float16): the references serve it
             self.write_latent, self.mla_decode = super().write_latent, super().mla_decode
@@ -138,7 +137,7 @@ class CpuBackend(TorchBackend):
         return super().moe(x, topk_ids, topk_weights, w13, w2, shared)
 
     def routed(self, x, topk_ids, topk_weights, w13, w2):
-        if self.int8_prefill and isinstance(w13, QuantWeight):  # every expert on one thread, in one call
+        if self.quant_gemm is int8_gemm and isinstance(w13, QuantWeight):  # every expert on one thread, in one call
             return cpu.moe_prompt(x, topk_ids, topk_weights, w13, w2)
         return super().routed(x, topk_ids, topk_weights, w13, w2)
 

@@ -308,6 +308,33 @@ inline torch::Tensor tensor_from(const float* v, at::IntArrayRef shape, at::Scal
   return out;
 }
 
+// A router's picks, ids [T, k] (int64) with their weights topw [T, k] (float32), as the pairs p = t * k + j grouped
+// by expert (a counting sort): expert e's pairs are pairs[start[e] .. start[e + 1]), in token order, and pair p is at
+// position pos[p]. Checks the arguments; `who` names the caller in the errors.
+struct ExpertPairs {
+  std::vector<int64_t> start, pairs, pos;
+};
+
+inline ExpertPairs expert_pairs(const torch::Tensor& ids, const torch::Tensor& topw, int64_t T, int64_t E,
+                                const char* who) {
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.scalar_type() == torch::kInt64 && ids.is_contiguous() &&
+                  topw.sizes() == ids.sizes() && topw.scalar_type() == torch::kFloat32 && topw.is_contiguous(),
+              who, ": ids int64 [T, k], topw float32 [T, k]");
+  const int64_t P = ids.numel(), *ID = ids.data_ptr<int64_t>();
+  ExpertPairs r{std::vector<int64_t>(E + 1, 0), std::vector<int64_t>(P), std::vector<int64_t>(P)};
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(ID[p] >= 0 && ID[p] < E, who, ": expert id out of range");
+    ++r.start[ID[p] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) r.start[e + 1] += r.start[e];
+  std::vector<int64_t> next(r.start.begin(), r.start.end() - 1);
+  for (int64_t p = 0; p < P; ++p) {
+    r.pos[p] = next[ID[p]]++;
+    r.pairs[r.pos[p]] = p;
+  }
+  return r;
+}
+
 // SwiGLU's middle in float32, in place: row r of h [P, 2I] (gate | up) -> its first I values = silu(gate) * up.
 inline void swiglu_rows(float* h, int64_t P, int64_t I) {
   for (int64_t r = 0; r < P; ++r) {

@@ -613,25 +613,13 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
   const int64_t T = x.size(0), D = x.size(1), k = ids.size(1), E = W13.G, I = W13.N / 2, P = T * k;
   TORCH_CHECK(x.dim() == 2 && W13.K == D && W13.N % 2 == 0 && W2.G == E && W2.N == D && W2.K == I,
               "moe_decode: x [T, D], w13 [E, 2I, D], w2 [E, D, I]");
-  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.scalar_type() == torch::kInt64 && ids.is_contiguous() &&
-                  topw.sizes() == ids.sizes() && topw.scalar_type() == torch::kFloat32 && topw.is_contiguous(),
-              "moe_decode: ids int64 [T, k], topw float32 [T, k]");
   TORCH_CHECK(s13.has_value() == s2.has_value(), "moe_decode: both shared weights or neither");
   // the (token, expert) pairs in expert order: pair p = t * k + j is product row row_of[p]
-  const int64_t* ID = ids.data_ptr<int64_t>();
-  std::vector<int64_t> start(E + 1, 0), row_of(P);
-  for (int64_t p = 0; p < P; ++p) {
-    TORCH_CHECK(ID[p] >= 0 && ID[p] < E, "moe_decode: expert id out of range");
-    ++start[ID[p] + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  const ExpertPairs by_expert = expert_pairs(ids, topw, T, E, "moe_decode");
+  const std::vector<int64_t>&start = by_expert.start, &row_of = by_expert.pos;
   const std::vector<float> xf = values_f32(x);
   std::vector<float> xs(P * D);
-  for (int64_t p = 0; p < P; ++p) {
-    row_of[p] = next[ID[p]]++;
-    std::memcpy(xs.data() + row_of[p] * D, xf.data() + (p / k) * D, D * 4);
-  }
+  for (int64_t p = 0; p < P; ++p) std::memcpy(xs.data() + row_of[p] * D, xf.data() + (p / k) * D, D * 4);
   std::optional<WeightRows> S13, S2;
   int64_t Is = 0;
   if (s13) {

@@ -12,7 +12,6 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
-#include <numeric>
 
 namespace mla {
 namespace {
@@ -344,19 +343,10 @@ torch::Tensor moe_prompt(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
   const int64_t T = x.size(0), D = x.size(1), k = ids.size(1), E = w13.tensor.size(0), I = w13.tensor.size(1) / 2;
   TORCH_CHECK(w13.K == D && w2.K == I && w2.tensor.size(0) == E && w2.tensor.size(1) == D && w13.tensor.size(1) == 2 * I,
               "moe_prompt: w13 [E, 2I, D], w2 [E, D, I]");
-  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.scalar_type() == torch::kInt64 && ids.is_contiguous() &&
-                  topw.sizes() == ids.sizes() && topw.scalar_type() == torch::kFloat32 && topw.is_contiguous(),
-              "moe_prompt: ids int64 [T, k], topw float32 [T, k]");
-  // the pairs p = t * k + j by expert: pairs[start[e] .. start[e + 1])
-  const int64_t P = T * k, *ID = ids.data_ptr<int64_t>();
-  std::vector<int64_t> start(E + 1, 0), pairs(P);
-  for (int64_t p = 0; p < P; ++p) {
-    TORCH_CHECK(ID[p] >= 0 && ID[p] < E, "moe_prompt: expert id out of range");
-    ++start[ID[p] + 1];
-  }
-  std::partial_sum(start.begin(), start.end(), start.begin());
-  std::vector<int64_t> fill(start.begin(), start.end() - 1), busy;
-  for (int64_t p = 0; p < P; ++p) pairs[fill[ID[p]]++] = p;
+  const int64_t P = T * k;
+  const ExpertPairs by_expert = expert_pairs(ids, topw, T, E, "moe_prompt");
+  const std::vector<int64_t>&start = by_expert.start, &pairs = by_expert.pairs;
+  std::vector<int64_t> busy;  // the experts with pairs, largest first
   for (int64_t e = 0; e < E; ++e)
     if (start[e + 1] > start[e]) busy.push_back(e);
   std::stable_sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) {
