@@ -465,10 +465,10 @@ void merge_splits(const SplitPlan& plan, const int32_t* CU, int64_t B, int64_t H
 
 // O [T, H, R] float32 = softmax(scale * (q_lat . c_kv + q_pe . k_pe)) . c_kv per head, each query token over its
 // sequence's cached tokens up to its own position (kernels/reference.py mla_decode); Q [T, H, R + DR] float32 is
-// [q_lat | q_pe].
+// [q_lat | q_pe]; bf16_model: the model's activations are bf16 (a float32 model keeps its query in float32).
 void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const torch::Tensor& cache,
             const torch::Tensor& block_tables, const torch::Tensor& cu_seqlens_q, const torch::Tensor& seq_lens,
-            double scale, CacheKind kind, float* O) {
+            double scale, CacheKind kind, bool bf16_model, float* O) {
   TORCH_CHECK(cache.dim() == 3 && cache.is_contiguous(), "the cache must be contiguous [blocks, block_size, width]");
   const int64_t W = R + DR, B = block_tables.size(0), HP = (H + 15) / 16 * 16;
   auto bt = block_tables.to(torch::kInt32).contiguous();
@@ -485,11 +485,13 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
   float* ML = ml_part.data_ptr<float>();
   const float qscale = float(scale) * LOG2E;  // scores in the log2 domain
 #if defined(MLA_AVX512) && defined(__AVX512BF16__)
-  // a bf16 cache, read in place by bf16 pair products (the query and probabilities rounded to bf16). Without the
-  // instruction its emulation is no faster than the float32 path, which keeps them in float32.
-  const bool pairs = kind == CacheKind::BFLOAT16 && W % 2 == 0;
+  // a bf16 cache under a bf16 model, read in place by bf16 pair products (the query and probabilities rounded to
+  // bf16, as the model's own activations are). Without the instruction its emulation is no faster than the float32
+  // path, which keeps them in float32.
+  const bool pairs = kind == CacheKind::BFLOAT16 && W % 2 == 0 && bf16_model;
 #else
   const bool pairs = false;
+  (void)bf16_model;
 #endif
   at::parallel_for(0, int64_t(plan.splits.size()), 1, [&](int64_t i0, int64_t i1) {
     Scratch s(pairs, kind == CacheKind::FLOAT32, W, HP);
@@ -574,7 +576,8 @@ torch::Tensor mla_decode(torch::Tensor q_lat, torch::Tensor q_pe, torch::Tensor 
     std::memcpy(q.data() + i * (R + DR), ql.data() + i * R, R * 4);
     std::memcpy(q.data() + i * (R + DR) + R, qp.data() + i * DR, DR * 4);
   }
-  attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind, o.data());
+  attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind,
+         q_lat.scalar_type() == torch::kBFloat16, o.data());
   return tensor_from(o.data(), {T, H, R}, q_lat.scalar_type());
 }
 
@@ -603,7 +606,8 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tens
         std::memcpy(qr + R, qp.data() + (t * H + h) * DR, DR * 4);
       }
   });
-  attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind, o_lat.data());
+  attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind,
+         q_nope.scalar_type() == torch::kBFloat16, o_lat.data());
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {  // o[t, h] = o_lat[t, h] @ W_UV[h].T
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t v = 0; v < V; v += 4) {

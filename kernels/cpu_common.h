@@ -6,7 +6,7 @@
 //
 // Without AVX-512 (F, BW and VNNI) MLA_AVX512 stays undefined and every kernel runs its portable scalar loop, except
 // for the int8 / int4 products, which have AVX2 loops (MLA_AVX2). AVX512_BF16 is not required: where it is missing
-// (Skylake to Ice Lake servers, and hypervisors that hide it) its two instructions are emulated (dpbf16, to_bf16).
+// (Skylake to Ice Lake servers, and hypervisors that hide it) its pair dot is emulated (dpbf16).
 #pragma once
 
 #include <torch/extension.h>
@@ -111,18 +111,15 @@ inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
 #endif
 }
 
-// 16 floats to bf16, rounded to nearest even (vcvtneps2bf16; emulated with integer rounding, NaN kept a NaN).
+// 16 floats to bf16, rounded to nearest even as torch rounds (NaN kept a NaN), by integer rounding on every CPU:
+// vcvtneps2bf16 (AVX512_BF16) flushes subnormal inputs to zero, which torch does not.
 inline __m256i to_bf16(__m512 v) {
-#ifdef __AVX512BF16__
-  return (__m256i)_mm512_cvtneps_pbh(v);
-#else
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
                             _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
   return _mm512_cvtepi32_epi16(r);
-#endif
 }
 
 inline __m512 load_w(const void* w, bool is_bf16, int64_t i, __mmask16 mk) {

@@ -49,8 +49,8 @@ def test_float_gemv_matches_linear(M, N, K, dtype, wdtype):
 
 
 def test_bf16_rounding_is_torchs():
-    """Floats rounded to bf16 in the C++ (vcvtneps2bf16, or its emulation where the CPU has no AVX512_BF16; 16 at a
-    time, then the tail) round as torch does, ties to even, NaN kept: dequantized from an int8 weight of ones, each
+    """Floats rounded to bf16 in the C++ (16 at a time, then the tail) round as torch does, ties to even, subnormals
+    kept (vcvtneps2bf16 would flush them: 2 ** -130 here), NaN kept: dequantized from an int8 weight of ones, each
     row of the bf16 result is its scale rounded."""
     from kernels.weights import QuantWeight
     scales = torch.cat([torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -130, 3.0e38, 2 + 2 ** -7,
@@ -177,6 +177,20 @@ def test_decode_attention_matches_reference(q_lens, prefix_lens, H, R, DR, BS, d
     assert out.dtype == dtype
     tol = 2e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
+def test_decode_attention_keeps_a_float32_query_in_float32_over_a_bf16_cache():
+    """A float32 model over a bf16 cache: the query and probabilities stay float32 (where the CPU has AVX512_BF16,
+    a bf16 model's attention reads the cache by bf16 pair products instead), so the result is the float32 one."""
+    from kernels import reference
+    from kernels.cache_format import float_format
+    b = paged_batch([2, 1], [300, 33], 20, 48, 16, 16, torch.float32, seed=3)
+    b["kv_cache"] = b["kv_cache"].bfloat16()
+    out = cpu.mla_decode(**b, softmax_scale=0.2, kind=cpu.cache_kind(float_format(b["kv_cache"], 48, 16)))
+    want = reference.mla_decode(**{k: (v.double() if v.is_floating_point() else v) for k, v in b.items()},
+                                softmax_scale=0.2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # k_pe's dtype in the packed rows
