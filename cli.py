@@ -92,7 +92,7 @@ def add_engine_args(p, lists=False):
     p.add_argument("--prefill-gemm", default="auto", choices=PREFILL_GEMMS,
                    help="how prompts multiply int8/int4 weights on the CPU: dequantized into a float GEMM, or int8 x "
                         "int8 (activations quantized per token; float32 models). auto: int8 on CPUs with VNNI but no "
-                        "bf16 arithmetic")
+                        "AMX")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
                    help="CPU threads of torch and the C++ kernels, per rank with --tp (default: the machine's cores, "

@@ -103,9 +103,9 @@ class EngineConfig:
             dtype = self.dtype
         elif device.type == "cuda":
             dtype = model_cfg.torch_dtype
-        elif model_cfg.torch_dtype == "float32" or not cpu_has_bf16():
+        elif model_cfg.torch_dtype == "float32" or not cpu_bf16_gemm():
             dtype = "float32"
-        else:  # a bf16 (or fp16) checkpoint on a CPU with bf16 arithmetic: its GEMMs run faster than fp32
+        else:  # a bf16 (or fp16) checkpoint on a CPU whose bf16 GEMM runs faster than its fp32 one
             dtype = "bfloat16"
         backend = self.backend if self.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
         if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -157,7 +157,7 @@ class EngineConfig:
             return self.prefill_gemm
         flags = cpu_flags()
         vnni = "avx512_vnni" in flags or "avx_vnni" in flags
-        return "int8" if cpu_quant and dtype == "float32" and vnni and not cpu_has_bf16() else "dequantize"
+        return "int8" if cpu_quant and dtype == "float32" and vnni and not cpu_bf16_gemm() else "dequantize"
 
     def check_split(self, cfg: ModelConfig):
         """Over several ranks every split dimension must divide evenly (models/parallel.py)."""
@@ -211,7 +211,8 @@ class EngineConfig:
         return CacheFormat(self.kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, self.torch_dtype)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX)."""
-    flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_bf16_gemm() -> bool:
+    """Whether this CPU's bf16 GEMM outruns its float32 one: with AMX. AVX512_BF16 alone does not (oneDNN's bf16 GEMM
+    ran at 0.6x the float32 one, and a bf16 model's prompts at 0.6x a float32 model's over the same bf16 weights, on a
+    Xeon with AVX512_BF16 and no AMX: bench/results/cpu-xeon-avx512bf16-2026-12-07.md)."""
+    return "amx_bf16" in cpu_flags()

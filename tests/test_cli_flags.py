@@ -49,7 +49,8 @@ def test_kv_cache_tokens_and_gib_exclude_each_other(capsys):
 
 @pytest.mark.parametrize("flags,dtype,weight_dtype,want", [
     (["avx512_vnni"], "auto", "int4", "int8"),  # VNNI, no bf16 arithmetic: a float32 model, int8 GEMMs
-    (["avx512_vnni", "amx_bf16"], "float32", "int4", "dequantize"),  # bf16 hardware: dequantized (more accurate)
+    (["avx512_vnni", "avx512_bf16"], "auto", "int4", "int8"),  # bf16 instructions but no AMX: the same
+    (["avx512_vnni", "amx_bf16"], "float32", "int4", "dequantize"),  # AMX: dequantized (more accurate)
     (["avx2"], "auto", "int8", "dequantize"),  # no VNNI
     (["avx512_vnni"], "auto", None, "dequantize"),  # float weights: nothing to multiply in int8
 ])
@@ -58,6 +59,15 @@ def test_prefill_gemm_is_settled_once_from_the_cpu(monkeypatch, flags, dtype, we
     monkeypatch.setattr(config, "cpu_flags", lambda: flags)
     c = config.EngineConfig(cli.DEFAULT_MODEL, device="cpu", dtype=dtype, weight_dtype=weight_dtype)
     assert c.resolve(plan_memory=False).prefill_gemm == want
+
+
+@pytest.mark.parametrize("flags,want", [(["avx512_vnni"], "float32"), (["avx512_vnni", "avx512_bf16"], "float32"),
+                                        (["avx512_bf16", "amx_bf16"], "bfloat16")])
+def test_a_bf16_checkpoint_runs_in_bf16_on_the_cpu_only_with_amx(monkeypatch, flags, want):
+    """Only AMX's bf16 GEMM outruns the float32 one (AVX512_BF16's ran at 0.6x it)."""
+    from engine import config
+    monkeypatch.setattr(config, "cpu_flags", lambda: flags)
+    assert config.EngineConfig(cli.DEFAULT_MODEL, device="cpu").resolve(plan_memory=False).dtype == want
 
 
 def test_prefill_gemm_int8_is_refused_where_it_does_not_apply(capsys):

@@ -9,7 +9,7 @@ from tests.test_cli_tools import main
 from tools import kernel_bench
 
 TINY = ["bench", "--kernels", "--device", "cpu", "--kernel-batch", "1,2", "--kernel-ctx", "64,100",
-        "--kernel-prefill", "32,70", "-r", "1", "--dtype", "float32"]  # explicit: auto is bf16 on a CPU with bf16 arithmetic
+        "--kernel-prefill", "32,70", "-r", "1", "--dtype", "float32"]  # explicit: auto is bf16 on a CPU with AMX
 
 
 @pytest.fixture(autouse=True)
