@@ -1,8 +1,8 @@
 """The products of the torch and CPU backends (kernels/backend.py) for a weight-only quantized weight (QuantWeight,
 kernels/weights.py): the reference (F.linear over the dequantized weight) and the two CPU prompt paths, each working
 one block of DEQUANT_ROWS weight rows at a time (as does widened_gemm, for bf16 weights under a float32 model):
-  dequantized_gemm  the weight dequantized to the model dtype into oneDNN's float GEMM. With AMX (bf16 models) this
-                    was measured as fast as int8 x int8 and more accurate (bench/results/kernels-cpu.md).
+  dequantized_gemm  the weight dequantized to the model dtype into oneDNN's float GEMM: with AMX (bf16 models, a
+                    GEMM of ~2 TFLOP/s on 2 cores, bench/results/cpu-vs-llamacpp/README.md), and more accurate.
   int8_gemm         int8 x int8 (torch._int_mm): activations quantized per row, the weight as int8 rows. Where the
                     CPU has VNNI but no AMX, the model runs in float32, whose GEMM is about 4x slower than the int8
                     one (bench/results/cpu-xeon-noamx-2026-12-06.md, cpu-xeon-avx512bf16-2026-12-07.md).
