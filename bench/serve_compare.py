@@ -96,7 +96,9 @@ def measure(server: str, fmt: str, args, workloads: dict) -> dict:
             todo.append((c, sessions, path))
     # a fresh server per concurrency, with C slots for llama-server: each run starts with an empty cache
     for c, sessions, path in todo:
-        ctx = max(len(r.prompt_token_ids) + r.max_tokens for chat in sessions for r in chat) + 16
+        # llama-server's slot context: the longest request plus room (with 16, ik_llama.cpp's server stopped one
+        # request of 452 tokens for exceeding its 468-token slot)
+        ctx = max(len(r.prompt_token_ids) + r.max_tokens for chat in sessions for r in chat) + 64
         port = free_port()
         s = Server(command(server, fmt, args, port, c, ctx), port,
                    os.path.join(args.work, "serve", f"{server}-{fmt}-c{c}-t{args.turns}.log"))
