@@ -4,8 +4,8 @@ kernels/matmul.py int8_gemm), on DeepSeek-V2-Lite's shapes: 512 tokens, 64 exper
 distinct layers are cycled so that their weights come from memory, as in a model, not from the last-level cache.
 Where the CPU has bf16 instructions (AVX512_BF16, AMX), also the path of a bf16 model (--dtype bfloat16, and the
 default with AMX): the per-expert loop over the experts dequantized to bf16 (kernels/matmul.py dequantized_gemm), and
-the same loop over bf16 experts. Prints the median ms per layer of
-each and its GOP/s (2 x the multiply-adds of both projections).
+the same loop over bf16 experts. Prints the median ms per layer of each and its GOP/s (2 x the multiply-adds of both
+projections).
 
     python bench/moe_prompt_cpu.py [int4|int8] [LAYERS] [REPS]
 """

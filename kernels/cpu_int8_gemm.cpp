@@ -1,5 +1,5 @@
-// The int8 x int8 products of a prompt, for int8 / int4 weights in a float32 model on a CPU with VNNI but no bf16
-// arithmetic (kernels/matmul.py int8_gemm; EngineConfig.prefill_gemm decides it once): the activations quantized
+// The int8 x int8 products of a prompt, for int8 / int4 weights in a float32 model on a CPU with VNNI but no AMX
+// (kernels/matmul.py int8_gemm; EngineConfig.prefill_gemm decides it once): the activations quantized
 // with one scale per row, the weight as int8 rows with one scale each (int8 as stored, int4 requantized per row),
 // the int32 sums scaled back to float32.
 //   quantize_tokens, requantize_rows, scale_int32   one linear's operands and epilogue around torch's int8 GEMM
