@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine import LLM, SamplingParams  # noqa: E402
 
 weight_dtype = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "none" else None
-llm = LLM(sys.argv[1], device="cpu", dtype="bfloat16", weight_dtype=weight_dtype, progress=False,
+llm = LLM(sys.argv[1], device="cpu", dtype="auto", weight_dtype=weight_dtype, progress=False,
           kv_cache_memory_gib=0.5)
 sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

@@ -30,6 +30,8 @@ class CacheFormat:
             raise ValueError(f"kv cache format {self.name!r}: must be one of {', '.join(NAMES)}")
         if self.packed and self.kv_lora_rank % self.num_scales:
             raise ValueError(f"kv_lora_rank {self.kv_lora_rank} is not a multiple of the {self.name} scale group")
+        if self.packed and self.kv_lora_rank % 4:  # the float32 scales follow the latent's bytes
+            raise ValueError(f"kv cache {self.name}: kv_lora_rank {self.kv_lora_rank} is not a multiple of 4")
 
     @property
     def packed(self) -> bool:

@@ -4,8 +4,10 @@
 // Every head of a token reads the same cached row [c_kv | k_pe], so a block of keys is read (and, for a bf16 or int8
 // cache, converted to float32) once for all heads: the query is held transposed, heads along the vector lanes, and
 // each key value multiplies 16 heads at a time. A float32 cache is read in place, as is a bf16 one where the CPU has
-// bf16 pair products. The softmax is online over blocks of at most KEYS keys that sit in consecutive rows of one cache
-// block (running max and sum in the log2 domain); a sequence's keys are cut into splits when there are
+// bf16 pair products. Over an int8 cache the query's latent part is quantized to int8 per head (as llama.cpp quantizes
+// a query against a q8_0 cache) and the scores' latent products run on int8 with int32 sums (VNNI: four times the
+// multiply-adds of a float32 instruction); the values' products stay float32. The softmax is online over blocks of at
+// most KEYS keys that sit in consecutive rows of one cache block (running max and sum in the log2 domain); a sequence's keys are cut into splits when there are
 // fewer sequences than threads, each split with its own max, sum and output, merged at the end by log-sum-exp.
 // mla_absorbed fuses the two per-head products around it because, for a few tokens, the torch ops around a call
 // (bmm, transposes, casts) cost as much as the products.
@@ -93,15 +95,18 @@ SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t 
 // One thread's working set: the query transposed (qT[d][h], or qT2[d / 2][h] as bf16 pairs), a block of keys (as
 // float32 rows converted from the cache, none where a float32 cache is read in place, or pointers to bf16 rows read
 // in place), their scores S[j][h] (then probabilities, P2 as bf16 pairs), and per head the running max m, sum l and
-// the block's rescaling alpha. HP: H rounded up to 16 lanes.
+// the block's rescaling alpha; over an int8 cache also the query's latent part as int8 (q8, load_query_int8) and its
+// scales qs. HP: H rounded up to 16 lanes.
 struct Scratch {
-  std::vector<float> qT, keys, S, m, l, alpha;
+  std::vector<float> qT, keys, S, m, l, alpha, qs;
   std::vector<uint32_t> qT2, P2;
   std::vector<const uint16_t*> kp;
+  std::vector<uint8_t> q8;
 
-  Scratch(bool pairs, bool in_place, int64_t W, int64_t HP)
+  Scratch(bool pairs, bool in_place, bool int8, int64_t R, int64_t W, int64_t HP)
       : qT(pairs ? 0 : W * HP), keys(pairs || in_place ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
-        qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0), kp(KEYS) {}
+        qs(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0), kp(KEYS),
+        q8(int8 ? R * HP : 0) {}
 };
 
 // The query row q [H, W] scaled into the log2 domain and transposed, so one vector of heads multiplies each key value.
@@ -118,6 +123,29 @@ void load_query(const float* q, int64_t H, int64_t W, int64_t HP, float qscale, 
     }
 }
 
+// The query's latent part q[h][0:R] as int8 for the scores over an int8 cache (kernels/reference.py
+// quantize_query_int8): per head the scale max|q_h| / 127 and q8 = round(q_h / scale). With VNNI the scores take
+// q8 + 128 (vpdpbusd's operand is unsigned; scores_int8 takes the 128 back off), packed four values to a head's lane,
+// q8[(d / 4 * HP + h) * 4 + d % 4] (R is a multiple of 4: cache_format.py), and qs = the scale in the log2 domain; elsewhere q8
+// times the scale replaces the latent part of qT, so that every CPU computes the same scores.
+void load_query_int8(const float* q, int64_t H, int64_t R, int64_t W, int64_t HP, float qscale, Scratch& s) {
+  for (int64_t h = 0; h < H; ++h) {
+    const float* qh = q + h * W;
+    float mx = 0.f;
+    for (int64_t d = 0; d < R; ++d) mx = std::max(mx, std::fabs(qh[d]));
+    const float scale = mx / 127.f;
+    s.qs[h] = scale * qscale;
+    for (int64_t d = 0; d < R; ++d) {
+      const float v = mx > 0.f ? std::nearbyint(qh[d] / scale) : 0.f;
+#ifdef MLA_AVX512
+      s.q8[(d / 4 * HP + h) * 4 + d % 4] = uint8_t(int(v) + 128);
+#else
+      s.qT[d * HP + h] = v * scale * qscale;
+#endif
+    }
+  }
+}
+
 // Keys kb:kb+nk of sequence b (one run): pointers to the bf16 rows in place (pairs), or float32 rows: a float32
 // cache's own, or the rows converted into the scratch.
 const float* gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t W, bool pairs, Scratch& s) {
@@ -132,7 +160,7 @@ const float* gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk,
 }
 
 #ifdef MLA_AVX512
-inline __m512i bcast_pair(const void* p) {  // one 32-bit word (two bf16) in every lane
+inline __m512i bcast32(const void* p) {  // one 32-bit word (two bf16, four bytes) in every lane
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
@@ -149,10 +177,10 @@ void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t p = 0; p < W / 2; ++p) {
       const __m512i q = _mm512_loadu_si512(qT2 + p * HP + hc);
-      a0 = dpbf16(a0, q, bcast_pair(kp[j] + 2 * p));
-      a1 = dpbf16(a1, q, bcast_pair(kp[j + 1] + 2 * p));
-      a2 = dpbf16(a2, q, bcast_pair(kp[j + 2] + 2 * p));
-      a3 = dpbf16(a3, q, bcast_pair(kp[j + 3] + 2 * p));
+      a0 = dpbf16(a0, q, bcast32(kp[j] + 2 * p));
+      a1 = dpbf16(a1, q, bcast32(kp[j + 1] + 2 * p));
+      a2 = dpbf16(a2, q, bcast32(kp[j + 2] + 2 * p));
+      a3 = dpbf16(a3, q, bcast32(kp[j + 3] + 2 * p));
     }
     _mm512_storeu_ps(S + j * HP + hc, a0);
     _mm512_storeu_ps(S + (j + 1) * HP + hc, a1);
@@ -162,9 +190,77 @@ void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int
   for (; j < nk; ++j) {
     __m512 a0 = _mm512_setzero_ps();
     for (int64_t p = 0; p < W / 2; ++p)
-      a0 = dpbf16(a0, _mm512_loadu_si512(qT2 + p * HP + hc), bcast_pair(kp[j] + 2 * p));
+      a0 = dpbf16(a0, _mm512_loadu_si512(qT2 + p * HP + hc), bcast32(kp[j] + 2 * p));
     _mm512_storeu_ps(S + j * HP + hc, a0);
   }
+}
+
+// The sum of a row's R int8 latent values: what the +128 on the query's bytes adds to the row's int8 score.
+inline int32_t latent_sum(const uint8_t* row, int64_t R) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i a = _mm512_setzero_si512();
+  for (int64_t d = 0; d < R; d += 64)
+    MLA_DPBUSD(a, ones, _mm512_maskz_loadu_epi8(tail_mask64(R - d), row + d));
+  return _mm512_reduce_add_epi32(a);
+}
+
+// Scores of JT int8 cache rows (consecutive rows from `rows`, RB bytes apart; RBK: RB when known at compile time, as
+// score_keys' WK) for heads hc..hc+15: S[u * HP + hc + h] = qs_h * s_u * (q8_h . c_u) + q_pe_h . k_pe_u, with s_u the
+// row's scale and k_pe_u read from its float32 row kj[u * W]. The latent part runs on int8, JT independent int32 sums
+// each taking 16 heads x 4 values per instruction (vpdpbusd) from one load of q8 and a broadcast of 4 cached bytes.
+template <int JT, int64_t RBK>
+inline void score_rows_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float* kj, int64_t R, int64_t W,
+                            int64_t HP, int64_t hc, float* S) {
+  if (RBK) RB = RBK;
+  const __m512 qs = _mm512_loadu_ps(s.qs.data() + hc);
+  __m512 v[JT];  // 128 * the latent's sum (the +128 of q8's bytes), then the row's scale x qs
+  __m512i a[JT];
+#pragma GCC unroll 16  // every loop over u unrolled before GCC places a[] and v[] (else they stay in memory)
+  for (int u = 0; u < JT; ++u) {
+    const uint8_t* r = rows + u * RB;
+    float scale;
+    std::memcpy(&scale, r + R, 4);
+    a[u] = _mm512_set1_epi32(-128 * latent_sum(r, R));
+    v[u] = _mm512_mul_ps(qs, _mm512_set1_ps(scale));
+  }
+  const uint8_t* q8 = s.q8.data() + hc * 4;
+  for (int64_t p = 0; p < R / 4; ++p) {
+    const __m512i q = _mm512_loadu_si512(q8 + p * HP * 4);
+#pragma GCC unroll 16
+    for (int u = 0; u < JT; ++u) MLA_DPBUSD(a[u], q, bcast32(rows + u * RB + 4 * p));
+  }
+#pragma GCC unroll 16
+  for (int u = 0; u < JT; ++u) v[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(a[u]), v[u]);  // the sum is exact in float32
+  for (int64_t d = R; d < W; ++d) {
+    const __m512 q = _mm512_loadu_ps(s.qT.data() + d * HP + hc);
+#pragma GCC unroll 16
+    for (int u = 0; u < JT; ++u) v[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(kj[u * W + d]), v[u]);
+  }
+#pragma GCC unroll 16
+  for (int u = 0; u < JT; ++u) _mm512_storeu_ps(S + u * HP + hc, v[u]);
+}
+
+// Scores of nk int8 cache rows for heads hc..hc+15 (score_rows_int8), 16 rows at a time. Not inlined: inlined into
+// attend's loop, the 16 sums went to the stack and back on every step.
+template <int64_t RBK>
+__attribute__((noinline)) void scores_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t R,
+                 int64_t W, int64_t HP, int64_t hc, float* S) {
+  int64_t j = 0;
+  for (; j + 16 <= nk; j += 16)
+    score_rows_int8<16, RBK>(s, rows + j * RB, RB, keys + j * W, R, W, HP, hc, S + j * HP);
+  for (; j + 4 <= nk; j += 4) score_rows_int8<4, RBK>(s, rows + j * RB, RB, keys + j * W, R, W, HP, hc, S + j * HP);
+  for (; j < nk; ++j) score_rows_int8<1, RBK>(s, rows + j * RB, RB, keys + j * W, R, W, HP, hc, S + j * HP);
+}
+
+void scores_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t R,
+                 int64_t W, int64_t HP, int64_t hc, float* S) {
+  constexpr int64_t BF16_ROPE = 512 + 4 + 64 * 2, FP32_ROPE = 512 + 4 + 64 * 4;  // DeepSeek's int8 rows
+  if (RB == BF16_ROPE)
+    scores_int8<BF16_ROPE>(s, rows, RB, keys, nk, R, W, HP, hc, S);
+  else if (RB == FP32_ROPE)
+    scores_int8<FP32_ROPE>(s, rows, RB, keys, nk, R, W, HP, hc, S);
+  else
+    scores_int8<0>(s, rows, RB, keys, nk, R, W, HP, hc, S);
 }
 
 // Scores of JT float32 key rows kj[u * W] for heads hc..hc+15 over the values d0:d1, added to S[u * HP + hc] (set
@@ -252,7 +348,7 @@ void accumulate_bf16(const uint32_t* P2, const uint16_t* const* kp, int64_t nk, 
                                       : _mm512_setzero_si512();
         const __m512i v = _mm512_or_si512(lo, hi);
         const uint32_t* pp = P2 + (j / 2) * HP + h0;
-        for (int u = 0; u < 16; ++u) a[u] = dpbf16(a[u], v, bcast_pair(pp + u));
+        for (int u = 0; u < 16; ++u) a[u] = dpbf16(a[u], v, bcast32(pp + u));
       }
       for (int u = 0; u < 16; ++u)
         if (u < nh) _mm512_mask_storeu_ps(acc + (h0 + u) * R + c, mk, a[u]);
@@ -384,13 +480,16 @@ void accumulate_scalar(const float* S, const float* keys, int64_t nk, int64_t H,
 }
 #endif
 
-// One block of nk keys for one query row: scores, the online-softmax update, the values into acc [H, R].
-void attend_block(Scratch& s, const float* keys, int64_t nk, int64_t H, int64_t HP, int64_t R, int64_t W, bool pairs,
-                  float* acc) {
+// One block of nk keys for one query row: scores, the online-softmax update, the values into acc [H, R]. keys: the
+// float32 rows; rows: the cache's own, RB bytes apart (read by the int8 scores).
+void attend_block(Scratch& s, const float* keys, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP,
+                  int64_t R, int64_t W, bool pairs, bool int8, float* acc) {
 #ifdef MLA_AVX512
   for (int64_t hc = 0; hc < HP; hc += 16) {
     if (pairs)
       scores_bf16(s.qT2.data(), s.kp.data(), nk, W, HP, hc, s.S.data());
+    else if (int8)
+      scores_int8(s, rows, RB, keys, nk, R, W, HP, hc, s.S.data());
     else
       scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data());
     softmax_update(s.S.data(), nk, HP, hc, s.m.data(), s.l.data(), s.alpha.data());
@@ -402,14 +501,14 @@ void attend_block(Scratch& s, const float* keys, int64_t nk, int64_t H, int64_t 
     accumulate_f32(s.S.data(), keys, nk, H, HP, R, W, s.alpha.data(), acc);
   }
 #elif defined(MLA_AVX2)
-  (void)pairs;
+  (void)pairs, (void)int8, (void)rows, (void)RB;  // int8: the query's dequantized int8 values are in qT
   for (int64_t hc = 0; hc < HP; hc += 8) {
     scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data());
     softmax_update(s.S.data(), nk, HP, hc, s.m.data(), s.l.data(), s.alpha.data());
   }
   accumulate_f32(s.S.data(), keys, nk, H, HP, R, W, s.alpha.data(), acc);
 #else
-  (void)pairs;
+  (void)pairs, (void)int8, (void)rows, (void)RB;
   scores_scalar(s.qT.data(), keys, nk, H, W, HP, s.S.data());
   softmax_update_scalar(s.S.data(), nk, H, HP, s.m.data(), s.l.data(), s.alpha.data());
   accumulate_scalar(s.S.data(), keys, nk, H, HP, R, W, s.alpha.data(), acc);
@@ -419,8 +518,9 @@ void attend_block(Scratch& s, const float* keys, int64_t nk, int64_t H, int64_t 
 // Query token i of split sp: its unnormalised output acc [H, R] and per head (max, sum) ml [H, 2] over the split's
 // keys up to the query's own position (causal).
 void attend_query(const KeyReader& kr, const Split& sp, const float* q, int64_t i, int64_t start, int64_t H, int64_t HP,
-                  int64_t R, int64_t W, float qscale, bool pairs, Scratch& s, float* acc, float* ml) {
+                  int64_t R, int64_t W, float qscale, bool pairs, bool int8, Scratch& s, float* acc, float* ml) {
   load_query(q, H, W, HP, qscale, pairs, s);
+  if (int8) load_query_int8(q, H, R, W, HP, qscale, s);
   std::fill(acc, acc + H * R, 0.f);
   std::fill(s.m.begin(), s.m.end(), -INFINITY);
   std::fill(s.l.begin(), s.l.end(), 0.f);
@@ -428,7 +528,7 @@ void attend_query(const KeyReader& kr, const Split& sp, const float* q, int64_t 
   for (int64_t kb = sp.k0, nk; kb < kend; kb += nk) {  // runs of at most KEYS keys
     nk = kr.run(kb, std::min(KEYS, kend - kb));
     const float* keys = gather_keys(kr, sp.b, kb, nk, W, pairs, s);
-    attend_block(s, keys, nk, H, HP, R, W, pairs, acc);
+    attend_block(s, keys, kr.row(sp.b, kb), kr.row_bytes, nk, H, HP, R, W, pairs, int8, acc);
   }
   for (int64_t h = 0; h < H; ++h) {
     ml[h * 2] = s.m[h];
@@ -493,13 +593,14 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
   const bool pairs = false;
   (void)bf16_model;
 #endif
+  const bool int8 = kind == CacheKind::INT8_BF16_ROPE || kind == CacheKind::INT8_FP32_ROPE;
   at::parallel_for(0, int64_t(plan.splits.size()), 1, [&](int64_t i0, int64_t i1) {
-    Scratch s(pairs, kind == CacheKind::FLOAT32, W, HP);
+    Scratch s(pairs, kind == CacheKind::FLOAT32, int8, R, W, HP);
     for (int64_t ti = i0; ti < i1; ++ti) {
       const Split& sp = plan.splits[ti];
       const int64_t q0 = CU[sp.b], nq = CU[sp.b + 1] - q0, start = LEN[sp.b] - nq;
       for (int64_t i = 0; i < nq; ++i)
-        attend_query(kr, sp, Q + (q0 + i) * H * W, i, start, H, HP, R, W, qscale, pairs, s,
+        attend_query(kr, sp, Q + (q0 + i) * H * W, i, start, H, HP, R, W, qscale, pairs, int8, s,
                      ACC + (sp.row + i) * H * R, ML + (sp.row + i) * H * 2);
     }
   });

@@ -97,6 +97,11 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 mk = 0xFFFF) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
 }
 
+// c += b . a, 64 products of unsigned (b) by signed (a) bytes summed by fours into 16 int32 (vpdpbusd). Inline asm
+// rather than the intrinsic: with the intrinsic GCC copies each sum to another register and back on every step, and
+// spills a tile's sums to the stack.
+#define MLA_DPBUSD(c, b, a) asm("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(b), "v"(a))
+
 // acc + the pair dot of bf16 pairs: lane i gains a[2i] * b[2i] + a[2i + 1] * b[2i + 1] (vdpbf16ps). Emulated
 // without AVX512_BF16 by two fp32 multiply-adds, whose rounding may differ from the instruction's in the last bit.
 inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {

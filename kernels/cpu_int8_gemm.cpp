@@ -148,10 +148,6 @@ void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, fl
 // is made (requantized) and while it is in cache, and the tile below reads it as packed.
 constexpr int64_t TILE_M = 6, TILE_N = 64;
 
-// c += b . a, 64 products of unsigned (b) by signed (a) bytes summed by fours into 16 int32. Inline asm rather than
-// the intrinsic: with the intrinsic GCC spilled the tile's 24 accumulators to the stack on every step.
-#define MLA_DPBUSD(c, b, a) asm("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(b), "v"(a))
-
 // r[i] = 16 dwords of row i -> r[j] = dword j of rows 0..15 in order.
 inline void transpose16(__m512i r[16]) {
   __m512i t[16], u[16];

@@ -193,12 +193,20 @@ def test_decode_attention_keeps_a_float32_query_in_float32_over_a_bf16_cache():
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # k_pe's dtype in the packed rows
-@pytest.mark.parametrize("H,R,DR", [(4, 64, 16), (3, 36, 6)])  # widths that are no multiple of a vector
-def test_decode_attention_on_an_int8_cache(H, R, DR, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the query's and k_pe's dtype
+@pytest.mark.parametrize("q_lens,prefix_lens,H,R,DR,BS", [
+    ([1, 2], [50, 7], 4, 64, 16, 8),
+    ([1, 2], [50, 7], 3, 36, 6, 8),  # widths that are no multiple of a vector
+    ([2, 1], [45, 20], 20, 44, 6, 8),  # more heads than one vector of 16
+    ([1, 3], [300, 61], 16, 512, 64, 16),  # DeepSeek's row (its own scores loop), split over the threads
+])
+def test_decode_attention_on_an_int8_cache(q_lens, prefix_lens, H, R, DR, BS, dtype):
+    """Over an int8 cache the scores take the query's latent part quantized to int8 per head
+    (reference.quantize_query_int8): against the reference with that query, float32 is exact to rounding; against
+    the unquantized query, the quantization moves the output by well under 1%."""
     from kernels import cache_format, reference
     from kernels.cache_format import CacheFormat
-    b = paged_batch([1, 2], [50, 7], H, R, DR, 8, dtype, seed=1)
+    b = paged_batch(q_lens, prefix_lens, H, R, DR, BS, dtype, seed=1)
     fmt = CacheFormat("int8", R, DR, dtype)
     flat = b["kv_cache"].view(-1, R + DR)
     written = (~flat.isnan().any(-1)).nonzero()[:, 0]
@@ -206,9 +214,14 @@ def test_decode_attention_on_an_int8_cache(H, R, DR, dtype):
     cache_format.write_latent(packed, written, flat[written, :R], flat[written, R:], fmt)
     out = cpu.mla_decode(**{**b, "kv_cache": packed}, softmax_scale=0.3, kind=cpu.cache_kind(fmt))
     dense, tables = cache_format.unpack(packed, b["block_tables"], b["seq_lens"], fmt, torch.float64)
-    want = reference.mla_decode(b["q_lat"].double(), b["q_pe"].double(), dense, tables, b["cu_seqlens_q"],
-                                b["seq_lens"], 0.3)
-    torch.testing.assert_close(out.double(), want, atol=1e-2, rtol=1e-2)
+
+    def want(q_lat):
+        return reference.mla_decode(q_lat.double(), b["q_pe"].double(), dense, tables, b["cu_seqlens_q"],
+                                    b["seq_lens"], 0.3)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want(reference.quantize_query_int8(b["q_lat"])), atol=tol, rtol=tol)
+    exact = want(b["q_lat"])
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -55,13 +55,14 @@ def test_greedy_outputs_equal_with_prefix_caching_on_and_off(checkpoints, backen
     """auto with a threshold of 6: the longer prompt chunks take the expanded path, the short ones and decode the
     absorbed one, which both then read the shared prefix from the cache. With auto, a prompt whose prefix is cached
     can run its rest on the other path than the same prompt computed whole: over a quantized cache the two paths
-    round differently (the absorbed one reads the packed rows in place), hence the wider tolerance there."""
+    round differently (the absorbed one reads the packed rows in place, and on the CPU quantizes the query to int8 over
+    an int8 cache), hence the wider tolerance there (about a third of what the int8 cache itself moves the logprobs)."""
     kw = dict(backend=backend, kv_cache_dtype=kv_cache_dtype, attn_mode=attn, mla_threshold=6)
     batches = [[BASE], PROMPTS[:3], PROMPTS[3:]]
     off = run(make(checkpoints["v2_qlora"], enable_prefix_caching=False, **kw), batches)
     llm = make(checkpoints["v2_qlora"], **kw)
     on = run(llm, batches)
-    assert_same(on, off, 1e-3 if kv_cache_dtype in ("int8", "fp8") and attn == "auto" else 1e-4)
+    assert_same(on, off, 2e-3 if kv_cache_dtype in ("int8", "fp8") and attn == "auto" else 1e-4)
     hits = llm.scheduler.prefix_hit_tokens
     assert hits >= BS + BS + 5 * BS + 5 * BS, hits  # each shared full block before a prompt's last token was reused
     assert [s for s in llm.scheduler.running] == [] and llm.blocks.usage == 0
