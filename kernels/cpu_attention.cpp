@@ -37,20 +37,22 @@ struct KeyReader {
   // The keys from pos on that sit in consecutive rows of one cache block, at most n.
   int64_t run(int64_t pos, int64_t n) const { return std::min(n, block_size - pos % block_size); }
 
-  void read(int64_t b, int64_t pos, float* out) const {
+  // latent: false for k_pe alone (out[R:R + DR]; int8 rows, whose latent the int8 products read in place)
+  void read(int64_t b, int64_t pos, float* out, bool latent = true) const {
     const uint8_t* row = this->row(b, pos);
-    const int64_t W = R + DR;
     if (kind == CacheKind::BFLOAT16) {
-      widen_bf16(reinterpret_cast<const uint16_t*>(row), W, out);
-    } else {
+      widen_bf16(reinterpret_cast<const uint16_t*>(row), R + DR, out);
+      return;
+    }
+    if (latent) {
       float s;
       std::memcpy(&s, row + R, 4);
       dequantize_row(row, &s, false, R, out);
-      if (kind == CacheKind::INT8_BF16_ROPE)
-        widen_bf16(reinterpret_cast<const uint16_t*>(row + R + 4), DR, out + R);
-      else
-        std::memcpy(out + R, row + R + 4, DR * 4);
     }
+    if (kind == CacheKind::INT8_BF16_ROPE)
+      widen_bf16(reinterpret_cast<const uint16_t*>(row + R + 4), DR, out + R);
+    else
+      std::memcpy(out + R, row + R + 4, DR * 4);
   }
 
   static void widen_bf16(const uint16_t* v, int64_t n, float* out) {
@@ -96,17 +98,19 @@ SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t 
 // float32 rows converted from the cache, none where a float32 cache is read in place, or pointers to bf16 rows read
 // in place), their scores S[j][h] (then probabilities, P2 as bf16 pairs), and per head the running max m, sum l and
 // the block's rescaling alpha; over an int8 cache also the query's latent part as int8 (q8, load_query_int8) and its
-// scales qs. HP: H rounded up to 16 lanes.
+// scales qs, and for the values the block's latent transposed (CT) and probabilities as bytes (PH, PL and their
+// weights whi, wlo: values_int8). HP: H rounded up to 16 lanes.
 struct Scratch {
-  std::vector<float> qT, keys, S, m, l, alpha, qs;
-  std::vector<uint32_t> qT2, P2;
+  std::vector<float> qT, keys, S, m, l, alpha, qs, whi, wlo;
+  std::vector<uint32_t> qT2, P2, PH, PL;
   std::vector<const uint16_t*> kp;
-  std::vector<uint8_t> q8;
+  std::vector<uint8_t> q8, CT;
 
   Scratch(bool pairs, bool in_place, bool int8, int64_t R, int64_t W, int64_t HP)
       : qT(pairs ? 0 : W * HP), keys(pairs || in_place ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
-        qs(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0), kp(KEYS),
-        q8(int8 ? R * HP : 0) {}
+        qs(int8 ? HP : 0), whi(int8 ? HP : 0), wlo(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0),
+        PH(int8 ? KEYS / 4 * HP : 0), PL(int8 ? KEYS / 4 * HP : 0), kp(KEYS), q8(int8 ? R * HP : 0),
+        CT(int8 ? (R + 63) / 64 * 64 * KEYS : 0) {}
 };
 
 // The query row q [H, W] scaled into the log2 domain and transposed, so one vector of heads multiplies each key value.
@@ -147,14 +151,19 @@ void load_query_int8(const float* q, int64_t H, int64_t R, int64_t W, int64_t HP
 }
 
 // Keys kb:kb+nk of sequence b (one run): pointers to the bf16 rows in place (pairs), or float32 rows: a float32
-// cache's own, or the rows converted into the scratch.
-const float* gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t W, bool pairs, Scratch& s) {
+// cache's own, or the rows converted into the scratch (with VNNI, of int8 rows only k_pe: the int8 products read
+// the latent in place).
+const float* gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t W, bool pairs, bool int8,
+                         Scratch& s) {
   if (kr.kind == CacheKind::FLOAT32) return reinterpret_cast<const float*>(kr.row(b, kb));
+#ifndef MLA_AVX512
+  int8 = false;
+#endif
   for (int64_t j = 0; j < nk; ++j) {
     if (pairs)
       s.kp[j] = reinterpret_cast<const uint16_t*>(kr.row(b, kb + j));
     else
-      kr.read(b, kb + j, s.keys.data() + j * W);
+      kr.read(b, kb + j, s.keys.data() + j * W, !int8);
   }
   return s.keys.data();
 }
@@ -261,6 +270,113 @@ void scores_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float*
     scores_int8<FP32_ROPE>(s, rows, RB, keys, nk, R, W, HP, hc, S);
   else
     scores_int8<0>(s, rows, RB, keys, nk, R, W, HP, hc, S);
+}
+
+// The values over an int8 cache on int8 too: acc[h] = acc[h] * alpha[h] + sum_j p_j[h] s_j c_j, with s_j the row's
+// scale, c_j its int8 latent. vpdpbusd multiplies unsigned by signed bytes, so the probabilities times the scales
+// become 16-bit fractions of their largest in the block per head, taken as two bytes (a high and a low pass), and
+// the latent is held transposed, a column's four keys in each 32-bit lane: each instruction then adds four keys'
+// products to 16 columns of one head. Two passes of 64 multiply-adds per instruction: twice float32's rate.
+
+// The block's latent transposed: CT[(cc * NQ + q) * 64 + 4 * i + k] = c_{4q + k}[16 cc + i], NQ = ceil(nk / 4)
+// (zero past nk and R).
+void transpose_latent(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, uint8_t* CT) {
+  const int64_t NQ = (nk + 3) / 4;
+  for (int64_t c = 0; c < R; c += 64) {
+    const __mmask64 mk = tail_mask64(R - c);
+    for (int64_t q = 0; q < NQ; ++q) {
+      __m512i r[4];
+      for (int k = 0; k < 4; ++k)
+        r[k] = 4 * q + k < nk ? _mm512_maskz_loadu_epi8(mk, rows + (4 * q + k) * RB + c) : _mm512_setzero_si512();
+      // per 128-bit lane L: a, b = columns 16L..16L+7, 16L+8..16L+15 of keys 0, 1 interleaved; e, f of keys 2, 3
+      const __m512i a = _mm512_unpacklo_epi8(r[0], r[1]), b = _mm512_unpackhi_epi8(r[0], r[1]);
+      const __m512i e = _mm512_unpacklo_epi8(r[2], r[3]), f = _mm512_unpackhi_epi8(r[2], r[3]);
+      // z[k], lane L: columns 16L + 4k .. 16L + 4k + 3, four keys each; then lanes transposed: n[L] = columns 16L..
+      const __m512i z0 = _mm512_unpacklo_epi16(a, e), z1 = _mm512_unpackhi_epi16(a, e);
+      const __m512i z2 = _mm512_unpacklo_epi16(b, f), z3 = _mm512_unpackhi_epi16(b, f);
+      const __m512i t0 = _mm512_shuffle_i32x4(z0, z1, 0x44), t1 = _mm512_shuffle_i32x4(z0, z1, 0xEE);
+      const __m512i t2 = _mm512_shuffle_i32x4(z2, z3, 0x44), t3 = _mm512_shuffle_i32x4(z2, z3, 0xEE);
+      const __m512i n[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xDD),
+                            _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xDD)};
+      for (int L = 0; L < 4; ++L) _mm512_storeu_si512(CT + ((c / 16 + L) * NQ + q) * 64, n[L]);
+    }
+  }
+}
+
+// The block's probabilities for heads hc..hc+15 times the rows' scales, as 16-bit fractions of the largest per head
+// (wlo = largest / 65535, the low byte's weight; whi = 256 wlo), high and low bytes packed four keys to a head's lane:
+// PH[q * HP + h] byte k = the high byte of key 4q + k's (zero past nk).
+void quantize_probs(const float* S, const uint8_t* rows, int64_t RB, int64_t R, int64_t nk, int64_t HP, int64_t hc,
+                    Scratch& s) {
+  auto scaled = [&](int64_t j) {
+    float sc;
+    std::memcpy(&sc, rows + j * RB + R, 4);
+    return _mm512_mul_ps(_mm512_loadu_ps(S + j * HP + hc), _mm512_set1_ps(sc));
+  };
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, scaled(j));
+  const __mmask16 live = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 to16 = _mm512_maskz_div_ps(live, _mm512_set1_ps(65535.f), mx);
+  const __m512 unit = _mm512_mul_ps(mx, _mm512_set1_ps(1.f / 65535.f));
+  _mm512_storeu_ps(s.wlo.data() + hc, unit);
+  _mm512_storeu_ps(s.whi.data() + hc, _mm512_mul_ps(unit, _mm512_set1_ps(256.f)));
+  const __m512i byte = _mm512_set1_epi32(255);
+  for (int64_t q = 0; q < (nk + 3) / 4; ++q) {
+    __m512i hi = _mm512_setzero_si512(), lo = hi;
+    for (int k = 0; k < 4 && 4 * q + k < nk; ++k) {
+      const __m512i p16 = _mm512_cvtps_epi32(_mm512_mul_ps(scaled(4 * q + k), to16));  // nearest, <= 65535
+      hi = _mm512_or_si512(hi, _mm512_slli_epi32(_mm512_srli_epi32(p16, 8), 8 * k));
+      lo = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_and_si512(p16, byte), 8 * k));
+    }
+    _mm512_storeu_si512(s.PH.data() + q * HP + hc, hi);
+    _mm512_storeu_si512(s.PL.data() + q * HP + hc, lo);
+  }
+}
+
+// One pass (the probabilities' high or low bytes P) for HT heads from h0 over the 16 columns of chunk cc: the int32
+// sums, times w per head, added to acc (scaled by alpha first when `first`). Not inlined, for the reason of
+// scores_int8.
+template <int HT>
+__attribute__((noinline)) void values_pass(const uint8_t* ct, const uint32_t* P, int64_t NQ, int64_t HP, int64_t h0,
+                                           int64_t R, int64_t c, const float* w, const float* alpha, bool first,
+                                           float* acc) {
+  __m512i a[HT];
+#pragma GCC unroll 16
+  for (int u = 0; u < HT; ++u) a[u] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < NQ; ++q) {
+    const __m512i k4 = _mm512_loadu_si512(ct + q * 64);
+#pragma GCC unroll 16
+    for (int u = 0; u < HT; ++u) MLA_DPBUSD(a[u], bcast32(P + q * HP + h0 + u), k4);
+  }
+  const __mmask16 mk = tail_mask16(R - c);
+#pragma GCC unroll 16
+  for (int u = 0; u < HT; ++u) {
+    float* o = acc + (h0 + u) * R + c;
+    __m512 old = _mm512_maskz_loadu_ps(mk, o);
+    if (first) old = _mm512_mul_ps(old, _mm512_set1_ps(alpha[h0 + u]));
+    _mm512_mask_storeu_ps(o, mk, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[u]), _mm512_set1_ps(w[h0 + u]), old));
+  }
+}
+
+void values_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP, int64_t R,
+                 float* acc) {
+  transpose_latent(rows, RB, nk, R, s.CT.data());
+  for (int64_t hc = 0; hc < HP; hc += 16) quantize_probs(s.S.data(), rows, RB, R, nk, HP, hc, s);
+  const int64_t NQ = (nk + 3) / 4;
+  const float* whi = s.whi.data();
+  const float* wlo = s.wlo.data();
+  for (int64_t c = 0; c < R; c += 16) {
+    const uint8_t* ct = s.CT.data() + c / 16 * NQ * 64;
+    int64_t h0 = 0;
+    for (; h0 + 16 <= H; h0 += 16) {
+      values_pass<16>(ct, s.PH.data(), NQ, HP, h0, R, c, whi, s.alpha.data(), true, acc);
+      values_pass<16>(ct, s.PL.data(), NQ, HP, h0, R, c, wlo, s.alpha.data(), false, acc);
+    }
+    for (; h0 < H; ++h0) {
+      values_pass<1>(ct, s.PH.data(), NQ, HP, h0, R, c, whi, s.alpha.data(), true, acc);
+      values_pass<1>(ct, s.PL.data(), NQ, HP, h0, R, c, wlo, s.alpha.data(), false, acc);
+    }
+  }
 }
 
 // Scores of JT float32 key rows kj[u * W] for heads hc..hc+15 over the values d0:d1, added to S[u * HP + hc] (set
@@ -497,6 +613,8 @@ void attend_block(Scratch& s, const float* keys, const uint8_t* rows, int64_t RB
   if (pairs) {
     probs_as_pairs(s.S.data(), nk, HP, s.P2.data());
     accumulate_bf16(s.P2.data(), s.kp.data(), nk, H, HP, R, s.alpha.data(), acc);
+  } else if (int8) {
+    values_int8(s, rows, RB, nk, H, HP, R, acc);
   } else {
     accumulate_f32(s.S.data(), keys, nk, H, HP, R, W, s.alpha.data(), acc);
   }
@@ -527,7 +645,7 @@ void attend_query(const KeyReader& kr, const Split& sp, const float* q, int64_t 
   const int64_t kend = std::min(sp.k1, start + i + 1);  // causal: keys up to the query's position
   for (int64_t kb = sp.k0, nk; kb < kend; kb += nk) {  // runs of at most KEYS keys
     nk = kr.run(kb, std::min(KEYS, kend - kb));
-    const float* keys = gather_keys(kr, sp.b, kb, nk, W, pairs, s);
+    const float* keys = gather_keys(kr, sp.b, kb, nk, W, pairs, int8, s);
     attend_block(s, keys, kr.row(sp.b, kb), kr.row_bytes, nk, H, HP, R, W, pairs, int8, acc);
   }
   for (int64_t h = 0; h < H; ++h) {
