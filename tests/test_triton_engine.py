@@ -99,8 +99,11 @@ def test_packed_caches_agree_between_backends_at_odd_widths(tmp_path):
                          tokenizer=False)
     prompts = [torch.randint(3, 120, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 37, 70)]
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0)
-    # bf16 cache: the C++ attention (the torch backend on the CPU) multiplies bf16 pairs, q rounded to bf16
-    for kv_cache_dtype, tol in (("bfloat16", 3e-3 if DEV == "cpu" else 1e-4), ("int8", 1e-4), ("fp8", 1e-4)):
+    # On the CPU the torch backend's attention is the C++ one: over a bf16 cache it rounds differently, and over an
+    # int8 cache it quantizes the query to int8 (the bytes written are checked bit for bit in test_cpu_kernels.py)
+    cpu_tol = {"bfloat16": 3e-3, "int8": 2e-3} if DEV == "cpu" else {}
+    for kv_cache_dtype in ("bfloat16", "int8", "fp8"):
+        tol = cpu_tol.get(kv_cache_dtype, 1e-4)
         outs = [LLM(d, device=DEV, dtype="float32", attn_mode="absorbed", backend=backend, progress=False,
                     kv_cache_dtype=kv_cache_dtype, kv_cache_memory_gib=0.01, block_size=16).generate(
                         prompt_token_ids=prompts, sampling_params=sp) for backend in ("triton", "torch")]
