@@ -4,11 +4,12 @@
 // Every head of a token reads the same cached row [c_kv | k_pe], so a block of keys is read (and, for a bf16 or int8
 // cache, converted to float32) once for all heads: the query is held transposed, heads along the vector lanes, and
 // each key value multiplies 16 heads at a time. A float32 cache is read in place, as is a bf16 one where the CPU has
-// bf16 pair products. Over an int8 cache the query's latent part is quantized to int8 per head (as llama.cpp quantizes
-// a query against a q8_0 cache) and the scores' latent products run on int8 with int32 sums (VNNI: four times the
-// multiply-adds of a float32 instruction); the values' products stay float32. The softmax is online over blocks of at
-// most KEYS keys that sit in consecutive rows of one cache block (running max and sum in the log2 domain); a sequence's keys are cut into splits when there are
-// fewer sequences than threads, each split with its own max, sum and output, merged at the end by log-sum-exp.
+// bf16 pair products. With VNNI an int8 cache is read in place by int8 products with int32 sums (four times the
+// multiply-adds of a float32 instruction): the query's latent part quantized to int8 per head for the scores (as
+// llama.cpp quantizes a query against a q8_0 cache), the probabilities as 16-bit fractions for the values. The softmax
+// is online over blocks of at most KEYS keys that sit in consecutive rows of one cache block (running max and sum in
+// the log2 domain); a sequence's keys are cut into splits when there are fewer sequences than threads, each split with
+// its own max, sum and output, merged at the end by log-sum-exp.
 // mla_absorbed fuses the two per-head products around it because, for a few tokens, the torch ops around a call
 // (bmm, transposes, casts) cost as much as the products.
 #include "cpu_common.h"
@@ -108,8 +109,9 @@ struct Scratch {
 
   Scratch(bool pairs, bool in_place, bool int8, int64_t R, int64_t W, int64_t HP)
       : qT(pairs ? 0 : W * HP), keys(pairs || in_place ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
-        qs(int8 ? HP : 0), whi(int8 ? HP : 0), wlo(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0), P2(pairs ? KEYS / 2 * HP : 0),
-        PH(int8 ? KEYS / 4 * HP : 0), PL(int8 ? KEYS / 4 * HP : 0), kp(KEYS), q8(int8 ? R * HP : 0),
+        qs(int8 ? HP : 0), whi(int8 ? HP : 0), wlo(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0),
+        P2(pairs ? KEYS / 2 * HP : 0), PH(int8 ? KEYS / 4 * HP : 0), PL(int8 ? KEYS / 4 * HP : 0), kp(KEYS),
+        q8(int8 ? R * HP : 0),
         CT(int8 ? (R + 63) / 64 * 64 * KEYS : 0) {}
 };
 
@@ -129,9 +131,9 @@ void load_query(const float* q, int64_t H, int64_t W, int64_t HP, float qscale, 
 
 // The query's latent part q[h][0:R] as int8 for the scores over an int8 cache (kernels/reference.py
 // quantize_query_int8): per head the scale max|q_h| / 127 and q8 = round(q_h / scale). With VNNI the scores take
-// q8 + 128 (vpdpbusd's operand is unsigned; scores_int8 takes the 128 back off), packed four values to a head's lane,
-// q8[(d / 4 * HP + h) * 4 + d % 4] (R is a multiple of 4: cache_format.py), and qs = the scale in the log2 domain; elsewhere q8
-// times the scale replaces the latent part of qT, so that every CPU computes the same scores.
+// q8 + 128 (vpdpbusd's operand is unsigned; score_rows_int8 takes the 128 back off), packed four values to a head's
+// lane, q8[(d / 4 * HP + h) * 4 + d % 4] (R is a multiple of 4: cache_format.py), and qs = the scale in the log2
+// domain; elsewhere q8 times the scale replaces the latent part of qT, so that every CPU computes the same scores.
 void load_query_int8(const float* q, int64_t H, int64_t R, int64_t W, int64_t HP, float qscale, Scratch& s) {
   for (int64_t h = 0; h < H; ++h) {
     const float* qh = q + h * W;
@@ -252,8 +254,8 @@ inline void score_rows_int8(const Scratch& s, const uint8_t* rows, int64_t RB, c
 // Scores of nk int8 cache rows for heads hc..hc+15 (score_rows_int8), 16 rows at a time. Not inlined: inlined into
 // attend's loop, the 16 sums went to the stack and back on every step.
 template <int64_t RBK>
-__attribute__((noinline)) void scores_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t R,
-                 int64_t W, int64_t HP, int64_t hc, float* S) {
+__attribute__((noinline)) void scores_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float* keys,
+                                           int64_t nk, int64_t R, int64_t W, int64_t HP, int64_t hc, float* S) {
   int64_t j = 0;
   for (; j + 16 <= nk; j += 16)
     score_rows_int8<16, RBK>(s, rows + j * RB, RB, keys + j * W, R, W, HP, hc, S + j * HP);
