@@ -137,18 +137,28 @@ void load_query(const float* q, int64_t H, int64_t W, int64_t HP, float qscale, 
 void load_query_int8(const float* q, int64_t H, int64_t R, int64_t W, int64_t HP, float qscale, Scratch& s) {
   for (int64_t h = 0; h < H; ++h) {
     const float* qh = q + h * W;
+#ifdef MLA_AVX512
+    __m512 mv = _mm512_setzero_ps();
+    for (int64_t d = 0; d < R; d += 16)
+      mv = _mm512_max_ps(mv, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask16(R - d), qh + d)));
+    const float mx = _mm512_reduce_max_ps(mv), scale = mx / 127.f;
+    const __m512 div = _mm512_set1_ps(mx > 0.f ? scale : 1.f);  // an all-zero query stays zero
+    for (int64_t d = 0; d < R; d += 16) {  // 16 values rounded to nearest even, + 128, as bytes: four lanes' words
+      const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(tail_mask16(R - d), qh + d), div));
+      alignas(16) uint32_t words[4];
+      const __m128i bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(v, _mm512_set1_epi32(128)));
+      _mm_store_si128(reinterpret_cast<__m128i*>(words), bytes);
+      for (int64_t k = 0; k < 4 && d + 4 * k < R; ++k)
+        std::memcpy(s.q8.data() + ((d / 4 + k) * HP + h) * 4, words + k, 4);
+    }
+#else
     float mx = 0.f;
     for (int64_t d = 0; d < R; ++d) mx = std::max(mx, std::fabs(qh[d]));
     const float scale = mx / 127.f;
-    s.qs[h] = scale * qscale;
-    for (int64_t d = 0; d < R; ++d) {
-      const float v = mx > 0.f ? std::nearbyint(qh[d] / scale) : 0.f;
-#ifdef MLA_AVX512
-      s.q8[(d / 4 * HP + h) * 4 + d % 4] = uint8_t(int(v) + 128);
-#else
-      s.qT[d * HP + h] = v * scale * qscale;
+    for (int64_t d = 0; d < R; ++d)
+      s.qT[d * HP + h] = (mx > 0.f ? std::nearbyint(qh[d] / scale) : 0.f) * scale * qscale;
 #endif
-    }
+    s.qs[h] = scale * qscale;
   }
 }
 
