@@ -234,8 +234,8 @@ inline void score_rows_int8(const Scratch& s, const uint8_t* rows, int64_t RB, c
                             int64_t HP, int64_t hc, float* S) {
   if (RBK) RB = RBK;
   const __m512 qs = _mm512_loadu_ps(s.qs.data() + hc);
-  __m512 v[JT];  // 128 * the latent's sum (the +128 of q8's bytes), then the row's scale x qs
-  __m512i a[JT];
+  __m512 v[JT];  // the row's scale x qs, then its scores
+  __m512i a[JT];  // from -128 x the row's latent sum: what the +128 on q8's bytes adds
 #pragma GCC unroll 16  // every loop over u unrolled before GCC places a[] and v[] (else they stay in memory)
   for (int u = 0; u < JT; ++u) {
     const uint8_t* r = rows + u * RB;
@@ -345,9 +345,9 @@ void quantize_probs(const float* S, const uint8_t* rows, int64_t RB, int64_t R, 
   }
 }
 
-// One pass (the probabilities' high or low bytes P) for HT heads from h0 over the 16 columns of chunk cc: the int32
-// sums, times w per head, added to acc (scaled by alpha first when `first`). Not inlined, for the reason of
-// scores_int8.
+// One pass (the probabilities' high or low bytes P) for HT heads from h0 over the latent columns c..c+15 (ct: their
+// transposed chunk): the int32 sums, times w per head, added to acc (scaled by alpha first when `first`). Not
+// inlined, for the reason of scores_int8.
 template <int HT>
 __attribute__((noinline)) void values_pass(const uint8_t* ct, const uint32_t* P, int64_t NQ, int64_t HP, int64_t h0,
                                            int64_t R, int64_t c, const float* w, const float* alpha, bool first,
