@@ -345,28 +345,41 @@ void quantize_probs(const float* S, const uint8_t* rows, int64_t RB, int64_t R, 
   }
 }
 
-// One pass (the probabilities' high or low bytes P) for HT heads from h0 over the latent columns c..c+15 (ct: their
-// transposed chunk): the int32 sums, times w per head, added to acc (scaled by alpha first when `first`). Not
-// inlined, for the reason of scores_int8.
+// One pass (the probabilities' high or low bytes P) for HT heads from h0 over the latent columns c..c+63 (ct: their
+// four transposed chunks, NQ * 64 bytes apart): the int32 sums, times w per head, added to acc (scaled by alpha first
+// when `first`). Each step takes HT broadcasts and four loads for 4 HT vpdpbusd: a broadcast from memory per
+// vpdpbusd held them to about half their rate (bench/instr_rate_cpu.cpp). Not inlined, for the reason of scores_int8.
 template <int HT>
 __attribute__((noinline)) void values_pass(const uint8_t* ct, const uint32_t* P, int64_t NQ, int64_t HP, int64_t h0,
                                            int64_t R, int64_t c, const float* w, const float* alpha, bool first,
                                            float* acc) {
-  __m512i a[HT];
+  __m512i a[HT][4];
 #pragma GCC unroll 16
-  for (int u = 0; u < HT; ++u) a[u] = _mm512_setzero_si512();
+  for (int u = 0; u < HT; ++u)
+#pragma GCC unroll 4
+    for (int z = 0; z < 4; ++z) a[u][z] = _mm512_setzero_si512();
   for (int64_t q = 0; q < NQ; ++q) {
-    const __m512i k4 = _mm512_loadu_si512(ct + q * 64);
+    __m512i k4[4];
+#pragma GCC unroll 4
+    for (int z = 0; z < 4; ++z) k4[z] = _mm512_loadu_si512(ct + (z * NQ + q) * 64);
 #pragma GCC unroll 16
-    for (int u = 0; u < HT; ++u) MLA_DPBUSD(a[u], bcast32(P + q * HP + h0 + u), k4);
+    for (int u = 0; u < HT; ++u) {
+      const __m512i p = bcast32(P + q * HP + h0 + u);
+#pragma GCC unroll 4
+      for (int z = 0; z < 4; ++z) MLA_DPBUSD(a[u][z], p, k4[z]);
+    }
   }
-  const __mmask16 mk = tail_mask16(R - c);
 #pragma GCC unroll 16
   for (int u = 0; u < HT; ++u) {
-    float* o = acc + (h0 + u) * R + c;
-    __m512 old = _mm512_maskz_loadu_ps(mk, o);
-    if (first) old = _mm512_mul_ps(old, _mm512_set1_ps(alpha[h0 + u]));
-    _mm512_mask_storeu_ps(o, mk, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[u]), _mm512_set1_ps(w[h0 + u]), old));
+    const __m512 wu = _mm512_set1_ps(w[h0 + u]), au = _mm512_set1_ps(alpha[h0 + u]);
+#pragma GCC unroll 4
+    for (int z = 0; z < 4; ++z) {
+      const __mmask16 mk = tail_mask16(std::max<int64_t>(0, R - c - 16 * z));  // chunks past R: zeros, not stored
+      float* o = acc + (h0 + u) * R + c + 16 * z;
+      __m512 old = _mm512_maskz_loadu_ps(mk, o);
+      if (first) old = _mm512_mul_ps(old, au);
+      _mm512_mask_storeu_ps(o, mk, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[u][z]), wu, old));
+    }
   }
 }
 
@@ -377,12 +390,12 @@ void values_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_
   const int64_t NQ = (nk + 3) / 4;
   const float* whi = s.whi.data();
   const float* wlo = s.wlo.data();
-  for (int64_t c = 0; c < R; c += 16) {
+  for (int64_t c = 0; c < R; c += 64) {  // CT holds whole groups of 64 columns
     const uint8_t* ct = s.CT.data() + c / 16 * NQ * 64;
     int64_t h0 = 0;
-    for (; h0 + 16 <= H; h0 += 16) {
-      values_pass<16>(ct, s.PH.data(), NQ, HP, h0, R, c, whi, s.alpha.data(), true, acc);
-      values_pass<16>(ct, s.PL.data(), NQ, HP, h0, R, c, wlo, s.alpha.data(), false, acc);
+    for (; h0 + 4 <= H; h0 += 4) {
+      values_pass<4>(ct, s.PH.data(), NQ, HP, h0, R, c, whi, s.alpha.data(), true, acc);
+      values_pass<4>(ct, s.PL.data(), NQ, HP, h0, R, c, wlo, s.alpha.data(), false, acc);
     }
     for (; h0 < H; ++h0) {
       values_pass<1>(ct, s.PH.data(), NQ, HP, h0, R, c, whi, s.alpha.data(), true, acc);
