@@ -99,20 +99,24 @@ SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t 
 // float32 rows converted from the cache, none where a float32 cache is read in place, or pointers to bf16 rows read
 // in place), their scores S[j][h] (then probabilities, P2 as bf16 pairs), and per head the running max m, sum l and
 // the block's rescaling alpha; over an int8 cache also the query's latent part as int8 (q8, load_query_int8) and its
-// scales qs, and for the values the block's latent transposed (CT) and probabilities as bytes (PH, PL and their
-// weights whi, wlo: values_int8). HP: H rounded up to 16 lanes.
+// scales qs, the block's latent transposed for the scores (KT, with kcorr and kscale; ST: the latent part,
+// scores_int8) and for the values (CT), and the probabilities as bytes (PH, PL and their weights whi, wlo:
+// values_int8). HP: H rounded up to 16 lanes.
 struct Scratch {
-  std::vector<float> qT, keys, S, m, l, alpha, qs, whi, wlo;
+  std::vector<float> qT, keys, S, m, l, alpha, qs, whi, wlo, kscale, ST;
   std::vector<uint32_t> qT2, P2, PH, PL;
+  std::vector<int32_t> kcorr;
   std::vector<const uint16_t*> kp;
-  std::vector<uint8_t> q8, CT;
+  std::vector<uint8_t> q8, CT, KT;
 
   Scratch(bool pairs, bool in_place, bool int8, int64_t R, int64_t W, int64_t HP)
       : qT(pairs ? 0 : W * HP), keys(pairs || in_place ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
         qs(int8 ? HP : 0), whi(int8 ? HP : 0), wlo(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0),
         P2(pairs ? KEYS / 2 * HP : 0), PH(int8 ? KEYS / 4 * HP : 0), PL(int8 ? KEYS / 4 * HP : 0), kp(KEYS),
         q8(int8 ? R * HP : 0),
-        CT(int8 ? (R + 63) / 64 * 64 * KEYS : 0) {}
+        CT(int8 ? (R + 63) / 64 * 64 * KEYS : 0), KT(int8 ? R * KEYS : 0) {
+    if (int8) kscale.assign(KEYS, 0.f), ST.assign(HP * KEYS, 0.f), kcorr.assign(KEYS, 0);
+  }
 };
 
 // The query row q [H, W] scaled into the log2 domain and transposed, so one vector of heads multiplies each key value.
@@ -216,72 +220,83 @@ void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int
   }
 }
 
-// The sum of a row's R int8 latent values: what the +128 on the query's bytes adds to the row's int8 score.
-inline int32_t latent_sum(const uint8_t* row, int64_t R) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i a = _mm512_setzero_si512();
-  for (int64_t d = 0; d < R; d += 64)
-    MLA_DPBUSD(a, ones, _mm512_maskz_loadu_epi8(tail_mask64(R - d), row + d));
-  return _mm512_reduce_add_epi32(a);
+// The scores over an int8 cache, their latent part on int8: keys along the lanes, so that each step of the product
+// takes HT broadcasts of the query's bytes and four loads of 16 keys' bytes for 4 HT vpdpbusd (heads along the lanes
+// would take a broadcast of each key's bytes per vpdpbusd, which holds them to half their rate:
+// bench/instr_rate_cpu.cpp). The block's latent is transposed for it once.
+
+// The block's latent, keys along the lanes: KT[(p * 4 + g) * 64 + 4 i + k] = c_{16 g + i}[4 p + k] (zero past nk),
+// with each key's 128 x its latent's sum (what the +128 on the query's bytes adds: kcorr) and its scale (kscale).
+void transpose_keys(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, Scratch& s) {
+  const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+  for (int64_t g = 0; g * 16 < nk; ++g) {
+    __m512i sum = zero;
+    for (int64_t d = 0; d < R; d += 64) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = 16 * g + i < nk ? _mm512_maskz_loadu_epi8(tail_mask64(R - d), rows + (16 * g + i) * RB + d) : zero;
+      transpose16(r);  // r[w]: values d + 4w .. d + 4w + 3 of the 16 keys
+      for (int w = 0; w < 16 && d + 4 * w < R; ++w) {
+        _mm512_storeu_si512(s.KT.data() + ((d / 4 + w) * 4 + g) * 64, r[w]);
+        MLA_DPBUSD(sum, ones, r[w]);
+      }
+    }
+    _mm512_storeu_si512(s.kcorr.data() + 16 * g, _mm512_slli_epi32(sum, 7));
+    for (int64_t i = 0; i < 16; ++i)
+      if (16 * g + i < nk) std::memcpy(&s.kscale[16 * g + i], rows + (16 * g + i) * RB + R, 4);
+      else s.kscale[16 * g + i] = 0.f;
+  }
 }
 
-// Scores of JT int8 cache rows (consecutive rows from `rows`, RB bytes apart; RBK: RB when known at compile time, as
-// score_keys' WK) for heads hc..hc+15: S[u * HP + hc + h] = qs_h * s_u * (q8_h . c_u) + q_pe_h . k_pe_u, with s_u the
-// row's scale and k_pe_u read from its float32 row kj[u * W]. The latent part runs on int8, JT independent int32 sums
-// each taking 16 heads x 4 values per instruction (vpdpbusd) from one load of q8 and a broadcast of 4 cached bytes.
-template <int JT, int64_t RBK>
-inline void score_rows_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float* kj, int64_t R, int64_t W,
-                            int64_t HP, int64_t hc, float* S) {
-  if (RBK) RB = RBK;
-  const __m512 qs = _mm512_loadu_ps(s.qs.data() + hc);
-  __m512 v[JT];  // the row's scale x qs, then its scores
-  __m512i a[JT];  // from -128 x the row's latent sum: what the +128 on q8's bytes adds
-#pragma GCC unroll 16  // every loop over u unrolled before GCC places a[] and v[] (else they stay in memory)
-  for (int u = 0; u < JT; ++u) {
-    const uint8_t* r = rows + u * RB;
-    float scale;
-    std::memcpy(&scale, r + R, 4);
-    a[u] = _mm512_set1_epi32(-128 * latent_sum(r, R));
-    v[u] = _mm512_mul_ps(qs, _mm512_set1_ps(scale));
-  }
-  const uint8_t* q8 = s.q8.data() + hc * 4;
+// The latent part of the scores of heads h0..h0+HT-1 over the block's 64 key slots:
+// ST[h * KEYS + j] = qs_h * s_j * (q8_h . c_j) (slots past nk: what their zeros give). Not inlined: inlined into
+// attend's loop, the sums went to the stack and back on every step.
+template <int HT>
+__attribute__((noinline)) void scores_latent_int8(const Scratch& s, int64_t R, int64_t HP, int64_t h0, float* ST) {
+  __m512i a[HT][4];
+#pragma GCC unroll 16  // every loop over the sums unrolled before GCC places them (else they stay in memory)
+  for (int u = 0; u < HT; ++u)
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) a[u][g] = _mm512_setzero_si512();
   for (int64_t p = 0; p < R / 4; ++p) {
-    const __m512i q = _mm512_loadu_si512(q8 + p * HP * 4);
+    __m512i k[4];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) k[g] = _mm512_loadu_si512(s.KT.data() + (p * 4 + g) * 64);
 #pragma GCC unroll 16
-    for (int u = 0; u < JT; ++u) MLA_DPBUSD(a[u], q, bcast32(rows + u * RB + 4 * p));
+    for (int u = 0; u < HT; ++u) {
+      const __m512i q = bcast32(s.q8.data() + (p * HP + h0 + u) * 4);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) MLA_DPBUSD(a[u][g], q, k[g]);
+    }
   }
 #pragma GCC unroll 16
-  for (int u = 0; u < JT; ++u) v[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(a[u]), v[u]);  // the sum is exact in float32
-  for (int64_t d = R; d < W; ++d) {
-    const __m512 q = _mm512_loadu_ps(s.qT.data() + d * HP + hc);
-#pragma GCC unroll 16
-    for (int u = 0; u < JT; ++u) v[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(kj[u * W + d]), v[u]);
+  for (int u = 0; u < HT; ++u) {
+    const __m512 qs = _mm512_set1_ps(s.qs[h0 + u]);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {  // the sum is exact in float32
+      const __m512i dot = _mm512_sub_epi32(a[u][g], _mm512_loadu_si512(s.kcorr.data() + 16 * g));
+      _mm512_storeu_ps(ST + (h0 + u) * KEYS + 16 * g,
+                       _mm512_mul_ps(_mm512_cvtepi32_ps(dot),
+                                     _mm512_mul_ps(qs, _mm512_loadu_ps(s.kscale.data() + 16 * g))));
+    }
   }
-#pragma GCC unroll 16
-  for (int u = 0; u < JT; ++u) _mm512_storeu_ps(S + u * HP + hc, v[u]);
 }
 
-// Scores of nk int8 cache rows for heads hc..hc+15 (score_rows_int8), 16 rows at a time. Not inlined: inlined into
-// attend's loop, the 16 sums went to the stack and back on every step.
-template <int64_t RBK>
-__attribute__((noinline)) void scores_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float* keys,
-                                           int64_t nk, int64_t R, int64_t W, int64_t HP, int64_t hc, float* S) {
-  int64_t j = 0;
-  for (; j + 16 <= nk; j += 16)
-    score_rows_int8<16, RBK>(s, rows + j * RB, RB, keys + j * W, R, W, HP, hc, S + j * HP);
-  for (; j + 4 <= nk; j += 4) score_rows_int8<4, RBK>(s, rows + j * RB, RB, keys + j * W, R, W, HP, hc, S + j * HP);
-  for (; j < nk; ++j) score_rows_int8<1, RBK>(s, rows + j * RB, RB, keys + j * W, R, W, HP, hc, S + j * HP);
-}
+// Forward: the k_pe part of the scores, added to S (score_keys over the values R..W).
+void scores_f32_from(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t d0,
+                     float* S);
 
-void scores_int8(const Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t R,
-                 int64_t W, int64_t HP, int64_t hc, float* S) {
-  constexpr int64_t BF16_ROPE = 512 + 4 + 64 * 2, FP32_ROPE = 512 + 4 + 64 * 4;  // DeepSeek's int8 rows
-  if (RB == BF16_ROPE)
-    scores_int8<BF16_ROPE>(s, rows, RB, keys, nk, R, W, HP, hc, S);
-  else if (RB == FP32_ROPE)
-    scores_int8<FP32_ROPE>(s, rows, RB, keys, nk, R, W, HP, hc, S);
-  else
-    scores_int8<0>(s, rows, RB, keys, nk, R, W, HP, hc, S);
+// All HP heads' scores over nk int8 rows: S[j * HP + h] = qs_h * s_j * (q8_h . c_j) + q_pe_h . k_pe_j (0 for the
+// padding heads), k_pe_j from the float32 rows keys[j * W + R ..].
+void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t H, int64_t HP,
+                 int64_t R, int64_t W) {
+  transpose_keys(rows, RB, nk, R, s);
+  int64_t h0 = 0;
+  for (; h0 + 4 <= H; h0 += 4) scores_latent_int8<4>(s, R, HP, h0, s.ST.data());
+  for (; h0 < H; ++h0) scores_latent_int8<1>(s, R, HP, h0, s.ST.data());
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t h = 0; h < HP; ++h) s.S[j * HP + h] = h < H ? s.ST[h * KEYS + j] : 0.f;
+  for (int64_t hc = 0; hc < HP; hc += 16) scores_f32_from(s.qT.data(), keys, nk, W, HP, hc, R, s.S.data());
 }
 
 // The values over an int8 cache on int8 too: acc[h] = acc[h] * alpha[h] + sum_j p_j[h] s_j c_j, with s_j the row's
@@ -427,9 +442,10 @@ inline void score_keys(const float* qT, const float* kj, int64_t W, int64_t HP, 
 // Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, 16 keys at a time over
 // 64 values of the rows at a time, so that the part of q they meet (4 KiB) stays in L1 while the keys stream past.
 template <int64_t WK>
-void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t from,
+                float* S) {
   constexpr int64_t DC = 64;
-  for (int64_t d0 = 0; d0 < W; d0 += DC) {
+  for (int64_t d0 = from; d0 < W; d0 += DC) {
     const int64_t d1 = std::min(W, d0 + DC);
     int64_t j = 0;
     for (; j + 16 <= nk; j += 16) score_keys<16, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
@@ -438,11 +454,17 @@ void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64
   }
 }
 
-void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
+// ... over the values from:W only, added to S (the k_pe part, after the int8 latent part)
+void scores_f32_from(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t from,
+                     float* S) {
   if (W == DEEPSEEK_ROW)
-    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, S);
+    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, from, S);
   else
-    scores_f32<0>(qT, keys, nk, W, HP, hc, S);
+    scores_f32<0>(qT, keys, nk, W, HP, hc, from, S);
+}
+
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
+  scores_f32_from(qT, keys, nk, W, HP, hc, 0, S);
 }
 
 // The online softmax for heads hc..hc+15 over a block of nk scores: the block's max, the old sum rescaled by
@@ -626,12 +648,11 @@ void accumulate_scalar(const float* S, const float* keys, int64_t nk, int64_t H,
 void attend_block(Scratch& s, const float* keys, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP,
                   int64_t R, int64_t W, bool pairs, bool int8, float* acc) {
 #ifdef MLA_AVX512
+  if (int8) scores_int8(s, rows, RB, keys, nk, H, HP, R, W);
   for (int64_t hc = 0; hc < HP; hc += 16) {
     if (pairs)
       scores_bf16(s.qT2.data(), s.kp.data(), nk, W, HP, hc, s.S.data());
-    else if (int8)
-      scores_int8(s, rows, RB, keys, nk, R, W, HP, hc, s.S.data());
-    else
+    else if (!int8)
       scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data());
     softmax_update(s.S.data(), nk, HP, hc, s.m.data(), s.l.data(), s.alpha.data());
   }

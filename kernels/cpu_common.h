@@ -102,6 +102,30 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 mk = 0xFFFF) {
 // spills a tile's sums to the stack.
 #define MLA_DPBUSD(c, b, a) asm("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(b), "v"(a))
 
+// r[i] = 16 dwords of row i -> r[j] = dword j of rows 0..15 in order.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
 // acc + the pair dot of bf16 pairs: lane i gains a[2i] * b[2i] + a[2i + 1] * b[2i + 1] (vdpbf16ps). Emulated
 // without AVX512_BF16 by two fp32 multiply-adds, whose rounding may differ from the instruction's in the last bit.
 inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {

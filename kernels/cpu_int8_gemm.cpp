@@ -148,30 +148,6 @@ void requantize_row(const uint8_t* q, const float* S, int64_t K, int8_t* out, fl
 // is made (requantized) and while it is in cache, and the tile below reads it as packed.
 constexpr int64_t TILE_M = 6, TILE_N = 64;
 
-// r[i] = 16 dwords of row i -> r[j] = dword j of rows 0..15 in order.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) {
-      t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
-      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-  }
-}
-
 // Weight rows w[0..nr) (nr <= 16, row stride ldw, K int8 values each) as 16 columns of a packed block: the dword at
 // B + k4 * ldb + 4 * i holds w[i][4 k4 .. 4 k4 + 3] + 128 (vpdpbusd's unsigned operand). Bytes past K and rows past
 // nr are 0, so they add nothing, whatever x holds there.
