@@ -248,32 +248,32 @@ void transpose_keys(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, Scra
   }
 }
 
-// The latent part of the scores of heads h0..h0+HT-1 over the block's 64 key slots:
+// The latent part of the scores of heads h0..h0+HT-1 over the block's first 16 NG key slots:
 // ST[h * KEYS + j] = qs_h * s_j * (q8_h . c_j) (slots past nk: what their zeros give). Not inlined: inlined into
 // attend's loop, the sums went to the stack and back on every step.
-template <int HT>
+template <int HT, int NG>
 __attribute__((noinline)) void scores_latent_int8(const Scratch& s, int64_t R, int64_t HP, int64_t h0, float* ST) {
-  __m512i a[HT][4];
+  __m512i a[HT][NG];
 #pragma GCC unroll 16  // every loop over the sums unrolled before GCC places them (else they stay in memory)
   for (int u = 0; u < HT; ++u)
 #pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) a[u][g] = _mm512_setzero_si512();
+    for (int g = 0; g < NG; ++g) a[u][g] = _mm512_setzero_si512();
   for (int64_t p = 0; p < R / 4; ++p) {
-    __m512i k[4];
+    __m512i k[NG];
 #pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) k[g] = _mm512_loadu_si512(s.KT.data() + (p * 4 + g) * 64);
+    for (int g = 0; g < NG; ++g) k[g] = _mm512_loadu_si512(s.KT.data() + (p * 4 + g) * 64);
 #pragma GCC unroll 16
     for (int u = 0; u < HT; ++u) {
       const __m512i q = bcast32(s.q8.data() + (p * HP + h0 + u) * 4);
 #pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) MLA_DPBUSD(a[u][g], q, k[g]);
+      for (int g = 0; g < NG; ++g) MLA_DPBUSD(a[u][g], q, k[g]);
     }
   }
 #pragma GCC unroll 16
   for (int u = 0; u < HT; ++u) {
     const __m512 qs = _mm512_set1_ps(s.qs[h0 + u]);
 #pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {  // the sum is exact in float32
+    for (int g = 0; g < NG; ++g) {  // the sum is exact in float32
       const __m512i dot = _mm512_sub_epi32(a[u][g], _mm512_loadu_si512(s.kcorr.data() + 16 * g));
       _mm512_storeu_ps(ST + (h0 + u) * KEYS + 16 * g,
                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot),
@@ -291,9 +291,18 @@ void scores_f32_from(const float* qT, const float* keys, int64_t nk, int64_t W, 
 void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t H, int64_t HP,
                  int64_t R, int64_t W) {
   transpose_keys(rows, RB, nk, R, s);
-  int64_t h0 = 0;
-  for (; h0 + 4 <= H; h0 += 4) scores_latent_int8<4>(s, R, HP, h0, s.ST.data());
-  for (; h0 < H; ++h0) scores_latent_int8<1>(s, R, HP, h0, s.ST.data());
+  auto heads = [&](auto ng) {  // the groups of 16 keys the run fills (a short run: fewer products)
+    constexpr int NG = decltype(ng)::value;
+    int64_t h0 = 0;
+    for (; h0 + 4 <= H; h0 += 4) scores_latent_int8<4, NG>(s, R, HP, h0, s.ST.data());
+    for (; h0 < H; ++h0) scores_latent_int8<1, NG>(s, R, HP, h0, s.ST.data());
+  };
+  switch ((nk + 15) / 16) {
+    case 1: heads(std::integral_constant<int, 1>()); break;
+    case 2: heads(std::integral_constant<int, 2>()); break;
+    case 3: heads(std::integral_constant<int, 3>()); break;
+    default: heads(std::integral_constant<int, 4>());
+  }
   for (int64_t j = 0; j < nk; ++j)
     for (int64_t h = 0; h < HP; ++h) s.S[j * HP + h] = h < H ? s.ST[h * KEYS + j] : 0.f;
   for (int64_t hc = 0; hc < HP; hc += 16) scores_f32_from(s.qT.data(), keys, nk, W, HP, hc, R, s.S.data());

@@ -199,6 +199,8 @@ def test_decode_attention_keeps_a_float32_query_in_float32_over_a_bf16_cache():
     ([1, 2], [50, 7], 3, 36, 6, 8),  # widths that are no multiple of a vector
     ([2, 1], [45, 20], 20, 44, 6, 8),  # more heads than one vector of 16
     ([1, 3], [300, 61], 16, 512, 64, 16),  # DeepSeek's row (its own scores loop), split over the threads
+    ([1, 2], [150, 45], 16, 512, 64, 64),  # runs of 64, 22, 47 keys: 4, 2 and 3 groups of 16 in a block
+    ([2, 1], [100, 40], 20, 44, 6, 64),  # the same at odd widths, heads past 16
 ])
 def test_decode_attention_on_an_int8_cache(q_lens, prefix_lens, H, R, DR, BS, dtype):
     """Over an int8 cache the scores take the query's latent part quantized to int8 per head
