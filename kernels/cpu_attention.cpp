@@ -98,25 +98,24 @@ SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t 
 // One thread's working set: the query transposed (qT[d][h], or qT2[d / 2][h] as bf16 pairs), a block of keys (as
 // float32 rows converted from the cache, none where a float32 cache is read in place, or pointers to bf16 rows read
 // in place), their scores S[j][h] (then probabilities, P2 as bf16 pairs), and per head the running max m, sum l and
-// the block's rescaling alpha; over an int8 cache also the query's latent part as int8 (q8, load_query_int8) and its
-// scales qs, the block's latent transposed for the scores (KT, with kcorr and kscale; ST: the latent part,
-// scores_int8) and for the values (CT), and the probabilities as bytes (PH, PL and their weights whi, wlo:
-// values_int8). HP: H rounded up to 16 lanes.
+// the block's rescaling alpha; over an int8 cache also the query's latent part as int8 (q8, from one head's qrow at a
+// time: load_query_int8) and its scales qs, the block's latent transposed for the scores (KT, with kcorr and kscale;
+// ST: their latent part: scores_int8) and for the values (CT), and the probabilities as bytes (PH, PL and their
+// weights whi, wlo: values_int8). HP: H rounded up to 16 lanes.
 struct Scratch {
   std::vector<float> qT, keys, S, m, l, alpha, qs, whi, wlo, kscale, ST;
   std::vector<uint32_t> qT2, P2, PH, PL;
   std::vector<int32_t> kcorr;
   std::vector<const uint16_t*> kp;
   std::vector<uint8_t> q8, CT, KT;
+  std::vector<int8_t> qrow;
 
   Scratch(bool pairs, bool in_place, bool int8, int64_t R, int64_t W, int64_t HP)
       : qT(pairs ? 0 : W * HP), keys(pairs || in_place ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
         qs(int8 ? HP : 0), whi(int8 ? HP : 0), wlo(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0),
         P2(pairs ? KEYS / 2 * HP : 0), PH(int8 ? KEYS / 4 * HP : 0), PL(int8 ? KEYS / 4 * HP : 0), kp(KEYS),
-        q8(int8 ? R * HP : 0),
-        CT(int8 ? (R + 63) / 64 * 64 * KEYS : 0), KT(int8 ? R * KEYS : 0) {
-    if (int8) kscale.assign(KEYS, 0.f), ST.assign(HP * KEYS, 0.f), kcorr.assign(KEYS, 0);
-  }
+        kscale(int8 ? KEYS : 0), ST(int8 ? HP * KEYS : 0), kcorr(int8 ? KEYS : 0), q8(int8 ? R * HP : 0),
+        CT(int8 ? (R + 63) / 64 * 64 * KEYS : 0), KT(int8 ? R * KEYS : 0), qrow(int8 ? R : 0) {}
 };
 
 // The query row q [H, W] scaled into the log2 domain and transposed, so one vector of heads multiplies each key value.
@@ -133,36 +132,26 @@ void load_query(const float* q, int64_t H, int64_t W, int64_t HP, float qscale, 
     }
 }
 
-// The query's latent part q[h][0:R] as int8 for the scores over an int8 cache (kernels/reference.py
-// quantize_query_int8): per head the scale max|q_h| / 127 and q8 = round(q_h / scale). With VNNI the scores take
-// q8 + 128 (vpdpbusd's operand is unsigned; score_rows_int8 takes the 128 back off), packed four values to a head's
-// lane, q8[(d / 4 * HP + h) * 4 + d % 4] (R is a multiple of 4: cache_format.py), and qs = the scale in the log2
-// domain; elsewhere q8 times the scale replaces the latent part of qT, so that every CPU computes the same scores.
+// The query's latent part q[h][0:R] as int8 for the scores over an int8 cache, per head as quantize_row rounds a
+// prompt's activations (kernels/cpu.py quantize_tokens_reference). With VNNI the scores take q8 + 128 (vpdpbusd's
+// operand is unsigned; transpose_keys' kcorr takes the 128 back off), packed four values to a head's lane,
+// q8[(d / 4 * HP + h) * 4 + d % 4] (R is a multiple of 4: cache_format.py), and qs = the scale in the log2 domain;
+// elsewhere q8 times the scale replaces the latent part of qT, so that every CPU computes the same scores.
 void load_query_int8(const float* q, int64_t H, int64_t R, int64_t W, int64_t HP, float qscale, Scratch& s) {
   for (int64_t h = 0; h < H; ++h) {
-    const float* qh = q + h * W;
+    float scale;
+    quantize_row(q + h * W, R, s.qrow.data(), &scale);
+    s.qs[h] = scale * qscale;
 #ifdef MLA_AVX512
-    __m512 mv = _mm512_setzero_ps();
-    for (int64_t d = 0; d < R; d += 16)
-      mv = _mm512_max_ps(mv, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask16(R - d), qh + d)));
-    const float mx = _mm512_reduce_max_ps(mv), scale = mx / 127.f;
-    const __m512 div = _mm512_set1_ps(mx > 0.f ? scale : 1.f);  // an all-zero query stays zero
-    for (int64_t d = 0; d < R; d += 16) {  // 16 values rounded to nearest even, + 128, as bytes: four lanes' words
-      const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(tail_mask16(R - d), qh + d), div));
-      alignas(16) uint32_t words[4];
-      const __m128i bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(v, _mm512_set1_epi32(128)));
-      _mm_store_si128(reinterpret_cast<__m128i*>(words), bytes);
-      for (int64_t k = 0; k < 4 && d + 4 * k < R; ++k)
-        std::memcpy(s.q8.data() + ((d / 4 + k) * HP + h) * 4, words + k, 4);
+    for (int64_t g = 0; g < R / 4; ++g) {  // + 128 on each byte
+      uint32_t word;
+      std::memcpy(&word, s.qrow.data() + 4 * g, 4);
+      word ^= 0x80808080u;
+      std::memcpy(s.q8.data() + (g * HP + h) * 4, &word, 4);
     }
 #else
-    float mx = 0.f;
-    for (int64_t d = 0; d < R; ++d) mx = std::max(mx, std::fabs(qh[d]));
-    const float scale = mx / 127.f;
-    for (int64_t d = 0; d < R; ++d)
-      s.qT[d * HP + h] = (mx > 0.f ? std::nearbyint(qh[d] / scale) : 0.f) * scale * qscale;
+    for (int64_t d = 0; d < R; ++d) s.qT[d * HP + h] = s.qrow[d] * s.qs[h];
 #endif
-    s.qs[h] = scale * qscale;
   }
 }
 
@@ -218,6 +207,50 @@ void scores_bf16(const uint32_t* qT2, const uint16_t* const* kp, int64_t nk, int
       a0 = dpbf16(a0, _mm512_loadu_si512(qT2 + p * HP + hc), bcast32(kp[j] + 2 * p));
     _mm512_storeu_ps(S + j * HP + hc, a0);
   }
+}
+
+// Scores of JT float32 key rows kj[u * W] for heads hc..hc+15 over the values d0:d1, added to S[u * HP + hc] (set
+// when d0 = 0). Each load of 16 heads' q[d] serves JT multiply-adds, and JT independent sums keep both FMA units busy.
+// WK: the row width when known at compile time (else 0, and W is read at run time): the JT rows are then constant
+// offsets from one pointer, where a run-time width needs more address registers than there are and spills them.
+template <int JT, int64_t WK>
+inline void score_keys(const float* qT, const float* kj, int64_t W, int64_t HP, int64_t hc, int64_t d0, int64_t d1,
+                       float* S) {
+  if (WK) W = WK;
+  __m512 a[JT];
+  for (int u = 0; u < JT; ++u) a[u] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + u * HP + hc);
+  for (int u = 0; u < JT; ++u)  // the rows' next 64 values, from memory into L1 while these are scored
+    for (int64_t d = d1; d < std::min(W, d1 + 64); d += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(kj + u * W + d), _MM_HINT_T0);
+  for (int64_t d = d0; d < d1; ++d) {
+    const __m512 q = _mm512_loadu_ps(qT + d * HP + hc);
+    for (int u = 0; u < JT; ++u) a[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(kj[u * W + d]), a[u]);
+  }
+  for (int u = 0; u < JT; ++u) _mm512_storeu_ps(S + u * HP + hc, a[u]);
+}
+
+// Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, 16 keys at a time over
+// 64 values of the rows at a time, so that the part of q they meet (4 KiB) stays in L1 while the keys stream past.
+template <int64_t WK>
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t from,
+                float* S) {
+  constexpr int64_t DC = 64;
+  for (int64_t d0 = from; d0 < W; d0 += DC) {
+    const int64_t d1 = std::min(W, d0 + DC);
+    int64_t j = 0;
+    for (; j + 16 <= nk; j += 16) score_keys<16, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
+    for (; j + 4 <= nk; j += 4) score_keys<4, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
+    for (; j < nk; ++j) score_keys<1, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
+  }
+}
+
+// from > 0: over the values from:W only, added to S (k_pe's part, after an int8 cache's latent part)
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S,
+                int64_t from = 0) {
+  if (W == DEEPSEEK_ROW)
+    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, from, S);
+  else
+    scores_f32<0>(qT, keys, nk, W, HP, hc, from, S);
 }
 
 // The scores over an int8 cache, their latent part on int8: keys along the lanes, so that each step of the product
@@ -282,10 +315,6 @@ __attribute__((noinline)) void scores_latent_int8(const Scratch& s, int64_t R, i
   }
 }
 
-// Forward: the k_pe part of the scores, added to S (score_keys over the values R..W).
-void scores_f32_from(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t d0,
-                     float* S);
-
 // All HP heads' scores over nk int8 rows: S[j * HP + h] = qs_h * s_j * (q8_h . c_j) + q_pe_h . k_pe_j (0 for the
 // padding heads), k_pe_j from the float32 rows keys[j * W + R ..].
 void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t H, int64_t HP,
@@ -305,8 +334,9 @@ void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, const float* keys,
   }
   for (int64_t j = 0; j < nk; ++j)
     for (int64_t h = 0; h < HP; ++h) s.S[j * HP + h] = h < H ? s.ST[h * KEYS + j] : 0.f;
-  for (int64_t hc = 0; hc < HP; hc += 16) scores_f32_from(s.qT.data(), keys, nk, W, HP, hc, R, s.S.data());
+  for (int64_t hc = 0; hc < HP; hc += 16) scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data(), R);  // + k_pe's
 }
+
 
 // The values over an int8 cache on int8 too: acc[h] = acc[h] * alpha[h] + sum_j p_j[h] s_j c_j, with s_j the row's
 // scale, c_j its int8 latent. vpdpbusd multiplies unsigned by signed bytes, so the probabilities times the scales
@@ -342,12 +372,9 @@ void transpose_latent(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, ui
 // The block's probabilities for heads hc..hc+15 times the rows' scales, as 16-bit fractions of the largest per head
 // (wlo = largest / 65535, the low byte's weight; whi = 256 wlo), high and low bytes packed four keys to a head's lane:
 // PH[q * HP + h] byte k = the high byte of key 4q + k's (zero past nk).
-void quantize_probs(const float* S, const uint8_t* rows, int64_t RB, int64_t R, int64_t nk, int64_t HP, int64_t hc,
-                    Scratch& s) {
-  auto scaled = [&](int64_t j) {
-    float sc;
-    std::memcpy(&sc, rows + j * RB + R, 4);
-    return _mm512_mul_ps(_mm512_loadu_ps(S + j * HP + hc), _mm512_set1_ps(sc));
+void quantize_probs(const float* S, int64_t nk, int64_t HP, int64_t hc, Scratch& s) {
+  auto scaled = [&](int64_t j) {  // the rows' scales as transpose_keys took them
+    return _mm512_mul_ps(_mm512_loadu_ps(S + j * HP + hc), _mm512_set1_ps(s.kscale[j]));
   };
   __m512 mx = _mm512_setzero_ps();
   for (int64_t j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, scaled(j));
@@ -410,7 +437,7 @@ __attribute__((noinline)) void values_pass(const uint8_t* ct, const uint32_t* P,
 void values_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP, int64_t R,
                  float* acc) {
   transpose_latent(rows, RB, nk, R, s.CT.data());
-  for (int64_t hc = 0; hc < HP; hc += 16) quantize_probs(s.S.data(), rows, RB, R, nk, HP, hc, s);
+  for (int64_t hc = 0; hc < HP; hc += 16) quantize_probs(s.S.data(), nk, HP, hc, s);
   const int64_t NQ = (nk + 3) / 4;
   const float* whi = s.whi.data();
   const float* wlo = s.wlo.data();
@@ -426,54 +453,6 @@ void values_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_
       values_pass<1>(ct, s.PL.data(), NQ, HP, h0, R, c, wlo, s.alpha.data(), false, acc);
     }
   }
-}
-
-// Scores of JT float32 key rows kj[u * W] for heads hc..hc+15 over the values d0:d1, added to S[u * HP + hc] (set
-// when d0 = 0). Each load of 16 heads' q[d] serves JT multiply-adds, and JT independent sums keep both FMA units busy.
-// WK: the row width when known at compile time (else 0, and W is read at run time): the JT rows are then constant
-// offsets from one pointer, where a run-time width needs more address registers than there are and spills them.
-template <int JT, int64_t WK>
-inline void score_keys(const float* qT, const float* kj, int64_t W, int64_t HP, int64_t hc, int64_t d0, int64_t d1,
-                       float* S) {
-  if (WK) W = WK;
-  __m512 a[JT];
-  for (int u = 0; u < JT; ++u) a[u] = d0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(S + u * HP + hc);
-  for (int u = 0; u < JT; ++u)  // the rows' next 64 values, from memory into L1 while these are scored
-    for (int64_t d = d1; d < std::min(W, d1 + 64); d += 16)
-      _mm_prefetch(reinterpret_cast<const char*>(kj + u * W + d), _MM_HINT_T0);
-  for (int64_t d = d0; d < d1; ++d) {
-    const __m512 q = _mm512_loadu_ps(qT + d * HP + hc);
-    for (int u = 0; u < JT; ++u) a[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(kj[u * W + d]), a[u]);
-  }
-  for (int u = 0; u < JT; ++u) _mm512_storeu_ps(S + u * HP + hc, a[u]);
-}
-
-// Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, 16 keys at a time over
-// 64 values of the rows at a time, so that the part of q they meet (4 KiB) stays in L1 while the keys stream past.
-template <int64_t WK>
-void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t from,
-                float* S) {
-  constexpr int64_t DC = 64;
-  for (int64_t d0 = from; d0 < W; d0 += DC) {
-    const int64_t d1 = std::min(W, d0 + DC);
-    int64_t j = 0;
-    for (; j + 16 <= nk; j += 16) score_keys<16, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
-    for (; j + 4 <= nk; j += 4) score_keys<4, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
-    for (; j < nk; ++j) score_keys<1, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
-  }
-}
-
-// ... over the values from:W only, added to S (the k_pe part, after the int8 latent part)
-void scores_f32_from(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t from,
-                     float* S) {
-  if (W == DEEPSEEK_ROW)
-    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, from, S);
-  else
-    scores_f32<0>(qT, keys, nk, W, HP, hc, from, S);
-}
-
-void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
-  scores_f32_from(qT, keys, nk, W, HP, hc, 0, S);
 }
 
 // The online softmax for heads hc..hc+15 over a block of nk scores: the block's max, the old sum rescaled by

@@ -1,6 +1,6 @@
 // What every CPU kernel file shares: the weight stream's software prefetch, the bf16 conversions, the AVX-512 helpers
 // (masked tails, a vector 2^x, bf16 loads), the conversion of a few rows of any float dtype to float32 and back, an
-// int8 / int4 row's dequantization, and the small dot and axpy over a bf16 or fp32 weight row. They are inline here,
+// int8 / int4 row's dequantization and a float row's quantization, and the small dot and axpy over a bf16 or fp32 weight row. They are inline here,
 // rather than in a file of their own, so that each kernel's inner loops can inline them: a call per 16 values would
 // cost as much as the arithmetic it wraps.
 //
@@ -359,6 +359,29 @@ inline ExpertPairs expert_pairs(const torch::Tensor& ids, const torch::Tensor& t
     r.pairs[r.pos[p]] = p;
   }
   return r;
+}
+
+// K float32 values -> K int8 with one scale, amax / 127 (1 for an all-zero row); rounded to nearest, ties to even.
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+  float amax = 0.f;
+  int64_t k = 0;
+#ifdef MLA_AVX512
+  __m512 mx = _mm512_setzero_ps();
+  for (; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask16(K - k), x + k)));
+  amax = _mm512_reduce_max_ps(mx);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  k = 0;
+#ifdef MLA_AVX512
+  for (; k < K; k += 16) {
+    const __mmask16 mk = tail_mask16(K - k);
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), _mm512_set1_ps(inv)));
+    _mm512_mask_cvtsepi32_storeu_epi8(q + k, mk, v);
+  }
+#endif
+  for (; k < K; ++k) q[k] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * inv))));
+  *scale = s;
 }
 
 // SwiGLU's middle in float32, in place: row r of h [P, 2I] (gate | up) -> its first I values = silu(gate) * up.

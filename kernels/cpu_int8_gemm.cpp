@@ -17,29 +17,6 @@ namespace mla {
 namespace {
 constexpr int64_t ROW_BLOCK = 256;  // weight rows per block of moe_prompt: packed (512 KiB at K = 2048), it stays in L2
 
-// K float32 values -> K int8 with one scale, amax / 127 (1 for an all-zero row); rounded to nearest, ties to even.
-void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
-  float amax = 0.f;
-  int64_t k = 0;
-#ifdef MLA_AVX512
-  __m512 mx = _mm512_setzero_ps();
-  for (; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask16(K - k), x + k)));
-  amax = _mm512_reduce_max_ps(mx);
-#endif
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
-  k = 0;
-#ifdef MLA_AVX512
-  for (; k < K; k += 16) {
-    const __mmask16 mk = tail_mask16(K - k);
-    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), _mm512_set1_ps(inv)));
-    _mm512_mask_cvtsepi32_storeu_epi8(q + k, mk, v);
-  }
-#endif
-  for (; k < K; ++k) q[k] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * inv))));
-  *scale = s;
-}
-
 int32_t row_sum(const int8_t* q, int64_t K) {
   int32_t s = 0;
   for (int64_t k = 0; k < K; ++k) s += q[k];

@@ -131,14 +131,6 @@ def mla_decode(q_lat, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, soft
     return out
 
 
-def quantize_query_int8(q_lat):
-    """The query's latent part as the CPU kernel's scores over an int8 cache take it: per head (last dim) rounded to
-    int8 steps of max|q| / 127, computed in float32, returned dequantized in q_lat's dtype."""
-    q = q_lat.float()
-    scale = q.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(q / scale.clamp_min(torch.finfo(torch.float32).tiny)) * scale).to(q_lat.dtype)
-
-
 def mla_prefill(q_nope, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, w_kv_b, softmax_scale):
     """Expanded MLA: decompress the cached latent through kv_b_proj into per-head K_nope and V, chunk by chunk,
     and run causal flash attention (online softmax) with the shared k_pe.

@@ -203,10 +203,11 @@ def test_decode_attention_keeps_a_float32_query_in_float32_over_a_bf16_cache():
     ([2, 1], [100, 40], 20, 44, 6, 64),  # the same at odd widths, heads past 16
 ])
 def test_decode_attention_on_an_int8_cache(q_lens, prefix_lens, H, R, DR, BS, dtype):
-    """Over an int8 cache the scores take the query's latent part quantized to int8 per head
-    (reference.quantize_query_int8), and the values the probabilities as 16-bit fractions of their largest in a
-    block: against the reference with that query, float32 is exact to about 1e-5 (the probabilities' rounding);
-    against the unquantized query, the query's quantization moves the output by well under 1%."""
+    """Over an int8 cache the scores take the query's latent part quantized to int8 per head as a prompt's
+    activations are (kernels/cpu.py quantize_tokens_reference), and the values the probabilities as 16-bit fractions
+    of their largest in a block: against the reference with that query, float32 is exact to about 1e-5 (the
+    probabilities' rounding); against the unquantized query, the query's quantization moves the output by well
+    under 1%."""
     from kernels import cache_format, reference
     from kernels.cache_format import CacheFormat
     b = paged_batch(q_lens, prefix_lens, H, R, DR, BS, dtype, seed=1)
@@ -224,7 +225,8 @@ def test_decode_attention_on_an_int8_cache(q_lens, prefix_lens, H, R, DR, BS, dt
 
     def rel(x, y):
         return ((x - y).norm() / y.norm()).item()
-    quantized, exact = want(reference.quantize_query_int8(b["q_lat"])), want(b["q_lat"])
+    xq, sx = cpu.quantize_tokens_reference(b["q_lat"].reshape(-1, R))
+    quantized, exact = want((xq.float() * sx[:, None]).view(b["q_lat"].shape)), want(b["q_lat"])
     if dtype == torch.float32:
         torch.testing.assert_close(out, quantized, atol=3e-4, rtol=1e-3)
         assert rel(out, quantized) < 1e-4 < rel(exact, quantized)  # the query quantization is the kernel's
