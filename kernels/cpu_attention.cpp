@@ -859,8 +859,10 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tens
         std::memcpy(qr + R, qp.data() + (t * H + h) * DR, DR * 4);
       }
   });
+  MLA_PHASE("w_uk");
   attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind,
          q_nope.scalar_type() == torch::kBFloat16, o_lat.data());
+  MLA_PHASE("attention");
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {  // o[t, h] = o_lat[t, h] @ W_UV[h].T
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t v = 0; v < V; v += 4) {
@@ -871,6 +873,7 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tens
           dots(o_lat.data() + (t * H + h) * R, wr, uv16, n, R, o.data() + (t * H + h) * V + v);
       }
   });
+  MLA_PHASE("w_uv");
   return tensor_from(o.data(), {T, H, V}, q_nope.scalar_type());
 }
 

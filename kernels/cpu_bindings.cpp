@@ -88,4 +88,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route", &route);
   m.def("write_latent", &write_latent);
   m.def("has_avx512", &has_avx512);
+#ifdef MLA_PHASE_TIMES
+  m.def("phase_times", &phase_times);
+#endif
 }

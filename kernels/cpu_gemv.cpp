@@ -637,7 +637,9 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
     As1.emplace(S13->kind, xf.data(), T, D, D);
     jobs.push_back({&*S13, 0, &*As1, 0, T, hs.data(), 2 * Is});
   }
+  MLA_PHASE("moe gather");
   run(jobs);
+  MLA_PHASE("experts w13");
   swiglu_rows(h.data(), P, I);
   swiglu_rows(hs.data(), T, Is);
   // stage 2: y = w2 @ swiglu per pair; the swiglu rows are the first halves of h's rows (row stride 2I)
@@ -650,7 +652,9 @@ torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw,
     As2.emplace(S2->kind, hs.data(), T, Is, 2 * Is);
     jobs.push_back({&*S2, 0, &*As2, 0, T, ys.data(), D});
   }
+  MLA_PHASE("moe swiglu");
   run(jobs);
+  MLA_PHASE("experts w2");
   // the router-weighted sum per token, plus the shared experts
   const float* TW = topw.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t)

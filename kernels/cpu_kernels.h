@@ -92,6 +92,17 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor gate, std::optio
 void write_latent(torch::Tensor cache, torch::Tensor slots, torch::Tensor c_kv, torch::Tensor k_pe);
 bool has_avx512();
 
+// Where a decode step's wall time goes (bench/phase_times_cpu.py): in a build with -DMLA_PHASE_TIMES, MLA_PHASE(name)
+// adds the time since the previous mark to name's total, and phase_times() returns the totals in the order first
+// marked, then starts over. In every other build it is no code.
+#ifdef MLA_PHASE_TIMES
+void phase_mark(const char* name);
+std::vector<std::pair<std::string, double>> phase_times();
+#define MLA_PHASE(name) ::mla::phase_mark(name)
+#else
+#define MLA_PHASE(name) ((void)0)
+#endif
+
 // A decoder layer of a decode step in one call, over weights checked once, reading and writing a cache of one kind.
 class DecodeLayer {
  public:

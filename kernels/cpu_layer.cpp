@@ -8,6 +8,7 @@
 #include "cpu_common.h"
 #include "cpu_kernels.h"
 
+#include <chrono>
 #include <numeric>
 
 namespace mla {
@@ -205,6 +206,28 @@ torch::Tensor silu_mul(torch::Tensor h) {
   return y;
 }
 
+#ifdef MLA_PHASE_TIMES
+namespace {
+std::vector<std::pair<std::string, double>> phase_totals;
+std::chrono::steady_clock::time_point phase_last;
+}  // namespace
+
+void phase_mark(const char* name) {
+  const auto now = std::chrono::steady_clock::now();
+  auto it = std::find_if(phase_totals.begin(), phase_totals.end(), [&](const auto& p) { return p.first == name; });
+  if (it == phase_totals.end()) it = phase_totals.insert(it, {name, 0.0});
+  if (phase_last.time_since_epoch().count()) it->second += std::chrono::duration<double>(now - phase_last).count();
+  phase_last = now;
+}
+
+std::vector<std::pair<std::string, double>> phase_times() {
+  std::vector<std::pair<std::string, double>> out;
+  out.swap(phase_totals);
+  phase_last = {};
+  return out;
+}
+#endif
+
 bool has_avx512() {
 #ifdef MLA_AVX512
   return true;
@@ -252,23 +275,37 @@ torch::Tensor DecodeLayer::forward(torch::Tensor x, torch::Tensor positions, tor
   const int64_t T = x.size(0), H = w.num_heads, dn = w.qk_nope_head_dim, dr = w.qk_rope_head_dim;
   const int64_t R = w.kv_lora_rank;
   const double eps = w.rms_norm_eps;
+  MLA_PHASE("outside the layers");  // since the previous layer's end: Python, the LM head, sampling
   torch::Tensor h = rms_norm(x, w.input_layernorm, eps);
+  MLA_PHASE("input norm");
   torch::Tensor qf = w.q_a_proj ? linear(rms_norm(linear(h, *w.q_a_proj), *w.q_a_layernorm, eps), w.q_proj)
                                 : linear(h, w.q_proj);
+  MLA_PHASE("q_proj");
   qf = qf.view({T, H, dn + dr});
   torch::Tensor q_nope = qf.narrow(2, 0, dn), q_pe = qf.narrow(2, dn, dr);
   torch::Tensor kv = linear(h, w.kv_a_proj_with_mqa);
+  MLA_PHASE("kv_a_proj");
   torch::Tensor c_kv = rms_norm(kv.narrow(1, 0, R), w.kv_a_layernorm, eps), k_pe = kv.narrow(1, R, dr);
   rope_(q_pe, positions, cos, sin, w.rope_interleave);
   rope_(k_pe.unsqueeze(1), positions, cos, sin, w.rope_interleave);
   write_latent(kv_cache, slot_mapping, c_kv, k_pe);
+  MLA_PHASE("kv norm, rope, cache write");
   torch::Tensor att = mla_absorbed(q_nope, q_pe, w.w_uk, w.w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens,
                                    w.softmax_scale, kind_);
   x = x + linear(att.view({T, -1}), w.o_proj);
+  MLA_PHASE("o_proj");
   h = rms_norm(x, w.post_attention_layernorm, eps);
-  if (!w.gate) return x + linear(silu_mul(linear(h, w.w13)), w.w2);
+  MLA_PHASE("post-attention norm");
+  if (!w.gate) {
+    x = x + linear(silu_mul(linear(h, w.w13)), w.w2);
+    MLA_PHASE("dense mlp");
+    return x;
+  }
   const auto r = route(h, *w.gate, w.e_score_correction_bias, *w.router);
-  return x + moe_decode(h, r[0], r[1], w.w13, w.w2, w.shared_w13, w.shared_w2);
+  MLA_PHASE("router");
+  x = x + moe_decode(h, r[0], r[1], w.w13, w.w2, w.shared_w13, w.shared_w2);
+  MLA_PHASE("moe sum");
+  return x;
 }
 
 }  // namespace mla
