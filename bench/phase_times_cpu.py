@@ -41,7 +41,7 @@ read = {}
 for layer in llm.runner.model.layers:
     w = layer.decode_weights()
     moe = w.gate is not None
-    per_step = {"q_proj": nbytes(w.q_proj) + nbytes(w.q_a_proj), "kv_a_proj": nbytes(w.kv_a_proj_with_mqa),
+    per_step = {"q_proj, kv_a_proj": nbytes(w.q_proj) + nbytes(w.q_a_proj) + nbytes(w.kv_a_proj_with_mqa),
                 "w_uk": nbytes(w.w_uk), "w_uv": nbytes(w.w_uv), "o_proj": nbytes(w.o_proj),
                 "dense mlp": 0 if moe else nbytes(w.w13) + nbytes(w.w2),
                 "experts w13": cfg.num_experts_per_tok * nbytes(w.w13) // max(cfg.n_routed_experts, 1)

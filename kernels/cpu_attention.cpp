@@ -851,27 +851,25 @@ torch::Tensor mla_absorbed(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tens
   const int64_t uk_elt = w_uk.element_size(), uv_elt = w_uv.element_size();
   const std::vector<float> qn = values_f32(q_nope), qp = values_f32(q_pe);
   std::vector<float> q(T * H * W, 0.f), o_lat(T * H * R, NAN), o(T * H * V, NAN);
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {  // q_lat[t, h] = q_nope[t, h] @ W_UK[h]
-    for (int64_t h = h0; h < h1; ++h)
-      for (int64_t t = 0; t < T; ++t) {
-        float* qr = q.data() + (t * H + h) * W;
-        absorb_q(qn.data() + (t * H + h) * DN, static_cast<const char*>(UK) + h * DN * R * uk_elt, uk16, DN, R, qr);
-        std::memcpy(qr + R, qp.data() + (t * H + h) * DR, DR * 4);
-      }
+  guided_for(H, 1, [&](int64_t h) {  // q_lat[t, h] = q_nope[t, h] @ W_UK[h]
+    for (int64_t t = 0; t < T; ++t) {
+      float* qr = q.data() + (t * H + h) * W;
+      absorb_q(qn.data() + (t * H + h) * DN, static_cast<const char*>(UK) + h * DN * R * uk_elt, uk16, DN, R, qr);
+      std::memcpy(qr + R, qp.data() + (t * H + h) * DR, DR * 4);
+    }
   });
   MLA_PHASE("w_uk");
   attend(q.data(), T, H, R, DR, cache, block_tables, cu_seqlens_q, seq_lens, scale, kind,
          q_nope.scalar_type() == torch::kBFloat16, o_lat.data());
   MLA_PHASE("attention");
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {  // o[t, h] = o_lat[t, h] @ W_UV[h].T
-    for (int64_t h = h0; h < h1; ++h)
-      for (int64_t v = 0; v < V; v += 4) {
-        const int64_t n = std::min<int64_t>(4, V - v);
-        const char* wr = static_cast<const char*>(UV) + (h * V + v) * R * uv_elt;
-        prefetch_row(wr, n * R * uv_elt);
-        for (int64_t t = 0; t < T; ++t)
-          dots(o_lat.data() + (t * H + h) * R, wr, uv16, n, R, o.data() + (t * H + h) * V + v);
-      }
+  guided_for(H, 1, [&](int64_t h) {  // o[t, h] = o_lat[t, h] @ W_UV[h].T
+    for (int64_t v = 0; v < V; v += 4) {
+      const int64_t n = std::min<int64_t>(4, V - v);
+      const char* wr = static_cast<const char*>(UV) + (h * V + v) * R * uv_elt;
+      prefetch_row(wr, n * R * uv_elt);
+      for (int64_t t = 0; t < T; ++t)
+        dots(o_lat.data() + (t * H + h) * R, wr, uv16, n, R, o.data() + (t * H + h) * V + v);
+    }
   });
   MLA_PHASE("w_uv");
   return tensor_from(o.data(), {T, H, V}, q_nope.scalar_type());

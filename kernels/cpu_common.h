@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -47,6 +48,26 @@ __attribute__((always_inline)) inline void prefetch_weights(const void* p) {
 // The same for every line of a weight row of `bytes` bytes at p, for loops that read a row in one go.
 inline void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) prefetch_weights(static_cast<const char*>(p) + o);
+}
+
+// task(t) for t in 0:n, over the threads with guided scheduling: each grab takes half of the remaining tasks' share
+// of a thread (at least min_grab), so that a thread's tasks stay long runs of consecutive ones (sequential reads,
+// which the prefetchers follow) while the last small grabs even out a core that ran slower (this machine's cores do
+// not run at one speed; a static split waits for the slower one).
+template <typename F>
+void guided_for(int64_t n, int64_t min_grab, const F& task) {
+  const int64_t nth = at::get_num_threads();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+    for (int64_t t0 = next.load(), c;; t0 = next.load()) {
+      do {
+        const int64_t left = n - t0;
+        if (left <= 0) return;
+        c = std::min(left, std::max(min_grab, left / (2 * nth)));
+      } while (!next.compare_exchange_weak(t0, t0 + c));
+      for (int64_t t = t0; t < t0 + c; ++t) task(t);
+    }
+  });
 }
 
 using bf16 = at::BFloat16;

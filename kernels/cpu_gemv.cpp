@@ -26,7 +26,6 @@
 #include "cpu_common.h"
 #include "cpu_kernels.h"
 
-#include <atomic>
 #include <numeric>
 #include <type_traits>
 
@@ -537,38 +536,37 @@ void run(const std::vector<Job>& jobs) {
     for (int64_t t = 0; t < NT; ++t) task(t);
     return;
   }
-  // Guided scheduling: each grab takes half of the remaining tasks' share of a thread (at least MIN_GRAB), so a
-  // thread's reads stay long sequential runs while the last small grabs even out a core that ran slower (this
-  // machine's cores do not run at one speed; a static split waits for the slower one).
-  const int64_t nth = at::get_num_threads();
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
-    for (int64_t t0 = next.load(), c;; t0 = next.load()) {
-      do {
-        const int64_t left = NT - t0;
-        if (left <= 0) return;
-        c = std::min(left, std::max(MIN_GRAB, left / (2 * nth)));
-      } while (!next.compare_exchange_weak(t0, t0 + c));
-      for (int64_t t = t0; t < t0 + c; ++t) task(t);
-    }
-  });
+  guided_for(NT, MIN_GRAB, task);
 }
-
 
 }  // namespace
 
-// out [M, N] = x @ W.T for one weight w (a float tensor [N, K] or a quantized one); x [M, K] any float dtype; out any
-// float dtype.
-void gemv(torch::Tensor x, const WeightRef& w, torch::Tensor out) {
-  const WeightRows W = rows_of(w, x.scalar_type());
-  const int64_t M = x.size(0), N = W.N, K = W.K;
-  TORCH_CHECK(W.G == 1 && x.dim() == 2 && x.size(1) == K, "gemv: x [M, K], one weight [N, K]");
-  TORCH_CHECK(out.is_contiguous() && out.numel() == M * N && out.is_floating_point(), "out must be contiguous [M, N]");
-  const Acts A(W.kind, values_f32(x).data(), M, K, K);
-  std::vector<float> y(M * N, NAN);  // NaN: a product left unwritten shows
-  run({{&W, 0, &A, 0, M, y.data(), N}});
-  store_f32(y.data(), out);
+// outs[i] [M, N_i] = x @ W_i.T for weights that share their input x [M, K] (any float dtype; a float tensor [N_i, K]
+// or a quantized one each): all of their rows in one parallel pass, so that the threads wake and wait once, not once
+// per weight (a layer's q_proj and kv_a_proj). outs any float dtype.
+void gemvs(torch::Tensor x, const std::vector<const WeightRef*>& ws, std::vector<torch::Tensor> outs) {
+  TORCH_CHECK(x.dim() == 2 && ws.size() == outs.size(), "gemvs: x [M, K], one out per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  const std::vector<float> xf = values_f32(x);
+  std::vector<WeightRows> W;
+  std::vector<Acts> A;
+  std::vector<std::vector<float>> y;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    W.push_back(rows_of(*ws[i], x.scalar_type()));
+    TORCH_CHECK(W[i].G == 1 && W[i].K == K, "gemv: x [M, K], one weight [N, K]");
+    TORCH_CHECK(outs[i].is_contiguous() && outs[i].numel() == M * W[i].N && outs[i].is_floating_point(),
+                "out must be contiguous [M, N]");
+    A.emplace_back(W[i].kind, xf.data(), M, K, K);
+    y.emplace_back(M * W[i].N, NAN);  // NaN: a product left unwritten shows
+  }
+  std::vector<Job> jobs;
+  for (size_t i = 0; i < ws.size(); ++i) jobs.push_back({&W[i], 0, &A[i], 0, M, y[i].data(), W[i].N});
+  run(jobs);
+  for (size_t i = 0; i < ws.size(); ++i) store_f32(y[i].data(), outs[i]);
 }
+
+// out [M, N] = x @ W.T for one weight w.
+void gemv(torch::Tensor x, const WeightRef& w, torch::Tensor out) { gemvs(x, {&w}, {out}); }
 
 // The sum of a float32 tensor, read as the row kernels read weights (each thread a long sequential run, with their
 // software prefetch): the read rate those kernels can reach, for the roofline's read bandwidth

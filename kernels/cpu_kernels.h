@@ -63,6 +63,7 @@ struct DecodeLayerWeights {
 // prefill GEMM's dequantization.
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool interleave);
 void gemv(torch::Tensor x, const WeightRef& w, torch::Tensor out);
+void gemvs(torch::Tensor x, const std::vector<const WeightRef*>& ws, std::vector<torch::Tensor> outs);
 double stream_sum(torch::Tensor x);
 torch::Tensor moe_decode(torch::Tensor x, torch::Tensor ids, torch::Tensor topw, const WeightRef& w13,
                          const WeightRef& w2, const std::optional<WeightRef>& s13, const std::optional<WeightRef>& s2);

@@ -278,13 +278,15 @@ torch::Tensor DecodeLayer::forward(torch::Tensor x, torch::Tensor positions, tor
   MLA_PHASE("outside the layers");  // since the previous layer's end: Python, the LM head, sampling
   torch::Tensor h = rms_norm(x, w.input_layernorm, eps);
   MLA_PHASE("input norm");
-  torch::Tensor qf = w.q_a_proj ? linear(rms_norm(linear(h, *w.q_a_proj), *w.q_a_layernorm, eps), w.q_proj)
-                                : linear(h, w.q_proj);
-  MLA_PHASE("q_proj");
+  // the two products of h in one pass: q_a_proj (or q_proj, without a q_lora_rank) and kv_a_proj_with_mqa
+  const WeightRef& wq = w.q_a_proj ? *w.q_a_proj : w.q_proj;
+  torch::Tensor qf = torch::empty({T, wq.tensor.size(-2)}, x.options());
+  torch::Tensor kv = torch::empty({T, w.kv_a_proj_with_mqa.tensor.size(-2)}, x.options());
+  gemvs(h, {&wq, &w.kv_a_proj_with_mqa}, {qf, kv});
+  if (w.q_a_proj) qf = linear(rms_norm(qf, *w.q_a_layernorm, eps), w.q_proj);
+  MLA_PHASE("q_proj, kv_a_proj");
   qf = qf.view({T, H, dn + dr});
   torch::Tensor q_nope = qf.narrow(2, 0, dn), q_pe = qf.narrow(2, dn, dr);
-  torch::Tensor kv = linear(h, w.kv_a_proj_with_mqa);
-  MLA_PHASE("kv_a_proj");
   torch::Tensor c_kv = rms_norm(kv.narrow(1, 0, R), w.kv_a_layernorm, eps), k_pe = kv.narrow(1, R, dr);
   rope_(q_pe, positions, cos, sin, w.rope_interleave);
   rope_(k_pe.unsqueeze(1), positions, cos, sin, w.rope_interleave);
