@@ -5,6 +5,7 @@ with -DMLA_PHASE_TIMES (their own build folder; the engine's build has no timers
 a prompt of DEPTH tokens; the table gives each phase's median over the rounds.
 
     python bench/phase_times_cpu.py MODEL_DIR [WEIGHT_DTYPE=int4|int8|bfloat16] [DEPTH=16] [ROUNDS=5]
+                                    [KV_CACHE_DTYPE=auto|bfloat16|int8|...]
 """
 import os
 import statistics
@@ -24,9 +25,11 @@ model = sys.argv[1]
 weight_dtype = sys.argv[2] if len(sys.argv) > 2 else "int4"
 depth = int(sys.argv[3]) if len(sys.argv) > 3 else 16
 rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 5
+kv_cache_dtype = sys.argv[5] if len(sys.argv) > 5 else "auto"
 STEPS = 32
 
-llm = LLM(model, device="cpu", weight_dtype=weight_dtype, progress=False, kv_cache_memory_gib=1)
+llm = LLM(model, device="cpu", weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype, progress=False,
+          kv_cache_memory_gib=1)
 if not hasattr(cpu.ext(), "phase_times"):
     sys.exit("phase_times_cpu: the CPU kernels did not build with -DMLA_PHASE_TIMES")
 
@@ -76,7 +79,7 @@ for r in range(rounds + 1):
 bw = read_bandwidth(torch.device("cpu"), Timer(torch.device("cpu"), min_reps=5, target_s=0.5), 1 << 30)["gbps"]
 med = {k: statistics.median(rd.get(k, 0.0) for rd in per_round) for k in per_round[0]}
 total = sum(med.values())
-print(f"{os.path.basename(os.path.normpath(model))}, {weight_dtype} weights, depth {depth}: "
+print(f"{os.path.basename(os.path.normpath(model))}, {weight_dtype} weights, {kv_cache_dtype} cache, depth {depth}: "
       f"{statistics.median(step_ms):.1f} ms/step (medians of {rounds} rounds of {STEPS} steps), read bandwidth "
       f"{bw:.1f} GB/s\n")
 print("| phase | ms/step | share | MB read/step | GB/s | of read bandwidth |\n|---|---|---|---|---|---|")
