@@ -1,8 +1,9 @@
-// What every CPU kernel file shares: the weight stream's software prefetch, the bf16 conversions, the AVX-512 helpers
-// (masked tails, a vector 2^x, bf16 loads), the conversion of a few rows of any float dtype to float32 and back, an
-// int8 / int4 row's dequantization and a float row's quantization, and the small dot and axpy over a bf16 or fp32 weight row. They are inline here,
-// rather than in a file of their own, so that each kernel's inner loops can inline them: a call per 16 values would
-// cost as much as the arithmetic it wraps.
+// What every CPU kernel file shares: the weight stream's software prefetch, the guided split of products over the
+// threads, the bf16 conversions, the AVX-512 helpers (masked tails, a vector 2^x, bf16 loads), the conversion of a
+// few rows of any float dtype to float32 and back, an int8 / int4 row's dequantization and a float row's
+// quantization, and the small dot and axpy over a bf16 or fp32 weight row. They are inline here, rather than in a
+// file of their own, so that each kernel's inner loops can inline them: a call per 16 values would cost as much as
+// the arithmetic it wraps.
 //
 // Without AVX-512 (F, BW and VNNI) MLA_AVX512 stays undefined and every kernel runs its portable scalar loop, except
 // for the int8 / int4 products, which have AVX2 loops (MLA_AVX2). AVX512_BF16 is not required: where it is missing
