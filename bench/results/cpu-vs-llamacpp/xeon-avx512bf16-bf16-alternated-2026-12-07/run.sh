@@ -1,0 +1,10 @@
+#!/bin/bash
+# ik_llama.cpp and mla-engine alternated, bf16 weights, tg32 and tg32 @ d512, 3 rounds
+out=/tmp/alt_bf16; mkdir -p $out
+for r in 1 2 3; do
+  date -u +%H:%M:%S > $out/ik-$r.time
+  /work/build/ik_llama.cpp/build/bin/llama-bench -m /work/build/cut27/ik_llama.cpp-bf16.gguf -mla 3 -fa 1 -fmoe 1 -rtr 0 -t 2 -r 1 -p 0 -n 32 -gp 512,32 -o json > $out/ik-$r.json 2> $out/ik-$r.err
+  date -u +%H:%M:%S > $out/mla-$r.time
+  mla bench --model /work/build/cut27/model --weight-dtype bfloat16 -p 0 -n 32 -d 0,512 -r 1 --output json > $out/mla-$r.json 2> $out/mla-$r.err
+done
+echo done > $out/DONE
