@@ -248,6 +248,22 @@ torch::Tensor linear(const torch::Tensor& x, const WeightRef& w) {
 
 bool is_weight(const WeightRef& w) { return w.tensor.defined() && w.K > 0; }
 
+// The residual: y = x + y in y's dtype (y contiguous, of x's shape and dtype), rounded as torch's add rounds it (the
+// sum in float32, rounded once). A plain loop over a few rows: a torch add's dispatch cost more, once the layer's
+// weight stream had evicted it.
+torch::Tensor residual(torch::Tensor x, torch::Tensor y) {
+  x = x.contiguous();
+  TORCH_CHECK(y.is_contiguous() && x.sizes() == y.sizes() && x.scalar_type() == y.scalar_type(),
+              "residual: y contiguous, of x's shape and dtype");
+  float_dispatch(y.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* a = x.data_ptr<T>();
+    T* b = y.data_ptr<T>();
+    for (int64_t i = 0; i < y.numel(); ++i) b[i] = from_f<T>(to_f(a[i]) + to_f(b[i]));
+  });
+  return y;
+}
+
 }  // namespace
 
 DecodeLayer::DecodeLayer(DecodeLayerWeights weights, CacheKind kind) : w_(std::move(weights)), kind_(kind) {
@@ -294,18 +310,18 @@ torch::Tensor DecodeLayer::forward(torch::Tensor x, torch::Tensor positions, tor
   MLA_PHASE("kv norm, rope, cache write");
   torch::Tensor att = mla_absorbed(q_nope, q_pe, w.w_uk, w.w_uv, kv_cache, block_tables, cu_seqlens_q, seq_lens,
                                    w.softmax_scale, kind_);
-  x = x + linear(att.view({T, -1}), w.o_proj);
+  x = residual(x, linear(att.view({T, -1}), w.o_proj));
   MLA_PHASE("o_proj");
   h = rms_norm(x, w.post_attention_layernorm, eps);
   MLA_PHASE("post-attention norm");
   if (!w.gate) {
-    x = x + linear(silu_mul(linear(h, w.w13)), w.w2);
+    x = residual(x, linear(silu_mul(linear(h, w.w13)), w.w2));
     MLA_PHASE("dense mlp");
     return x;
   }
   const auto r = route(h, *w.gate, w.e_score_correction_bias, *w.router);
   MLA_PHASE("router");
-  x = x + moe_decode(h, r[0], r[1], w.w13, w.w2, w.shared_w13, w.shared_w2);
+  x = residual(x, moe_decode(h, r[0], r[1], w.w13, w.w2, w.shared_w13, w.shared_w2));
   MLA_PHASE("moe sum");
   return x;
 }
