@@ -10,7 +10,6 @@ a prompt of DEPTH tokens; the table gives each phase's median over the rounds.
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -18,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import cpu  # noqa: E402
 
 cpu.CFLAGS = cpu.CFLAGS + ("-DMLA_PHASE_TIMES",)  # before anything builds the kernels
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import LLM  # noqa: E402
+from tools.bench import EngineRunner  # noqa: E402
 from tools.kernel_bench import Timer, read_bandwidth  # noqa: E402
 
 model = sys.argv[1]
@@ -34,8 +34,8 @@ if not hasattr(cpu.ext(), "phase_times"):
     sys.exit("phase_times_cpu: the CPU kernels did not build with -DMLA_PHASE_TIMES")
 
 
-def nbytes(w) -> int:
-    return 0 if w is None else w.nbytes if not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
+def nbytes(w) -> int:  # a tensor, a QuantWeight or None
+    return 0 if w is None else w.nbytes
 
 
 # what each product phase reads per step, summed over the layers
@@ -58,23 +58,15 @@ row = cache.shape[-1] * cache.element_size()
 read["attention"] = cfg.num_hidden_layers * (depth + STEPS // 2) * row  # the mean depth of a round's steps
 read["outside the layers"] = nbytes(llm.runner.model.lm_head)
 
-sp = SamplingParams(max_tokens=STEPS + 1, temperature=0, ignore_eos=True)  # the first token is the prompt's
+runner = EngineRunner(llm)
 per_round, step_ms = [], []
-for r in range(rounds + 1):
-    seq = llm.add_request([5 + i % 90 for i in range(depth)], sp)
-    while seq.in_prefill or not seq.output_token_ids:
-        llm.step()
-    cpu.ext().phase_times()  # starts the totals over
-    t, n = time.perf_counter(), 0
-    while not llm.scheduler.idle:
-        llm.step()
-        n += 1
-    elapsed = time.perf_counter() - t
-    times = dict(cpu.ext().phase_times())
+for r in range(rounds + 1):  # the same prompt each round: prefix caching keeps it, only its last block is redone
+    ms = 1e3 / runner.tg(STEPS, depth, 1, seed=0, on_start=cpu.ext().phase_times)  # phase_times(): the totals start over
+    times = cpu.ext().phase_times()
     if r:  # the first round warms up
-        per_round.append({k: v / n for k, v in times.items()})
-        step_ms.append(elapsed / n * 1e3)
-    print(f"round {r}: {elapsed / n * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+        per_round.append({k: v / STEPS for k, v in times})
+        step_ms.append(ms)
+    print(f"round {r}: {ms:.1f} ms/step", file=sys.stderr, flush=True)
 
 bw = read_bandwidth(torch.device("cpu"), Timer(torch.device("cpu"), min_reps=5, target_s=0.5), 1 << 30)["gbps"]
 med = {k: statistics.median(rd.get(k, 0.0) for rd in per_round) for k in per_round[0]}

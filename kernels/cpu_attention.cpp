@@ -332,11 +332,16 @@ void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, const float* keys,
     case 3: heads(std::integral_constant<int, 3>()); break;
     default: heads(std::integral_constant<int, 4>());
   }
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t h = 0; h < HP; ++h) s.S[j * HP + h] = h < H ? s.ST[h * KEYS + j] : 0.f;
+  for (int64_t hc = 0; hc < HP; hc += 16)  // ST [h][KEYS] -> S [j][HP] (0 for the padding heads), 16 x 16 at a time
+    for (int64_t j0 = 0; j0 < nk; j0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = hc + i < H ? _mm512_loadu_si512(s.ST.data() + (hc + i) * KEYS + j0) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int w = 0; w < 16 && j0 + w < nk; ++w) _mm512_storeu_si512(s.S.data() + (j0 + w) * HP + hc, r[w]);
+    }
   for (int64_t hc = 0; hc < HP; hc += 16) scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data(), R);  // + k_pe's
 }
-
 
 // The values over an int8 cache on int8 too: acc[h] = acc[h] * alpha[h] + sum_j p_j[h] s_j c_j, with s_j the row's
 // scale, c_j its int8 latent. vpdpbusd multiplies unsigned by signed bytes, so the probabilities times the scales

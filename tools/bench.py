@@ -49,13 +49,16 @@ class EngineRunner:
         _sync(llm.device)
         return n / (time.perf_counter() - t)
 
-    def tg(self, n: int, depth: int, batch: int, seed: int) -> float:
+    def tg(self, n: int, depth: int, batch: int, seed: int, on_start=None) -> float:
+        """on_start: called when the clock starts (after the prefill and the first token)."""
         llm = self.llm
         sp = SamplingParams(max_tokens=n + 1, temperature=0, ignore_eos=True)
         seqs = [llm.add_request(_tokens(max(depth, 1), llm.model_config.vocab_size, seed + i), sp) for i in range(batch)]
         while any(s.in_prefill or len(s.output_token_ids) == 0 for s in seqs):  # prefill + first token untimed
             llm.step()
         _sync(llm.device)
+        if on_start:
+            on_start()
         t = time.perf_counter()
         while not llm.scheduler.idle:
             llm.step()
