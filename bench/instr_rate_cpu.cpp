@@ -2,7 +2,8 @@
 // vfmadd231ps (16 float32 multiply-adds), each as 12 independent chains (more than latency x throughput), so that
 // the loop runs at the instruction's throughput. What the int8 kernels can gain over float32 is the ratio of the
 // two rates times 4; a CPU with one 512-bit FMA unit and a hypervisor's clock both show here. Third: vpdpbusd with
-// a broadcast from memory for each instruction, which costs it about half its rate here.
+// a broadcast from memory for each instruction, which costs it about half its rate here. Fourth, where the CPU has
+// avx512_bf16: vdpbf16ps (32 bf16 multiply-adds, float32 sums), what a bf16 GEMM without AMX could use.
 //   g++ -O2 -march=native -o /tmp/instr_rate bench/instr_rate_cpu.cpp && /tmp/instr_rate
 #include <immintrin.h>
 
@@ -13,6 +14,7 @@
 
 #define DPBUSD(c, b, a) asm volatile("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(b), "v"(a))
 #define FMADD(c, b, a) asm volatile("vfmadd231ps %2, %1, %0" : "+v"(c) : "v"(b), "v"(a))
+#define DPBF16(c, b, a) asm volatile("vdpbf16ps %2, %1, %0" : "+v"(c) : "v"(b), "v"(a))
 
 // 12 independent chains, unrolled so that each lives in a register (an array indexed in a loop stays in memory)
 #define RATE(V, ZERO, STEP)                                                                                \
@@ -64,4 +66,10 @@ int main() {
   std::printf("vpdpbusd zmm %.2f G/s (%.0f G int8 multiply-adds/s), vfmadd231ps zmm %.2f G/s (%.0f G float32 "
               "multiply-adds/s), vpdpbusd each fed by a broadcast from memory %.2f G/s; one thread\n", dp / 1e9,
               dp * 64 / 1e9, fm / 1e9, fm * 16 / 1e9, db / 1e9);
+#ifdef __AVX512BF16__
+#define BF_STEP(c) DPBF16(c, u, w)
+  const double bf = RATE(__m512, _mm512_setzero_ps(), BF_STEP);
+  std::printf("vdpbf16ps zmm %.2f G/s (%.0f G bf16 multiply-adds/s, %.2fx vfmadd231ps's)\n", bf / 1e9, bf * 32 / 1e9,
+              bf * 32 / (fm * 16));
+#endif
 }
