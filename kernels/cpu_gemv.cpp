@@ -549,18 +549,22 @@ void gemvs(torch::Tensor x, const std::vector<const WeightRef*>& ws, std::vector
   const int64_t M = x.size(0), K = x.size(1);
   const std::vector<float> xf = values_f32(x);
   std::vector<WeightRows> W;
-  std::vector<Acts> A;
+  std::vector<Acts> A;  // x prepared once per kind of weight among ws
+  std::vector<size_t> acts_of;  // weight i reads A[acts_of[i]]
   std::vector<std::vector<float>> y;
   for (size_t i = 0; i < ws.size(); ++i) {
     W.push_back(rows_of(*ws[i], x.scalar_type()));
     TORCH_CHECK(W[i].G == 1 && W[i].K == K, "gemv: x [M, K], one weight [N, K]");
     TORCH_CHECK(outs[i].is_contiguous() && outs[i].numel() == M * W[i].N && outs[i].is_floating_point(),
                 "out must be contiguous [M, N]");
-    A.emplace_back(W[i].kind, xf.data(), M, K, K);
+    size_t j = 0;
+    while (j < i && W[j].kind != W[i].kind) ++j;
+    if (j == i) A.emplace_back(W[i].kind, xf.data(), M, K, K);
+    acts_of.push_back(j == i ? A.size() - 1 : acts_of[j]);
     y.emplace_back(M * W[i].N, NAN);  // NaN: a product left unwritten shows
   }
   std::vector<Job> jobs;
-  for (size_t i = 0; i < ws.size(); ++i) jobs.push_back({&W[i], 0, &A[i], 0, M, y[i].data(), W[i].N});
+  for (size_t i = 0; i < ws.size(); ++i) jobs.push_back({&W[i], 0, &A[acts_of[i]], 0, M, y[i].data(), W[i].N});
   run(jobs);
   for (size_t i = 0; i < ws.size(); ++i) store_f32(y[i].data(), outs[i]);
 }
