@@ -38,18 +38,15 @@ struct KeyReader {
   // The keys from pos on that sit in consecutive rows of one cache block, at most n.
   int64_t run(int64_t pos, int64_t n) const { return std::min(n, block_size - pos % block_size); }
 
-  // latent: false for k_pe alone (out[R:R + DR]; int8 rows, whose latent the int8 products read in place)
-  void read(int64_t b, int64_t pos, float* out, bool latent = true) const {
+  void read(int64_t b, int64_t pos, float* out) const {
     const uint8_t* row = this->row(b, pos);
     if (kind == CacheKind::BFLOAT16) {
       widen_bf16(reinterpret_cast<const uint16_t*>(row), R + DR, out);
       return;
     }
-    if (latent) {
-      float s;
-      std::memcpy(&s, row + R, 4);
-      dequantize_row(row, &s, false, R, out);
-    }
+    float s;
+    std::memcpy(&s, row + R, 4);
+    dequantize_row(row, &s, false, R, out);
     if (kind == CacheKind::INT8_BF16_ROPE)
       widen_bf16(reinterpret_cast<const uint16_t*>(row + R + 4), DR, out + R);
     else
@@ -100,22 +97,34 @@ SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t 
 // in place), their scores S[j][h] (then probabilities, P2 as bf16 pairs), and per head the running max m, sum l and
 // the block's rescaling alpha; over an int8 cache also the query's latent part as int8 (q8, from one head's qrow at a
 // time: load_query_int8) and its scales qs, the block's latent transposed for the scores (KT, with kcorr and kscale;
-// ST: their latent part: scores_int8) and for the values (CT), and the probabilities as bytes (PH, PL and their
-// weight unit: values_int8). HP: H rounded up to 16 lanes.
+// ST: their scores, [h][j]: scores_int8) and for the values (CT), k_pe transposed (PT; rope16: stored as bf16), and the
+// probabilities as bytes (PH, PL and their weight unit: values_int8). HP: H rounded up to 16 lanes.
 struct Scratch {
-  std::vector<float> qT, keys, S, m, l, alpha, qs, unit, kscale, ST;
+  std::vector<float> qT, keys, S, m, l, alpha, qs, unit, kscale, ST, PT;
   std::vector<uint32_t> qT2, P2, PH, PL;
   std::vector<int32_t> kcorr;
   std::vector<const uint16_t*> kp;
   std::vector<uint8_t> q8, CT, KT;
   std::vector<int8_t> qrow;
+  bool rope16;
 
-  Scratch(bool pairs, bool in_place, bool int8, int64_t R, int64_t W, int64_t HP)
+  Scratch(bool pairs, bool in_place, bool int8, bool rope16, int64_t R, int64_t W, int64_t HP)
       : qT(pairs ? 0 : W * HP), keys(pairs || in_place ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
         qs(int8 ? HP : 0), unit(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0),
         P2(pairs ? KEYS / 2 * HP : 0), PH(int8 ? KEYS / 4 * HP : 0), PL(int8 ? KEYS / 4 * HP : 0), kp(KEYS),
         kscale(int8 ? KEYS : 0), ST(int8 ? HP * KEYS : 0), kcorr(int8 ? KEYS : 0), q8(int8 ? R * HP : 0),
-        CT(int8 ? (R + 63) / 64 * 64 * KEYS : 0), KT(int8 ? R * KEYS : 0), qrow(int8 ? R : 0) {}
+        PT(int8 ? (W - R + 15) / 16 * 16 * KEYS + 16 : 0), CT(int8 ? (R + 63) / 64 * 64 * KEYS + 64 : 0),
+        KT(int8 ? R * KEYS + 64 : 0), qrow(int8 ? R : 0), rope16(rope16) {}
+
+  // CT, KT and PT from a 64-byte boundary, so that their rows are written and read as whole cache lines (the int8
+  // path ran much slower from where the vectors start: bench/results/cpu-kernel-notes.md)
+  template <typename T>
+  static T* lines(std::vector<T>& v) {
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+  }
+  uint8_t* ct() { return lines(CT); }
+  uint8_t* kt() { return lines(KT); }
+  float* pt() { return lines(PT); }
 };
 
 // The query row q [H, W] scaled into the log2 domain and transposed, so one vector of heads multiplies each key value.
@@ -156,19 +165,20 @@ void load_query_int8(const float* q, int64_t H, int64_t R, int64_t W, int64_t HP
 }
 
 // Keys kb:kb+nk of sequence b (one run): pointers to the bf16 rows in place (pairs), or float32 rows: a float32
-// cache's own, or the rows converted into the scratch (with VNNI, of int8 rows only k_pe: the int8 products read
-// the latent in place).
+// cache's own, or the rows converted into the scratch; none with VNNI over an int8 cache, whose products read the
+// rows in place.
 const float* gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t W, bool pairs, bool int8,
                          Scratch& s) {
   if (kr.kind == CacheKind::FLOAT32) return reinterpret_cast<const float*>(kr.row(b, kb));
-#ifndef MLA_AVX512
-  int8 = false;
+#ifdef MLA_AVX512
+  if (int8) return nullptr;
 #endif
+  (void)int8;
   for (int64_t j = 0; j < nk; ++j) {
     if (pairs)
       s.kp[j] = reinterpret_cast<const uint16_t*>(kr.row(b, kb + j));
     else
-      kr.read(b, kb + j, s.keys.data() + j * W, !int8);
+      kr.read(b, kb + j, s.keys.data() + j * W);
   }
   return s.keys.data();
 }
@@ -232,10 +242,9 @@ inline void score_keys(const float* qT, const float* kj, int64_t W, int64_t HP, 
 // Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, 16 keys at a time over
 // 64 values of the rows at a time, so that the part of q they meet (4 KiB) stays in L1 while the keys stream past.
 template <int64_t WK>
-void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t from,
-                float* S) {
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
   constexpr int64_t DC = 64;
-  for (int64_t d0 = from; d0 < W; d0 += DC) {
+  for (int64_t d0 = 0; d0 < W; d0 += DC) {
     const int64_t d1 = std::min(W, d0 + DC);
     int64_t j = 0;
     for (; j + 16 <= nk; j += 16) score_keys<16, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
@@ -244,13 +253,11 @@ void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64
   }
 }
 
-// from > 0: over the values from:W only, added to S (k_pe's part, after an int8 cache's latent part)
-void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S,
-                int64_t from = 0) {
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
   if (W == DEEPSEEK_ROW)
-    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, from, S);
+    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, S);
   else
-    scores_f32<0>(qT, keys, nk, W, HP, hc, from, S);
+    scores_f32<0>(qT, keys, nk, W, HP, hc, S);
 }
 
 // sums[4 u + z] (16 int32 each) += sum over `steps` steps of a_u . b_z, where at step t a_u is the 4 bytes at
@@ -317,7 +324,7 @@ void transpose_keys(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, Scra
         r[i] = 16 * g + i < nk ? _mm512_maskz_loadu_epi8(tail_mask64(R - d), rows + (16 * g + i) * RB + d) : zero;
       transpose16(r);  // r[w]: values d + 4w .. d + 4w + 3 of the 16 keys
       for (int w = 0; w < 16 && d + 4 * w < R; ++w) {
-        _mm512_storeu_si512(s.KT.data() + ((d / 4 + w) * 4 + g) * 64, r[w]);
+        _mm512_store_si512(s.kt() + ((d / 4 + w) * 4 + g) * 64, r[w]);
         MLA_DPBUSD(sum, ones, r[w]);
       }
     }
@@ -330,9 +337,9 @@ void transpose_keys(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, Scra
 
 // The latent part of the scores of heads h0..h0+3 over the block's 64 key slots: ST[h * KEYS + j] =
 // qs_h * s_j * (q8_h . c_j) (slots past nk: what their zeros or the last block's keys give; not read).
-void scores_latent_int8(const Scratch& s, int64_t R, int64_t HP, int64_t h0, float* ST) {
+void scores_latent_int8(Scratch& s, int64_t R, int64_t HP, int64_t h0, float* ST) {
   alignas(64) int32_t sums[16][16];
-  dpbusd_4x4(s.q8.data() + 4 * h0, 4 * HP, s.KT.data(), 4 * 64, 64, R / 4, true, sums[0]);
+  dpbusd_4x4(s.q8.data() + 4 * h0, 4 * HP, s.kt(), 4 * 64, 64, R / 4, true, sums[0]);
   for (int u = 0; u < 4; ++u) {
     const __m512 qs = _mm512_set1_ps(s.qs[h0 + u]);
     for (int g = 0; g < 4; ++g) {  // the sum is exact in float32
@@ -344,12 +351,53 @@ void scores_latent_int8(const Scratch& s, int64_t R, int64_t HP, int64_t h0, flo
   }
 }
 
+// The block's k_pe (float32 or bf16 after the int8 latent and its scale), dims along the rows: PT[d * KEYS + j] =
+// k_pe_j[d] as float32 (zero past nk and DR), 16 keys x 16 dims at a time, so that the rope part of the scores
+// multiplies 16 keys per instruction by one broadcast query value, as the latent part does.
+void transpose_rope(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, int64_t DR, bool rope16, float* PT) {
+  for (int64_t j0 = 0; j0 < nk; j0 += 16)
+    for (int64_t d0 = 0; d0 < DR; d0 += 16) {
+      const __mmask16 mk = tail_mask16(DR - d0);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const uint8_t* k_pe = rows + (j0 + i) * RB + R + 4;
+        r[i] = j0 + i >= nk ? _mm512_setzero_si512()
+               : rope16     ? _mm512_castps_si512(load_bf16(reinterpret_cast<const uint16_t*>(k_pe) + d0, mk))
+                            : _mm512_maskz_loadu_epi32(mk, reinterpret_cast<const float*>(k_pe) + d0);
+      }
+      transpose16(r);
+      for (int w = 0; w < 16 && d0 + w < DR; ++w) _mm512_store_si512(PT + (d0 + w) * KEYS + j0, r[w]);
+    }
+}
+
+// ST[h * KEYS + j] += q_pe_h . k_pe_j for heads h0..h0+3 and the block's 64 key slots (q_pe from qT, in the log2
+// domain): per dim 4 broadcasts of the query and 4 loads of 16 keys feed 16 multiply-adds.
+void scores_rope(Scratch& s, int64_t R, int64_t DR, int64_t HP, int64_t h0, float* ST) {
+  __m512 a[4][4];
+  for (int u = 0; u < 4; ++u)
+    for (int g = 0; g < 4; ++g) a[u][g] = _mm512_loadu_ps(ST + (h0 + u) * KEYS + 16 * g);
+  const float* PT = s.pt();
+  for (int64_t d = 0; d < DR; ++d) {
+    const float* q = s.qT.data() + (R + d) * HP + h0;
+    for (int u = 0; u < 4; ++u) {
+      const __m512 qu = _mm512_set1_ps(q[u]);
+      for (int g = 0; g < 4; ++g) a[u][g] = _mm512_fmadd_ps(qu, _mm512_load_ps(PT + d * KEYS + 16 * g), a[u][g]);
+    }
+  }
+  for (int u = 0; u < 4; ++u)
+    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(ST + (h0 + u) * KEYS + 16 * g, a[u][g]);
+}
+
 // All HP heads' scores over nk int8 rows: S[j * HP + h] = qs_h * s_j * (q8_h . c_j) + q_pe_h . k_pe_j (0 for the
-// padding heads), k_pe_j from the float32 rows keys[j * W + R ..].
-void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t H, int64_t HP,
-                 int64_t R, int64_t W) {
+// padding heads).
+void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP, int64_t R,
+                 int64_t DR) {
   transpose_keys(rows, RB, nk, R, s);
-  for (int64_t h0 = 0; h0 < H; h0 += 4) scores_latent_int8(s, R, HP, h0, s.ST.data());  // padding heads: not read
+  transpose_rope(rows, RB, nk, R, DR, s.rope16, s.pt());
+  for (int64_t h0 = 0; h0 < H; h0 += 4) {  // padding heads: not read
+    scores_latent_int8(s, R, HP, h0, s.ST.data());
+    scores_rope(s, R, DR, HP, h0, s.ST.data());
+  }
   for (int64_t hc = 0; hc < HP; hc += 16)  // ST [h][KEYS] -> S [j][HP] (0 for the padding heads), 16 x 16 at a time
     for (int64_t j0 = 0; j0 < nk; j0 += 16) {
       __m512i r[16];
@@ -358,7 +406,6 @@ void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, const float* keys,
       transpose16(r);
       for (int w = 0; w < 16 && j0 + w < nk; ++w) _mm512_storeu_si512(s.S.data() + (j0 + w) * HP + hc, r[w]);
     }
-  for (int64_t hc = 0; hc < HP; hc += 16) scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data(), R);  // + k_pe's
 }
 
 // The values over an int8 cache on int8 too: acc[h] = acc[h] * alpha[h] + sum_j p_j[h] s_j c_j, with s_j the row's
@@ -424,12 +471,12 @@ void quantize_probs(const float* S, int64_t nk, int64_t HP, int64_t hc, Scratch&
 // 4 heads by 64 latent columns at a time.
 void values_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP, int64_t R,
                  float* acc) {
-  transpose_latent(rows, RB, nk, R, s.CT.data());
+  transpose_latent(rows, RB, nk, R, s.ct());
   for (int64_t hc = 0; hc < HP; hc += 16) quantize_probs(s.S.data(), nk, HP, hc, s);
   const int64_t NQ = (nk + 3) / 4;
   alignas(64) int32_t sums[16][16];
   for (int64_t c = 0; c < R; c += 64) {  // CT holds whole groups of 64 columns
-    const uint8_t* ct = s.CT.data() + c / 16 * NQ * 64;
+    const uint8_t* ct = s.ct() + c / 16 * NQ * 64;
     for (int64_t h0 = 0; h0 < H; h0 += 4) {
       auto probs = [&](const std::vector<uint32_t>& P) { return reinterpret_cast<const uint8_t*>(P.data() + h0); };
       dpbusd_4x4(probs(s.PH), 4 * HP, ct, 64, NQ * 64, NQ, true, sums[0]);
@@ -629,7 +676,7 @@ void accumulate_scalar(const float* S, const float* keys, int64_t nk, int64_t H,
 void attend_block(Scratch& s, const float* keys, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP,
                   int64_t R, int64_t W, bool pairs, bool int8, float* acc) {
 #ifdef MLA_AVX512
-  if (int8) scores_int8(s, rows, RB, keys, nk, H, HP, R, W);
+  if (int8) scores_int8(s, rows, RB, nk, H, HP, R, W - R);
   for (int64_t hc = 0; hc < HP; hc += 16) {
     if (pairs)
       scores_bf16(s.qT2.data(), s.kp.data(), nk, W, HP, hc, s.S.data());
@@ -740,7 +787,7 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
 #endif
   const bool int8 = kind == CacheKind::INT8_BF16_ROPE || kind == CacheKind::INT8_FP32_ROPE;
   at::parallel_for(0, int64_t(plan.splits.size()), 1, [&](int64_t i0, int64_t i1) {
-    Scratch s(pairs, kind == CacheKind::FLOAT32, int8, R, W, HP);
+    Scratch s(pairs, kind == CacheKind::FLOAT32, int8, kind == CacheKind::INT8_BF16_ROPE, R, W, HP);
     for (int64_t ti = i0; ti < i1; ++ti) {
       const Split& sp = plan.splits[ti];
       const int64_t q0 = CU[sp.b], nq = CU[sp.b + 1] - q0, start = LEN[sp.b] - nq;
