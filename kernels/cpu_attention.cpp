@@ -264,8 +264,8 @@ void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64
 // a + t * a_step + 4 u (unsigned) in every lane and b_z the 64 bytes at b + t * b_step + z * b_col (signed): per step
 // 4 broadcasts and 4 loads feed 16 vpdpbusd. The int8 scores and values are both this product. One asm loop, the
 // sums in zmm0-15 throughout, because GCC (with the intrinsic or MLA_DPBUSD alike) copied most of the 16 sums to
-// other registers and back on every step, which held the values' products to about half their rate
-// (bench/results/cpu-kernel-notes.md). zero: start from 0, else from sums.
+// other registers and back on every step, which slowed the values' products (bench/results/cpu-kernel-notes.md).
+// zero: start from 0, else from sums.
 void dpbusd_4x4(const uint8_t* a, int64_t a_step, const uint8_t* b, int64_t b_step, int64_t b_col, int64_t steps,
                 bool zero, int32_t* sums) {
 #define MLA_SUMS_0_15(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15)
