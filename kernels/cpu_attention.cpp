@@ -38,15 +38,18 @@ struct KeyReader {
   // The keys from pos on that sit in consecutive rows of one cache block, at most n.
   int64_t run(int64_t pos, int64_t n) const { return std::min(n, block_size - pos % block_size); }
 
-  void read(int64_t b, int64_t pos, float* out) const {
+  // latent: false for k_pe alone (out[R:R + DR]; int8 rows, whose latent the int8 products read in place)
+  void read(int64_t b, int64_t pos, float* out, bool latent = true) const {
     const uint8_t* row = this->row(b, pos);
     if (kind == CacheKind::BFLOAT16) {
       widen_bf16(reinterpret_cast<const uint16_t*>(row), R + DR, out);
       return;
     }
-    float s;
-    std::memcpy(&s, row + R, 4);
-    dequantize_row(row, &s, false, R, out);
+    if (latent) {
+      float s;
+      std::memcpy(&s, row + R, 4);
+      dequantize_row(row, &s, false, R, out);
+    }
     if (kind == CacheKind::INT8_BF16_ROPE)
       widen_bf16(reinterpret_cast<const uint16_t*>(row + R + 4), DR, out + R);
     else
@@ -97,34 +100,22 @@ SplitPlan plan_splits(const int32_t* CU, const int32_t* LEN, int64_t B, int64_t 
 // in place), their scores S[j][h] (then probabilities, P2 as bf16 pairs), and per head the running max m, sum l and
 // the block's rescaling alpha; over an int8 cache also the query's latent part as int8 (q8, from one head's qrow at a
 // time: load_query_int8) and its scales qs, the block's latent transposed for the scores (KT, with kcorr and kscale;
-// ST: their scores, [h][j]: scores_int8) and for the values (CT), k_pe transposed (PT; rope16: stored as bf16), and the
-// probabilities as bytes (PH, PL and their weight unit: values_int8). HP: H rounded up to 16 lanes.
+// ST: their latent part: scores_int8) and for the values (CT), and the probabilities as bytes (PH, PL and their
+// weights whi, wlo: values_int8). HP: H rounded up to 16 lanes.
 struct Scratch {
-  std::vector<float> qT, keys, S, m, l, alpha, qs, unit, kscale, ST, PT;
+  std::vector<float> qT, keys, S, m, l, alpha, qs, whi, wlo, kscale, ST;
   std::vector<uint32_t> qT2, P2, PH, PL;
   std::vector<int32_t> kcorr;
   std::vector<const uint16_t*> kp;
   std::vector<uint8_t> q8, CT, KT;
   std::vector<int8_t> qrow;
-  bool rope16;
 
-  Scratch(bool pairs, bool in_place, bool int8, bool rope16, int64_t R, int64_t W, int64_t HP)
+  Scratch(bool pairs, bool in_place, bool int8, int64_t R, int64_t W, int64_t HP)
       : qT(pairs ? 0 : W * HP), keys(pairs || in_place ? 0 : KEYS * W), S(KEYS * HP), m(HP), l(HP), alpha(HP),
-        qs(int8 ? HP : 0), unit(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0),
+        qs(int8 ? HP : 0), whi(int8 ? HP : 0), wlo(int8 ? HP : 0), qT2(pairs ? W / 2 * HP : 0),
         P2(pairs ? KEYS / 2 * HP : 0), PH(int8 ? KEYS / 4 * HP : 0), PL(int8 ? KEYS / 4 * HP : 0), kp(KEYS),
         kscale(int8 ? KEYS : 0), ST(int8 ? HP * KEYS : 0), kcorr(int8 ? KEYS : 0), q8(int8 ? R * HP : 0),
-        PT(int8 ? (W - R + 15) / 16 * 16 * KEYS + 16 : 0), CT(int8 ? (R + 63) / 64 * 64 * KEYS + 64 : 0),
-        KT(int8 ? R * KEYS + 64 : 0), qrow(int8 ? R : 0), rope16(rope16) {}
-
-  // CT, KT and PT from a 64-byte boundary, so that their rows are written and read as whole cache lines (the int8
-  // path ran much slower from where the vectors start: bench/results/cpu-kernel-notes.md)
-  template <typename T>
-  static T* lines(std::vector<T>& v) {
-    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
-  }
-  uint8_t* ct() { return lines(CT); }
-  uint8_t* kt() { return lines(KT); }
-  float* pt() { return lines(PT); }
+        CT(int8 ? (R + 63) / 64 * 64 * KEYS : 0), KT(int8 ? R * KEYS : 0), qrow(int8 ? R : 0) {}
 };
 
 // The query row q [H, W] scaled into the log2 domain and transposed, so one vector of heads multiplies each key value.
@@ -165,20 +156,19 @@ void load_query_int8(const float* q, int64_t H, int64_t R, int64_t W, int64_t HP
 }
 
 // Keys kb:kb+nk of sequence b (one run): pointers to the bf16 rows in place (pairs), or float32 rows: a float32
-// cache's own, or the rows converted into the scratch; none with VNNI over an int8 cache, whose products read the
-// rows in place.
+// cache's own, or the rows converted into the scratch (with VNNI, of int8 rows only k_pe: the int8 products read
+// the latent in place).
 const float* gather_keys(const KeyReader& kr, int64_t b, int64_t kb, int64_t nk, int64_t W, bool pairs, bool int8,
                          Scratch& s) {
   if (kr.kind == CacheKind::FLOAT32) return reinterpret_cast<const float*>(kr.row(b, kb));
-#ifdef MLA_AVX512
-  if (int8) return nullptr;
+#ifndef MLA_AVX512
+  int8 = false;
 #endif
-  (void)int8;
   for (int64_t j = 0; j < nk; ++j) {
     if (pairs)
       s.kp[j] = reinterpret_cast<const uint16_t*>(kr.row(b, kb + j));
     else
-      kr.read(b, kb + j, s.keys.data() + j * W);
+      kr.read(b, kb + j, s.keys.data() + j * W, !int8);
   }
   return s.keys.data();
 }
@@ -242,9 +232,10 @@ inline void score_keys(const float* qT, const float* kj, int64_t W, int64_t HP, 
 // Scores of nk float32 key rows keys[j] for heads hc..hc+15: S[j * HP + hc + h] = q_h . k_j, 16 keys at a time over
 // 64 values of the rows at a time, so that the part of q they meet (4 KiB) stays in L1 while the keys stream past.
 template <int64_t WK>
-void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, int64_t from,
+                float* S) {
   constexpr int64_t DC = 64;
-  for (int64_t d0 = 0; d0 < W; d0 += DC) {
+  for (int64_t d0 = from; d0 < W; d0 += DC) {
     const int64_t d1 = std::min(W, d0 + DC);
     int64_t j = 0;
     for (; j + 16 <= nk; j += 16) score_keys<16, WK>(qT, keys + j * W, W, HP, hc, d0, d1, S + j * HP);
@@ -253,63 +244,18 @@ void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64
   }
 }
 
-void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S) {
+// from > 0: over the values from:W only, added to S (k_pe's part, after an int8 cache's latent part)
+void scores_f32(const float* qT, const float* keys, int64_t nk, int64_t W, int64_t HP, int64_t hc, float* S,
+                int64_t from = 0) {
   if (W == DEEPSEEK_ROW)
-    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, S);
+    scores_f32<DEEPSEEK_ROW>(qT, keys, nk, W, HP, hc, from, S);
   else
-    scores_f32<0>(qT, keys, nk, W, HP, hc, S);
-}
-
-// sums[4 u + z] (16 int32 each) += sum over `steps` steps of a_u . b_z, where at step t a_u is the 4 bytes at
-// a + t * a_step + 4 u (unsigned) in every lane and b_z the 64 bytes at b + t * b_step + z * b_col (signed): per step
-// 4 broadcasts and 4 loads feed 16 vpdpbusd. The int8 scores and values are both this product. One asm loop, the
-// sums in zmm0-15 throughout, because GCC (with the intrinsic or MLA_DPBUSD alike) copied most of the 16 sums to
-// other registers and back on every step, which slowed the values' products (bench/results/cpu-kernel-notes.md).
-// zero: start from 0, else from sums.
-void dpbusd_4x4(const uint8_t* a, int64_t a_step, const uint8_t* b, int64_t b_step, int64_t b_col, int64_t steps,
-                bool zero, int32_t* sums) {
-#define MLA_SUMS_0_15(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15)
-#define MLA_ZERO(r) "vpxord %%zmm" #r ", %%zmm" #r ", %%zmm" #r "\n\t"
-#define MLA_LOAD(r) "vmovdqu64 " #r "*64(%[sums]), %%zmm" #r "\n\t"
-#define MLA_STORE(r) "vmovdqu64 %%zmm" #r ", " #r "*64(%[sums])\n\t"
-#define MLA_ROW(u, r0, r1, r2, r3)                                                                      \
-  "vpbroadcastd " #u "*4(%[a]), %%zmm20\n\t"                                                           \
-  "vpdpbusd %%zmm16, %%zmm20, %%zmm" #r0 "\n\tvpdpbusd %%zmm17, %%zmm20, %%zmm" #r1 "\n\t"             \
-  "vpdpbusd %%zmm18, %%zmm20, %%zmm" #r2 "\n\tvpdpbusd %%zmm19, %%zmm20, %%zmm" #r3 "\n\t"
-  const int64_t b_col3 = 3 * b_col;
-  asm volatile(
-      "test %[zero], %[zero]\n\t"
-      "jz 1f\n\t" MLA_SUMS_0_15(MLA_ZERO) "jmp 2f\n\t"
-      "1:\n\t" MLA_SUMS_0_15(MLA_LOAD)
-      "2:\n\t"
-      "test %[steps], %[steps]\n\t"
-      "jle 4f\n\t"
-      "3:\n\t"
-      "vmovdqu64 (%[b]), %%zmm16\n\t"
-      "vmovdqu64 (%[b],%[b_col],1), %%zmm17\n\t"
-      "vmovdqu64 (%[b],%[b_col],2), %%zmm18\n\t"
-      "vmovdqu64 (%[b],%[b_col3],1), %%zmm19\n\t"
-      MLA_ROW(0, 0, 1, 2, 3) MLA_ROW(1, 4, 5, 6, 7) MLA_ROW(2, 8, 9, 10, 11) MLA_ROW(3, 12, 13, 14, 15)
-      "add %[a_step], %[a]\n\t"
-      "add %[b_step], %[b]\n\t"
-      "dec %[steps]\n\t"
-      "jnz 3b\n\t"
-      "4:\n\t" MLA_SUMS_0_15(MLA_STORE)
-      : [a] "+r"(a), [b] "+r"(b), [steps] "+r"(steps)
-      : [a_step] "r"(a_step), [b_step] "r"(b_step), [b_col] "r"(b_col), [b_col3] "r"(b_col3), [zero] "r"(int64_t(zero)),
-        [sums] "r"(sums)
-      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
-        "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20");
-#undef MLA_ROW
-#undef MLA_STORE
-#undef MLA_LOAD
-#undef MLA_ZERO
-#undef MLA_SUMS_0_15
+    scores_f32<0>(qT, keys, nk, W, HP, hc, from, S);
 }
 
 // The scores over an int8 cache, their latent part on int8: keys along the lanes, so that each step of the product
-// takes 4 broadcasts of the query's bytes (4 heads) and four loads of 16 keys' bytes for 16 vpdpbusd (heads along the
-// lanes would take a broadcast of each key's bytes per vpdpbusd, which holds them to half their rate:
+// takes HT broadcasts of the query's bytes and four loads of 16 keys' bytes for 4 HT vpdpbusd (heads along the lanes
+// would take a broadcast of each key's bytes per vpdpbusd, which holds them to half their rate:
 // bench/instr_rate_cpu.cpp). The block's latent is transposed for it once.
 
 // The block's latent, keys along the lanes: KT[(p * 4 + g) * 64 + 4 i + k] = c_{16 g + i}[4 p + k] (zero past nk),
@@ -324,7 +270,7 @@ void transpose_keys(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, Scra
         r[i] = 16 * g + i < nk ? _mm512_maskz_loadu_epi8(tail_mask64(R - d), rows + (16 * g + i) * RB + d) : zero;
       transpose16(r);  // r[w]: values d + 4w .. d + 4w + 3 of the 16 keys
       for (int w = 0; w < 16 && d + 4 * w < R; ++w) {
-        _mm512_store_si512(s.kt() + ((d / 4 + w) * 4 + g) * 64, r[w]);
+        _mm512_storeu_si512(s.KT.data() + ((d / 4 + w) * 4 + g) * 64, r[w]);
         MLA_DPBUSD(sum, ones, r[w]);
       }
     }
@@ -335,15 +281,33 @@ void transpose_keys(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, Scra
   }
 }
 
-// The latent part of the scores of heads h0..h0+3 over the block's 64 key slots: ST[h * KEYS + j] =
-// qs_h * s_j * (q8_h . c_j) (slots past nk: what their zeros or the last block's keys give; not read).
-void scores_latent_int8(Scratch& s, int64_t R, int64_t HP, int64_t h0, float* ST) {
-  alignas(64) int32_t sums[16][16];
-  dpbusd_4x4(s.q8.data() + 4 * h0, 4 * HP, s.kt(), 4 * 64, 64, R / 4, true, sums[0]);
-  for (int u = 0; u < 4; ++u) {
+// The latent part of the scores of heads h0..h0+HT-1 over the block's first 16 NG key slots:
+// ST[h * KEYS + j] = qs_h * s_j * (q8_h . c_j) (slots past nk: what their zeros give). Not inlined: inlined into
+// attend's loop, the sums went to the stack and back on every step.
+template <int HT, int NG>
+__attribute__((noinline)) void scores_latent_int8(const Scratch& s, int64_t R, int64_t HP, int64_t h0, float* ST) {
+  __m512i a[HT][NG];
+#pragma GCC unroll 16  // every loop over the sums unrolled before GCC places them (else they stay in memory)
+  for (int u = 0; u < HT; ++u)
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) a[u][g] = _mm512_setzero_si512();
+  for (int64_t p = 0; p < R / 4; ++p) {
+    __m512i k[NG];
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) k[g] = _mm512_loadu_si512(s.KT.data() + (p * 4 + g) * 64);
+#pragma GCC unroll 16
+    for (int u = 0; u < HT; ++u) {
+      const __m512i q = bcast32(s.q8.data() + (p * HP + h0 + u) * 4);
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) MLA_DPBUSD(a[u][g], q, k[g]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int u = 0; u < HT; ++u) {
     const __m512 qs = _mm512_set1_ps(s.qs[h0 + u]);
-    for (int g = 0; g < 4; ++g) {  // the sum is exact in float32
-      const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(sums[4 * u + g]), _mm512_loadu_si512(s.kcorr.data() + 16 * g));
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) {  // the sum is exact in float32
+      const __m512i dot = _mm512_sub_epi32(a[u][g], _mm512_loadu_si512(s.kcorr.data() + 16 * g));
       _mm512_storeu_ps(ST + (h0 + u) * KEYS + 16 * g,
                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot),
                                      _mm512_mul_ps(qs, _mm512_loadu_ps(s.kscale.data() + 16 * g))));
@@ -351,52 +315,22 @@ void scores_latent_int8(Scratch& s, int64_t R, int64_t HP, int64_t h0, float* ST
   }
 }
 
-// The block's k_pe (float32 or bf16 after the int8 latent and its scale), dims along the rows: PT[d * KEYS + j] =
-// k_pe_j[d] as float32 (zero past nk and DR), 16 keys x 16 dims at a time, so that the rope part of the scores
-// multiplies 16 keys per instruction by one broadcast query value, as the latent part does.
-void transpose_rope(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, int64_t DR, bool rope16, float* PT) {
-  for (int64_t j0 = 0; j0 < nk; j0 += 16)
-    for (int64_t d0 = 0; d0 < DR; d0 += 16) {
-      const __mmask16 mk = tail_mask16(DR - d0);
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        const uint8_t* k_pe = rows + (j0 + i) * RB + R + 4;
-        r[i] = j0 + i >= nk ? _mm512_setzero_si512()
-               : rope16     ? _mm512_castps_si512(load_bf16(reinterpret_cast<const uint16_t*>(k_pe) + d0, mk))
-                            : _mm512_maskz_loadu_epi32(mk, reinterpret_cast<const float*>(k_pe) + d0);
-      }
-      transpose16(r);
-      for (int w = 0; w < 16 && d0 + w < DR; ++w) _mm512_store_si512(PT + (d0 + w) * KEYS + j0, r[w]);
-    }
-}
-
-// ST[h * KEYS + j] += q_pe_h . k_pe_j for heads h0..h0+3 and the block's 64 key slots (q_pe from qT, in the log2
-// domain): per dim 4 broadcasts of the query and 4 loads of 16 keys feed 16 multiply-adds.
-void scores_rope(Scratch& s, int64_t R, int64_t DR, int64_t HP, int64_t h0, float* ST) {
-  __m512 a[4][4];
-  for (int u = 0; u < 4; ++u)
-    for (int g = 0; g < 4; ++g) a[u][g] = _mm512_loadu_ps(ST + (h0 + u) * KEYS + 16 * g);
-  const float* PT = s.pt();
-  for (int64_t d = 0; d < DR; ++d) {
-    const float* q = s.qT.data() + (R + d) * HP + h0;
-    for (int u = 0; u < 4; ++u) {
-      const __m512 qu = _mm512_set1_ps(q[u]);
-      for (int g = 0; g < 4; ++g) a[u][g] = _mm512_fmadd_ps(qu, _mm512_load_ps(PT + d * KEYS + 16 * g), a[u][g]);
-    }
-  }
-  for (int u = 0; u < 4; ++u)
-    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(ST + (h0 + u) * KEYS + 16 * g, a[u][g]);
-}
-
 // All HP heads' scores over nk int8 rows: S[j * HP + h] = qs_h * s_j * (q8_h . c_j) + q_pe_h . k_pe_j (0 for the
-// padding heads).
-void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP, int64_t R,
-                 int64_t DR) {
+// padding heads), k_pe_j from the float32 rows keys[j * W + R ..].
+void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, const float* keys, int64_t nk, int64_t H, int64_t HP,
+                 int64_t R, int64_t W) {
   transpose_keys(rows, RB, nk, R, s);
-  transpose_rope(rows, RB, nk, R, DR, s.rope16, s.pt());
-  for (int64_t h0 = 0; h0 < H; h0 += 4) {  // padding heads: not read
-    scores_latent_int8(s, R, HP, h0, s.ST.data());
-    scores_rope(s, R, DR, HP, h0, s.ST.data());
+  auto heads = [&](auto ng) {  // the groups of 16 keys the run fills (a short run: fewer products)
+    constexpr int NG = decltype(ng)::value;
+    int64_t h0 = 0;
+    for (; h0 + 4 <= H; h0 += 4) scores_latent_int8<4, NG>(s, R, HP, h0, s.ST.data());
+    for (; h0 < H; ++h0) scores_latent_int8<1, NG>(s, R, HP, h0, s.ST.data());
+  };
+  switch ((nk + 15) / 16) {
+    case 1: heads(std::integral_constant<int, 1>()); break;
+    case 2: heads(std::integral_constant<int, 2>()); break;
+    case 3: heads(std::integral_constant<int, 3>()); break;
+    default: heads(std::integral_constant<int, 4>());
   }
   for (int64_t hc = 0; hc < HP; hc += 16)  // ST [h][KEYS] -> S [j][HP] (0 for the padding heads), 16 x 16 at a time
     for (int64_t j0 = 0; j0 < nk; j0 += 16) {
@@ -406,15 +340,14 @@ void scores_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_
       transpose16(r);
       for (int w = 0; w < 16 && j0 + w < nk; ++w) _mm512_storeu_si512(s.S.data() + (j0 + w) * HP + hc, r[w]);
     }
+  for (int64_t hc = 0; hc < HP; hc += 16) scores_f32(s.qT.data(), keys, nk, W, HP, hc, s.S.data(), R);  // + k_pe's
 }
 
 // The values over an int8 cache on int8 too: acc[h] = acc[h] * alpha[h] + sum_j p_j[h] s_j c_j, with s_j the row's
 // scale, c_j its int8 latent. vpdpbusd multiplies unsigned by signed bytes, so the probabilities times the scales
 // become 16-bit fractions of their largest in the block per head, taken as two bytes (a high and a low pass), and
 // the latent is held transposed, a column's four keys in each 32-bit lane: each instruction then adds four keys'
-// products to 16 columns of one head. Two passes of 64 multiply-adds per instruction: twice float32's rate. The
-// high bytes' sums times 256 plus the low bytes' are the 16-bit fractions' sums, exact in int32 for up to 256 keys.
-static_assert(KEYS * 65535LL * 128 < (1LL << 31), "a block's 16-bit value sums must fit in int32");
+// products to 16 columns of one head. Two passes of 64 multiply-adds per instruction: twice float32's rate.
 
 // The block's latent transposed: CT[(cc * NQ + q) * 64 + 4 * i + k] = c_{4q + k}[16 cc + i], NQ = ceil(nk / 4)
 // (zero past nk and R).
@@ -442,7 +375,7 @@ void transpose_latent(const uint8_t* rows, int64_t RB, int64_t nk, int64_t R, ui
 }
 
 // The block's probabilities for heads hc..hc+15 times the rows' scales, as 16-bit fractions of the largest per head
-// (unit = largest / 65535, the fractions' weight), high and low bytes packed four keys to a head's lane:
+// (wlo = largest / 65535, the low byte's weight; whi = 256 wlo), high and low bytes packed four keys to a head's lane:
 // PH[q * HP + h] byte k = the high byte of key 4q + k's (zero past nk).
 void quantize_probs(const float* S, int64_t nk, int64_t HP, int64_t hc, Scratch& s) {
   auto scaled = [&](int64_t j) {  // the rows' scales as transpose_keys took them
@@ -453,7 +386,8 @@ void quantize_probs(const float* S, int64_t nk, int64_t HP, int64_t hc, Scratch&
   const __mmask16 live = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ);
   const __m512 to16 = _mm512_maskz_div_ps(live, _mm512_set1_ps(65535.f), mx);
   const __m512 unit = _mm512_mul_ps(mx, _mm512_set1_ps(1.f / 65535.f));
-  _mm512_storeu_ps(s.unit.data() + hc, unit);
+  _mm512_storeu_ps(s.wlo.data() + hc, unit);
+  _mm512_storeu_ps(s.whi.data() + hc, _mm512_mul_ps(unit, _mm512_set1_ps(256.f)));
   const __m512i byte = _mm512_set1_epi32(255);
   for (int64_t q = 0; q < (nk + 3) / 4; ++q) {
     __m512i hi = _mm512_setzero_si512(), lo = hi;
@@ -467,30 +401,61 @@ void quantize_probs(const float* S, int64_t nk, int64_t HP, int64_t hc, Scratch&
   }
 }
 
-// acc[h] = acc[h] * alpha[h] + unit[h] * sum_j p16_j[h] c_j for the block's nk keys (p16: quantize_probs' fractions),
-// 4 heads by 64 latent columns at a time.
+// One pass (the probabilities' high or low bytes P) for HT heads from h0 over the latent columns c..c+63 (ct: their
+// four transposed chunks, NQ * 64 bytes apart): the int32 sums, times w per head, added to acc (scaled by alpha first
+// when `first`). Each step takes HT broadcasts and four loads for 4 HT vpdpbusd: a broadcast from memory per
+// vpdpbusd held them to about half their rate (bench/instr_rate_cpu.cpp). Not inlined, for the reason of scores_int8.
+template <int HT>
+__attribute__((noinline)) void values_pass(const uint8_t* ct, const uint32_t* P, int64_t NQ, int64_t HP, int64_t h0,
+                                           int64_t R, int64_t c, const float* w, const float* alpha, bool first,
+                                           float* acc) {
+  __m512i a[HT][4];
+#pragma GCC unroll 16
+  for (int u = 0; u < HT; ++u)
+#pragma GCC unroll 4
+    for (int z = 0; z < 4; ++z) a[u][z] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < NQ; ++q) {
+    __m512i k4[4];
+#pragma GCC unroll 4
+    for (int z = 0; z < 4; ++z) k4[z] = _mm512_loadu_si512(ct + (z * NQ + q) * 64);
+#pragma GCC unroll 16
+    for (int u = 0; u < HT; ++u) {
+      const __m512i p = bcast32(P + q * HP + h0 + u);
+#pragma GCC unroll 4
+      for (int z = 0; z < 4; ++z) MLA_DPBUSD(a[u][z], p, k4[z]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int u = 0; u < HT; ++u) {
+    const __m512 wu = _mm512_set1_ps(w[h0 + u]), au = _mm512_set1_ps(alpha[h0 + u]);
+#pragma GCC unroll 4
+    for (int z = 0; z < 4; ++z) {
+      const __mmask16 mk = tail_mask16(std::max<int64_t>(0, R - c - 16 * z));  // chunks past R: zeros, not stored
+      float* o = acc + (h0 + u) * R + c + 16 * z;
+      __m512 old = _mm512_maskz_loadu_ps(mk, o);
+      if (first) old = _mm512_mul_ps(old, au);
+      _mm512_mask_storeu_ps(o, mk, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[u][z]), wu, old));
+    }
+  }
+}
+
 void values_int8(Scratch& s, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP, int64_t R,
                  float* acc) {
-  transpose_latent(rows, RB, nk, R, s.ct());
+  transpose_latent(rows, RB, nk, R, s.CT.data());
   for (int64_t hc = 0; hc < HP; hc += 16) quantize_probs(s.S.data(), nk, HP, hc, s);
   const int64_t NQ = (nk + 3) / 4;
-  alignas(64) int32_t sums[16][16];
+  const float* whi = s.whi.data();
+  const float* wlo = s.wlo.data();
   for (int64_t c = 0; c < R; c += 64) {  // CT holds whole groups of 64 columns
-    const uint8_t* ct = s.ct() + c / 16 * NQ * 64;
-    for (int64_t h0 = 0; h0 < H; h0 += 4) {
-      auto probs = [&](const std::vector<uint32_t>& P) { return reinterpret_cast<const uint8_t*>(P.data() + h0); };
-      dpbusd_4x4(probs(s.PH), 4 * HP, ct, 64, NQ * 64, NQ, true, sums[0]);
-      for (int r = 0; r < 16; ++r) _mm512_store_si512(sums[r], _mm512_slli_epi32(_mm512_load_si512(sums[r]), 8));
-      dpbusd_4x4(probs(s.PL), 4 * HP, ct, 64, NQ * 64, NQ, false, sums[0]);
-      for (int u = 0; u < 4 && h0 + u < H; ++u) {
-        const __m512 unit = _mm512_set1_ps(s.unit[h0 + u]), alpha = _mm512_set1_ps(s.alpha[h0 + u]);
-        for (int z = 0; z < 4; ++z) {
-          const __mmask16 mk = tail_mask16(std::max<int64_t>(0, R - c - 16 * z));  // chunks past R: zeros, not stored
-          float* o = acc + (h0 + u) * R + c + 16 * z;
-          _mm512_mask_storeu_ps(o, mk, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[4 * u + z])), unit,
-                                                       _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, o), alpha)));
-        }
-      }
+    const uint8_t* ct = s.CT.data() + c / 16 * NQ * 64;
+    int64_t h0 = 0;
+    for (; h0 + 4 <= H; h0 += 4) {
+      values_pass<4>(ct, s.PH.data(), NQ, HP, h0, R, c, whi, s.alpha.data(), true, acc);
+      values_pass<4>(ct, s.PL.data(), NQ, HP, h0, R, c, wlo, s.alpha.data(), false, acc);
+    }
+    for (; h0 < H; ++h0) {
+      values_pass<1>(ct, s.PH.data(), NQ, HP, h0, R, c, whi, s.alpha.data(), true, acc);
+      values_pass<1>(ct, s.PL.data(), NQ, HP, h0, R, c, wlo, s.alpha.data(), false, acc);
     }
   }
 }
@@ -676,7 +641,7 @@ void accumulate_scalar(const float* S, const float* keys, int64_t nk, int64_t H,
 void attend_block(Scratch& s, const float* keys, const uint8_t* rows, int64_t RB, int64_t nk, int64_t H, int64_t HP,
                   int64_t R, int64_t W, bool pairs, bool int8, float* acc) {
 #ifdef MLA_AVX512
-  if (int8) scores_int8(s, rows, RB, nk, H, HP, R, W - R);
+  if (int8) scores_int8(s, rows, RB, keys, nk, H, HP, R, W);
   for (int64_t hc = 0; hc < HP; hc += 16) {
     if (pairs)
       scores_bf16(s.qT2.data(), s.kp.data(), nk, W, HP, hc, s.S.data());
@@ -787,7 +752,7 @@ void attend(const float* Q, int64_t T, int64_t H, int64_t R, int64_t DR, const t
 #endif
   const bool int8 = kind == CacheKind::INT8_BF16_ROPE || kind == CacheKind::INT8_FP32_ROPE;
   at::parallel_for(0, int64_t(plan.splits.size()), 1, [&](int64_t i0, int64_t i1) {
-    Scratch s(pairs, kind == CacheKind::FLOAT32, int8, kind == CacheKind::INT8_BF16_ROPE, R, W, HP);
+    Scratch s(pairs, kind == CacheKind::FLOAT32, int8, R, W, HP);
     for (int64_t ti = i0; ti < i1; ++ti) {
       const Split& sp = plan.splits[ti];
       const int64_t q0 = CU[sp.b], nq = CU[sp.b + 1] - q0, start = LEN[sp.b] - nq;
